@@ -1,0 +1,45 @@
+# caddy-xks: build, test and demo targets. PKCS#11 needs cgo, always.
+export CGO_ENABLED := 1
+
+GO       ?= go
+FUZZTIME ?= 15s
+# The module path is not published; GOPRIVATE makes xcaddy's `go get` use the
+# local replacement from xcaddy.json instead of asking the module proxy.
+XCADDY_ENV := GOPRIVATE=github.com/caddy-xks GOFLAGS=-mod=mod
+
+.PHONY: deps build caddy test vet fuzz bench demo clean
+
+## deps: install the system packages (softhsm2, opensc, gcc, curl) and Go modules
+deps:
+	bash scripts/install-deps.sh
+
+## build: plain `go build` of caddy with the plugin into bin/caddy
+build:
+	$(GO) build -o bin/caddy ./cmd/caddy
+
+## caddy: build bin/caddy from the xcaddy manifest (xcaddy.json)
+caddy:
+	$(XCADDY_ENV) $(GO) -C tools/xcaddyjson run . -f ../../xcaddy.json
+
+## test: everything CI runs: formatting, vet, unit/integration/e2e tests under -race, bounded fuzzing
+test: deps vet
+	bash scripts/test.sh
+
+vet:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed on: $$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+fuzz:
+	FUZZTIME=$(FUZZTIME) bash scripts/fuzz.sh
+
+## bench: the Go benchmarks (figures, not pass/fail)
+bench:
+	$(GO) test -run='^$$' -bench=. -benchmem ./...
+
+## demo: set up a SoftHSM2 token, credentials and run the proxy on https://localhost:$${XKS_DEMO_PORT:-8443}/demo/kms/xks/v1
+demo: deps caddy
+	bash scripts/demo.sh
+
+clean:
+	rm -rf bin
