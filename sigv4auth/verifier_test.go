@@ -117,6 +117,8 @@ func TestVerifyRejectsEachMutation(t *testing.T) {
 			mutate: replaceInAuthorization("host;x-amz-date", "x-amz-date;host")},
 		{name: "SignedHeaders upper case", want: ReasonMalformedAuthorization,
 			mutate: replaceInAuthorization("host;x-amz-date", "Host;x-amz-date")},
+		{name: "SignedHeaders too long", want: ReasonMalformedAuthorization,
+			mutate: replaceInAuthorization("host;x-amz-date", strings.Repeat("a;", maxSignedHeaders)+"host;x-amz-date")},
 		{name: "truncated signature", want: ReasonMalformedAuthorization,
 			mutate: func(r *serverView) {
 				a := r.header.Get("Authorization")
