@@ -1,0 +1,119 @@
+package hsm
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(new(App))
+}
+
+// App is the "hsm" Caddy app: it owns named PKCS#11 backends that HTTP
+// handlers look up with ctx.App("hsm") and Backend(name). Tokens are shared
+// across config reloads, so a reload neither logs out nor re-opens a token
+// the new config still uses.
+//
+//	{"apps": {"hsm": {"backends": {"primary": {"module": "...", "token": "...", "pin": "{env.XKS_HSM_PIN}"}}}}}
+type App struct {
+	// Backends maps a backend's name to its configuration. Default: none.
+	Backends map[string]*Config `json:"backends,omitempty"`
+
+	backends map[string]*Backend
+	logger   *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (*App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "hsm",
+		New: func() caddy.Module { return new(App) },
+	}
+}
+
+// Provision opens every backend. PINs are resolved from {env.*} and
+// {file.*} placeholders here, so the secret never appears in the config
+// JSON. Opening happens here rather than in Start because handlers may serve
+// before apps are started.
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	a.backends = make(map[string]*Backend, len(a.Backends))
+	repl := caddy.NewReplacer()
+	names := make([]string, 0, len(a.Backends))
+	for name := range a.Backends {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		cfg := a.Backends[name]
+		if cfg == nil {
+			return fmt.Errorf("hsm backend %q: empty configuration", name)
+		}
+		c := *cfg
+		pin, err := repl.ReplaceOrErr(c.PIN, true, true)
+		if err != nil {
+			// The error names the placeholder, never its value.
+			return fmt.Errorf("hsm backend %q: resolving pin: %w", name, err)
+		}
+		c.PIN = pin
+		b, err := Open(name, c, a.logger.With(zap.String("backend", name)))
+		if err != nil {
+			return err
+		}
+		a.backends[name] = b
+	}
+	return nil
+}
+
+// Validate checks every backend's configuration.
+func (a *App) Validate() error {
+	var errs []error
+	for name, cfg := range a.Backends {
+		if cfg == nil {
+			errs = append(errs, fmt.Errorf("hsm backend %q: empty configuration", name))
+			continue
+		}
+		if err := cfg.Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("hsm backend %q: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Start does nothing: backends are opened in Provision.
+func (a *App) Start() error { return nil }
+
+// Stop does nothing: backends are closed in Cleanup, after the old config's
+// requests had their chance to finish.
+func (a *App) Stop() error { return nil }
+
+// Cleanup closes the backends, each waiting for its operations in flight.
+// Caddy calls it on a reload after the new config was provisioned, so tokens
+// the new config shares stay open.
+func (a *App) Cleanup() error {
+	for name, b := range a.backends {
+		_ = b.Close()
+		delete(a.backends, name)
+	}
+	return nil
+}
+
+// Backend returns the backend named name.
+func (a *App) Backend(name string) (*Backend, error) {
+	if b, ok := a.backends[name]; ok {
+		return b, nil
+	}
+	return nil, fmt.Errorf("hsm backend %q is not configured", name)
+}
+
+// Interface guards.
+var (
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.Validator    = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+)

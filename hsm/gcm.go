@@ -1,0 +1,299 @@
+package hsm
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+
+	"github.com/miekg/pkcs11"
+	"go.uber.org/zap"
+)
+
+// ivMode is how an AES-GCM IV comes to be, which depends on the HSM vendor.
+type ivMode int
+
+const (
+	// ivAuto detects the mode at start-up.
+	ivAuto ivMode = iota
+	// ivCaller: the backend draws 12 random bytes (SoftHSM2, which never
+	// generates an IV, and Luna outside FIPS mode).
+	ivCaller
+	// ivHSM: the backend passes 12 zero bytes and the HSM writes the IV it
+	// used into them (nShield, CloudHSM, Utimaco, Marvell).
+	ivHSM
+	// ivHSMAppended: the HSM appends a 16-byte IV to ciphertext‖tag (Luna
+	// in FIPS mode).
+	ivHSMAppended
+)
+
+var ivModeNames = [...]string{ivAuto: "auto", ivCaller: "caller", ivHSM: "hsm", ivHSMAppended: "hsm_appended"}
+
+func (m ivMode) String() string { return ivModeNames[m] }
+
+func parseIVMode(s string) (ivMode, error) {
+	if s == "" {
+		return ivAuto, nil
+	}
+	for m, name := range ivModeNames {
+		if s == name {
+			return ivMode(m), nil
+		}
+	}
+	return 0, fmt.Errorf("unknown iv mode %q (want auto, caller, hsm or hsm_appended)", s)
+}
+
+const (
+	gcmTagLen  = 16
+	gcmTagBits = 8 * gcmTagLen
+	gcmIVLen   = 12
+)
+
+// EncryptResult is the output of Encrypt.
+type EncryptResult struct {
+	// IV is the 12-byte (16 for hsm_appended) initialization vector.
+	IV []byte
+	// Ciphertext is as long as the plaintext.
+	Ciphertext []byte
+	// Tag is the 16-byte authentication tag.
+	Tag []byte
+}
+
+// outputLenError reports an HSM output of unexpected length.
+type outputLenError struct{ got, want int }
+
+func (e *outputLenError) Error() string {
+	return fmt.Sprintf("hsm returned %d bytes of ciphertext, expected %d", e.got, e.want)
+}
+
+// encryptGCM runs one single-part AES-GCM encryption with a fresh
+// CK_GCM_PARAMS: an HSM writes its IV into the parameters' buffer, so one may
+// never be reused, and the buffer must be read before it is freed.
+func encryptGCM(cs *callSession, key pkcs11.ObjectHandle, mode ivMode, pt, aad []byte) (iv, ct, tag []byte, err error) {
+	var ivIn []byte
+	switch mode {
+	case ivCaller:
+		ivIn = make([]byte, gcmIVLen)
+		_, _ = rand.Read(ivIn) // never fails (crypto/rand crashes the program instead)
+	case ivHSM:
+		ivIn = make([]byte, gcmIVLen)
+	}
+	params := pkcs11.NewGCMParams(ivIn, aad, gcmTagBits)
+	defer params.Free()
+	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}
+	if err := cs.ctx.EncryptInit(cs.h, mech, key); err != nil {
+		return nil, nil, nil, err
+	}
+	out, err := cs.ctx.Encrypt(cs.h, pt)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	n := len(pt)
+	want := n + gcmTagLen
+	if mode == ivHSMAppended {
+		want += 16
+	}
+	if len(out) != want {
+		return nil, nil, nil, &outputLenError{got: len(out), want: want}
+	}
+	if mode == ivHSMAppended {
+		iv = out[n+gcmTagLen:]
+	} else {
+		// The IV the HSM actually used, whatever was passed in.
+		iv = params.IV()
+	}
+	return iv, out[:n:n], out[n : n+gcmTagLen : n+gcmTagLen], nil
+}
+
+// decryptGCM decrypts ct‖tag. Failures of C_Decrypt itself mean the
+// ciphertext did not authenticate: SoftHSM2 answers CKR_GENERAL_ERROR and
+// nShield CKR_FUNCTION_FAILED rather than CKR_ENCRYPTED_DATA_INVALID.
+func decryptGCM(cs *callSession, key pkcs11.ObjectHandle, op, label string, iv, ct, tag, aad []byte) ([]byte, error) {
+	in := make([]byte, 0, len(ct)+len(tag))
+	in = append(append(in, ct...), tag...)
+	params := pkcs11.NewGCMParams(iv, aad, gcmTagBits)
+	defer params.Free()
+	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}
+	if err := cs.ctx.DecryptInit(cs.h, mech, key); err != nil {
+		return nil, err
+	}
+	pt, err := cs.ctx.Decrypt(cs.h, in)
+	if err != nil {
+		switch code, _ := ckrOf(err); code {
+		case pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE,
+			pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_FUNCTION_FAILED:
+			return nil, &Error{Kind: ErrInvalidCiphertext, Op: op, Key: label, CKR: ckrName(code), Err: err}
+		}
+		return nil, err
+	}
+	if len(pt) != len(ct) {
+		return nil, &Error{Kind: ErrInternal, Op: op, Key: label, Err: &outputLenError{got: len(pt), want: len(ct)}}
+	}
+	return pt, nil
+}
+
+// Encrypt encrypts plaintext under the AES-256 key labelled keyLabel with
+// AES-GCM, authenticating aad, and returns the IV, the ciphertext (as long as
+// the plaintext) and the 16-byte tag. An IV that is all zeros or that the
+// backend returned before is an error, never a silent nonce reuse.
+func (b *Backend) Encrypt(ctx context.Context, keyLabel string, plaintext, aad []byte) (EncryptResult, error) {
+	var res EncryptResult
+	err := b.run(ctx, "encrypt", keyLabel, b.callTimeout, func(cs *callSession) error {
+		k, err := cs.key("encrypt", keyLabel)
+		if err != nil {
+			return err
+		}
+		if err := k.check("encrypt"); err != nil {
+			return err
+		}
+		iv, ct, tag, err := encryptGCM(cs, k.handle, b.ivMode, plaintext, aad)
+		if err != nil {
+			var le *outputLenError
+			if errors.As(err, &le) {
+				return &Error{Kind: ErrInternal, Op: "encrypt", Key: keyLabel, Err: err}
+			}
+			return err
+		}
+		if err := cs.t.ivs.observe(iv); err != nil {
+			b.logger.Error("refusing hsm output", zap.String("key", keyLabel),
+				zap.Stringer("iv_mode", b.ivMode), zap.Error(err))
+			return &Error{Kind: ErrInternal, Op: "encrypt", Key: keyLabel, Err: err}
+		}
+		res = EncryptResult{IV: iv, Ciphertext: ct, Tag: tag}
+		return nil
+	})
+	if err != nil {
+		return EncryptResult{}, err
+	}
+	return res, nil
+}
+
+// Decrypt authenticates and decrypts ciphertext with the key labelled
+// keyLabel. A ciphertext, tag, IV or AAD that does not authenticate is
+// ErrInvalidCiphertext.
+func (b *Backend) Decrypt(ctx context.Context, keyLabel string, iv, ciphertext, tag, aad []byte) ([]byte, error) {
+	if len(tag) != gcmTagLen {
+		return nil, &Error{Kind: ErrInvalidCiphertext, Op: "decrypt", Key: keyLabel, Err: fmt.Errorf("tag is %d bytes, not %d", len(tag), gcmTagLen)}
+	}
+	if len(iv) != 12 && len(iv) != 16 {
+		return nil, &Error{Kind: ErrInvalidCiphertext, Op: "decrypt", Key: keyLabel, Err: errIVLength}
+	}
+	var pt []byte
+	err := b.run(ctx, "decrypt", keyLabel, b.callTimeout, func(cs *callSession) error {
+		k, err := cs.key("decrypt", keyLabel)
+		if err != nil {
+			return err
+		}
+		if err := k.check("decrypt"); err != nil {
+			return err
+		}
+		pt, err = decryptGCM(cs, k.handle, "decrypt", keyLabel, iv, ciphertext, tag, aad)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return pt, nil
+}
+
+// selfTestPlaintext and selfTestAAD are what the start-up and health checks
+// encrypt, under a throw-away session key.
+var (
+	selfTestPlaintext = []byte("caddy-xks iv self-test plaintext")
+	selfTestAAD       = []byte("caddy-xks self-test aad")
+)
+
+// sessionKey generates an AES-256 session key (CKA_TOKEN false, no label):
+// it is invisible to key searches and vanishes with its session.
+func (cs *callSession) sessionKey(private bool) (pkcs11.ObjectHandle, error) {
+	return cs.ctx.GenerateKey(cs.h,
+		[]*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)},
+		keyTemplate("", private, false))
+}
+
+// verifyMode proves that mode works with key: two encryptions of one
+// plaintext give different, non-zero IVs and ciphertexts, and both decrypt.
+func verifyMode(cs *callSession, key pkcs11.ObjectHandle, mode ivMode) error {
+	var ivs, outs [2][]byte
+	for i := range ivs {
+		iv, ct, tag, err := encryptGCM(cs, key, mode, selfTestPlaintext, selfTestAAD)
+		if err != nil {
+			return err
+		}
+		if err := newIVRegistry(ivShards).observe(iv); err != nil {
+			return err
+		}
+		pt, err := decryptGCM(cs, key, "self-test", "", iv, ct, tag, selfTestAAD)
+		if err != nil {
+			return fmt.Errorf("decrypting own ciphertext: %w", err)
+		}
+		if !bytes.Equal(pt, selfTestPlaintext) {
+			return errors.New("decrypting own ciphertext gave another plaintext")
+		}
+		ivs[i], outs[i] = iv, append(ct, tag...)
+	}
+	if bytes.Equal(ivs[0], ivs[1]) {
+		return errRepeatedIV
+	}
+	if bytes.Equal(outs[0], outs[1]) {
+		return errors.New("two encryptions gave the same ciphertext")
+	}
+	return nil
+}
+
+// probeMode runs verifyMode on a fresh session key in its own call, so a
+// mode the HSM rejects leaves no active operation on a pooled session.
+func (b *Backend) probeMode(ctx context.Context, mode ivMode) (appended bool, err error) {
+	err = b.run(ctx, "iv self-test", "", b.adminTimeout, func(cs *callSession) error {
+		key, err := cs.sessionKey(b.privateKeys)
+		if err != nil {
+			return err
+		}
+		defer func() { _ = cs.ctx.DestroyObject(cs.h, key) }()
+		err = verifyMode(cs, key, mode)
+		var le *outputLenError
+		if errors.As(err, &le) && le.got == le.want+16 {
+			appended = true
+		}
+		if err != nil {
+			if _, isCKR := ckrOf(err); isCKR {
+				// Final (no retry), and the session is not reused.
+				return &Error{Kind: ErrInternal, Op: "iv self-test", CKR: ckrNameOf(err), Err: err}
+			}
+			var e *Error
+			if !errors.As(err, &e) {
+				return &Error{Kind: ErrInternal, Op: "iv self-test", Err: err}
+			}
+		}
+		return err
+	})
+	return appended, err
+}
+
+// resolveIVMode checks the configured IV mode on this token, or detects one
+// for "auto": first the HSM write-back, which an HSM that generates IVs
+// fills with a fresh IV (SoftHSM2 would encrypt with the zero IV, which the
+// check refuses; the throw-away key makes that harmless), then the appended
+// IV if the output was 16 bytes longer, then caller-supplied IVs.
+func (b *Backend) resolveIVMode(ctx context.Context, mode ivMode) (ivMode, error) {
+	if mode != ivAuto {
+		if _, err := b.probeMode(ctx, mode); err != nil {
+			return 0, fmt.Errorf("iv mode %s does not work on this token: %w", mode, err)
+		}
+		return mode, nil
+	}
+	appended, hsmErr := b.probeMode(ctx, ivHSM)
+	if hsmErr == nil {
+		return ivHSM, nil
+	}
+	if appended {
+		if _, err := b.probeMode(ctx, ivHSMAppended); err == nil {
+			return ivHSMAppended, nil
+		}
+	}
+	if _, err := b.probeMode(ctx, ivCaller); err != nil {
+		return 0, fmt.Errorf("no iv mode works on this token: hsm: %v; caller: %w", hsmErr, err)
+	}
+	return ivCaller, nil
+}

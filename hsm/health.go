@@ -1,0 +1,146 @@
+package hsm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Health status values.
+const (
+	// HealthActive: the last round trip worked in time and nothing is
+	// strained.
+	HealthActive = "ACTIVE"
+	// HealthDegraded: the round trip worked, but slowly (over half the call
+	// timeout), or the session pool was saturated or had calls stuck in the
+	// HSM, or the library reconnected within the last minute.
+	HealthDegraded = "DEGRADED"
+	// HealthUnavailable: the round trip failed, the backend is closed, the
+	// token refused the PIN, or the library is reconnecting.
+	HealthUnavailable = "UNAVAILABLE"
+)
+
+// recoveringWindow is how long after a reconnection health stays DEGRADED.
+var recoveringWindow = time.Minute
+
+// Health is the result of a health check.
+type Health struct {
+	// Status is ACTIVE, DEGRADED or UNAVAILABLE.
+	Status string
+	// Manufacturer, Model, Serial and Firmware describe the token.
+	Manufacturer, Model, Serial, Firmware string
+	// Library is the PKCS#11 library's manufacturer, description and version.
+	Library string
+	// Reason says why the status is not ACTIVE.
+	Reason string
+	// CheckedAt is when the round trip ran.
+	CheckedAt time.Time
+}
+
+type healthCache struct {
+	mu    sync.Mutex
+	last  Health
+	valid bool
+}
+
+// Health reports the token's state. It runs a real encrypt/decrypt round
+// trip on a session key at most once per health TTL and returns the cached
+// result in between; a closed backend or a reconnecting library is reported
+// at once.
+func (b *Backend) Health(ctx context.Context) Health {
+	h := b.describe()
+	if b.closed.Load() {
+		return unavailable(h, errBackendClosed.Error())
+	}
+	if pe := b.tok.pinFailed.Load(); pe != nil {
+		return unavailable(h, pe.Error())
+	}
+	if down, reason, _ := b.tok.lib.status(); down {
+		return unavailable(h, "reconnecting: "+reason)
+	}
+	b.health.mu.Lock()
+	defer b.health.mu.Unlock()
+	if b.health.valid && time.Since(b.health.last.CheckedAt) < b.healthTTL {
+		return b.health.last
+	}
+	h = b.checkHealth(ctx)
+	b.health.last, b.health.valid = h, true
+	return h
+}
+
+func unavailable(h Health, reason string) Health {
+	h.Status, h.Reason, h.CheckedAt = HealthUnavailable, reason, time.Now()
+	return h
+}
+
+func (b *Backend) describe() Health {
+	var h Health
+	if st := b.tok.state.Load(); st != nil {
+		h.Manufacturer, h.Model, h.Serial = st.info.manufacturer, st.info.model, st.info.serial
+		h.Firmware, h.Library = st.info.firmware, st.info.library
+	}
+	return h
+}
+
+func (b *Backend) checkHealth(ctx context.Context) Health {
+	start := time.Now()
+	err := b.run(ctx, "health check", "", b.callTimeout, func(cs *callSession) error {
+		if _, err := cs.ctx.GetTokenInfo(cs.st.slot); err != nil {
+			return err
+		}
+		key, err := cs.sessionKey(b.privateKeys)
+		if err != nil {
+			return err
+		}
+		defer func() { _ = cs.ctx.DestroyObject(cs.h, key) }()
+		iv, ct, tag, err := encryptGCM(cs, key, b.ivMode, selfTestPlaintext, selfTestAAD)
+		if err != nil {
+			return err
+		}
+		if bytes.Equal(iv, make([]byte, len(iv))) {
+			return &Error{Kind: ErrInternal, Op: "health check", Err: errZeroIV}
+		}
+		pt, err := decryptGCM(cs, key, "health check", "", iv, ct, tag, selfTestAAD)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(pt, selfTestPlaintext) {
+			return &Error{Kind: ErrInternal, Op: "health check", Err: errors.New("round trip changed the plaintext")}
+		}
+		return nil
+	})
+	elapsed := time.Since(start)
+	h := b.describe()
+	h.CheckedAt = time.Now()
+	if err != nil {
+		if errors.Is(err, ErrBusy) {
+			h.Status, h.Reason = HealthDegraded, "session pool exhausted"
+			return h
+		}
+		h.Status, h.Reason = HealthUnavailable, err.Error()
+		return h
+	}
+	var reasons []string
+	if elapsed > b.callTimeout/2 {
+		reasons = append(reasons, fmt.Sprintf("round trip took %s", elapsed.Round(time.Millisecond)))
+	}
+	s := b.Stats()
+	if s.StuckCalls > 0 {
+		reasons = append(reasons, fmt.Sprintf("%d calls stuck in the hsm", s.StuckCalls))
+	}
+	if s.Waiters > 0 {
+		reasons = append(reasons, "session pool saturated")
+	}
+	if since := b.tok.sinceRecovery(); since < recoveringWindow {
+		reasons = append(reasons, fmt.Sprintf("reconnected %s ago", since.Round(time.Second)))
+	}
+	h.Status = HealthActive
+	if len(reasons) > 0 {
+		h.Status, h.Reason = HealthDegraded, strings.Join(reasons, "; ")
+	}
+	return h
+}

@@ -1,0 +1,87 @@
+// Package faultshim builds and drives a PKCS#11 fault-injection module for
+// tests: a shared library that forwards every call to a real module and
+// fails or delays chosen calls, as told by a control file it re-reads on
+// every call. See csrc/faultshim.c for the control file's syntax.
+package faultshim
+
+import (
+	_ "embed"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+//go:embed csrc/faultshim.c
+var source []byte
+
+// Shim is one built copy of the shim. Each copy is its own library path,
+// and so its own library in the hsm package's registry.
+type Shim struct {
+	// Path is the shim module to open instead of the real one.
+	Path string
+	ctl  string
+	log  string
+}
+
+// New compiles the shim into t.TempDir() with cc and points it at target
+// (the real module) through the environment, which the shim reads when it is
+// loaded: open the shim only after New.
+func New(t testing.TB, target string) *Shim {
+	t.Helper()
+	cc, err := exec.LookPath("cc")
+	if err != nil {
+		t.Skip("no C compiler to build the fault shim")
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "faultshim.c")
+	if err := os.WriteFile(src, source, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := &Shim{
+		Path: filepath.Join(dir, "faultshim.so"),
+		ctl:  filepath.Join(dir, "control"),
+		log:  filepath.Join(dir, "calls.log"),
+	}
+	out, err := exec.Command(cc, "-shared", "-fPIC", "-O1", "-o", s.Path, src, "-ldl", "-lpthread").CombinedOutput()
+	if err != nil {
+		t.Fatalf("building fault shim: %v\n%s", err, out)
+	}
+	s.Set()
+	t.Setenv("P11SHIM_TARGET", target)
+	t.Setenv("P11SHIM_CTL", s.ctl)
+	t.Setenv("P11SHIM_LOG", s.log)
+	return s
+}
+
+// Set replaces the fault rules, e.g. Set("C_Encrypt=0x30"). Set() clears
+// them.
+func (s *Shim) Set(rules ...string) {
+	data := strings.Join(rules, "\n")
+	if data != "" {
+		data += "\n"
+	}
+	tmp := s.ctl + ".tmp"
+	if err := os.WriteFile(tmp, []byte(data), 0o600); err != nil {
+		panic(err)
+	}
+	if err := os.Rename(tmp, s.ctl); err != nil {
+		panic(err)
+	}
+}
+
+// Calls counts the calls of the named function the shim has seen.
+func (s *Shim) Calls(name string) int {
+	data, err := os.ReadFile(s.log)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, line := range strings.Split(string(data), "\n") {
+		if line == name {
+			n++
+		}
+	}
+	return n
+}

@@ -1,0 +1,434 @@
+package hsm
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Key status and spec values, as the XKS API names them.
+const (
+	KeyStatusEnabled  = "ENABLED"
+	KeyStatusDisabled = "DISABLED"
+	KeySpecAES256     = "AES_256"
+)
+
+// KeyMetadata describes a key in the terms of the XKS GetKeyMetadata call.
+type KeyMetadata struct {
+	// KeySpec is "AES_256" for a 32-byte AES key, otherwise an honest
+	// description such as "AES_128", "GENERIC_SECRET_256", "DES3" or
+	// "CKK_0x..".
+	KeySpec string
+	// KeyUsage lists ENCRYPT, DECRYPT, WRAP, UNWRAP, SIGN, VERIFY and DERIVE,
+	// those the key permits, in that order.
+	KeyUsage []string
+	// KeyStatus is "DISABLED" when the key permits neither encryption nor
+	// decryption, else "ENABLED".
+	KeyStatus string
+}
+
+// KeyInfo is one secret key on the token, as ListKeys reports it.
+type KeyInfo struct {
+	// Label is the key's CKA_LABEL, the external key id.
+	Label string
+	// ID is the key's CKA_ID in hex.
+	ID string
+	KeyMetadata
+}
+
+// notFoundTTL rate-limits searches for a label that is not on the token.
+// Keys created by another process become usable after at most this long
+// (nShield additionally hides keys created after C_Initialize unless told
+// otherwise, see the package documentation).
+var notFoundTTL = time.Second
+
+// maxNotFound bounds the remembered missing labels, which may come from
+// requests.
+const maxNotFound = 1024
+
+// keyEntry is a cached key handle with its metadata, valid in one library
+// generation.
+type keyEntry struct {
+	gen    uint64
+	handle pkcs11.ObjectHandle
+	meta   KeyMetadata
+	// usable is nil when the key is an enabled AES-256 key permitted to
+	// encrypt and decrypt; else the error an operation reports.
+	usable *Error
+	// missingUntil is set on an entry recording that the label was not found.
+	missingUntil time.Time
+}
+
+// keyCache maps labels to handles. Handles are valid in every session of the
+// application on the token, so one cache serves the whole pool.
+type keyCache struct {
+	m        sync.Map // label -> *keyEntry
+	notFound atomic.Int32
+}
+
+func (c *keyCache) clear() {
+	c.m.Clear()
+	c.notFound.Store(0)
+}
+
+func (c *keyCache) store(label string, e *keyEntry) { c.m.Store(label, e) }
+
+func (c *keyCache) forget(label string) { c.m.Delete(label) }
+
+// key returns the cached entry for label, searching the token if needed.
+func (cs *callSession) key(op, label string) (*keyEntry, error) {
+	if v, ok := cs.t.keys.m.Load(label); ok {
+		e := v.(*keyEntry)
+		if e.gen == cs.gen {
+			if e.missingUntil.IsZero() {
+				return e, nil
+			}
+			if time.Now().Before(e.missingUntil) {
+				return nil, &Error{Kind: ErrKeyNotFound, Op: op, Key: label}
+			}
+		}
+	}
+	h, err := cs.findKey(op, label)
+	if err != nil {
+		if errors.Is(err, ErrKeyNotFound) && cs.t.keys.notFound.Add(1) <= maxNotFound {
+			cs.t.keys.store(label, &keyEntry{gen: cs.gen, missingUntil: time.Now().Add(notFoundTTL)})
+		}
+		return nil, err
+	}
+	return cs.loadKey(op, label, h)
+}
+
+// loadKey reads the metadata of handle h and caches it under label.
+func (cs *callSession) loadKey(op, label string, h pkcs11.ObjectHandle) (*keyEntry, error) {
+	meta, err := cs.readMetadata(h)
+	if err != nil {
+		return nil, err
+	}
+	e := &keyEntry{gen: cs.gen, handle: h, meta: meta, usable: usability(op, label, meta)}
+	cs.t.keys.store(label, e)
+	return e, nil
+}
+
+// findKey finds the one token secret key labelled label. Two keys with one
+// label is an error, never "the first one wins".
+func (cs *callSession) findKey(op, label string) (pkcs11.ObjectHandle, error) {
+	tmpl := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+	}
+	handles, err := cs.find(tmpl, 2)
+	if err != nil {
+		return 0, err
+	}
+	switch len(handles) {
+	case 0:
+		return 0, &Error{Kind: ErrKeyNotFound, Op: op, Key: label}
+	case 1:
+		return handles[0], nil
+	}
+	return 0, &Error{Kind: ErrDuplicateKey, Op: op, Key: label,
+		Err: fmt.Errorf("more than one secret key is labelled %s", quote(label))}
+}
+
+// find returns up to max objects matching tmpl (all of them if max <= 0).
+// C_FindObjectsFinal is always called: a search left open makes the next
+// one fail with CKR_OPERATION_ACTIVE.
+func (cs *callSession) find(tmpl []*pkcs11.Attribute, max int) ([]pkcs11.ObjectHandle, error) {
+	if err := cs.ctx.FindObjectsInit(cs.h, tmpl); err != nil {
+		return nil, err
+	}
+	var all []pkcs11.ObjectHandle
+	for {
+		n := 64
+		if max > 0 {
+			n = max - len(all)
+		}
+		hs, _, err := cs.ctx.FindObjects(cs.h, n)
+		if err != nil {
+			_ = cs.ctx.FindObjectsFinal(cs.h)
+			return nil, err
+		}
+		all = append(all, hs...)
+		if len(hs) == 0 || (max > 0 && len(all) >= max) {
+			break
+		}
+	}
+	if err := cs.ctx.FindObjectsFinal(cs.h); err != nil {
+		return nil, err
+	}
+	return all, nil
+}
+
+// usageAttrs are read in one batch; every secret key has them. A batch
+// with one undefined or sensitive attribute fails whole under miekg/pkcs11,
+// so CKA_VALUE_LEN (undefined for DES3) is read on its own.
+var usageAttrs = []struct {
+	typ  uint
+	name string
+}{
+	{pkcs11.CKA_ENCRYPT, "ENCRYPT"},
+	{pkcs11.CKA_DECRYPT, "DECRYPT"},
+	{pkcs11.CKA_WRAP, "WRAP"},
+	{pkcs11.CKA_UNWRAP, "UNWRAP"},
+	{pkcs11.CKA_SIGN, "SIGN"},
+	{pkcs11.CKA_VERIFY, "VERIFY"},
+	{pkcs11.CKA_DERIVE, "DERIVE"},
+}
+
+func (cs *callSession) readMetadata(h pkcs11.ObjectHandle) (KeyMetadata, error) {
+	tmpl := make([]*pkcs11.Attribute, 0, len(usageAttrs)+1)
+	tmpl = append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil))
+	for _, a := range usageAttrs {
+		tmpl = append(tmpl, pkcs11.NewAttribute(a.typ, nil))
+	}
+	attrs, err := cs.ctx.GetAttributeValue(cs.h, h, tmpl)
+	if err != nil {
+		return KeyMetadata{}, err
+	}
+	var meta KeyMetadata
+	keyType := ^uint(0)
+	enc, dec := false, false
+	for _, a := range attrs {
+		if a.Type == pkcs11.CKA_KEY_TYPE {
+			keyType = attrUint(a.Value)
+			continue
+		}
+		if !attrBool(a.Value) {
+			continue
+		}
+		for _, u := range usageAttrs {
+			if u.typ == a.Type {
+				meta.KeyUsage = append(meta.KeyUsage, u.name)
+			}
+		}
+		enc = enc || a.Type == pkcs11.CKA_ENCRYPT
+		dec = dec || a.Type == pkcs11.CKA_DECRYPT
+	}
+	valueLen := -1
+	lattrs, err := cs.ctx.GetAttributeValue(cs.h, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, nil)})
+	switch {
+	case err == nil && len(lattrs) == 1:
+		valueLen = int(attrUint(lattrs[0].Value))
+	case err != nil && !isCKR(err, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID) && !isCKR(err, pkcs11.CKR_ATTRIBUTE_SENSITIVE):
+		return KeyMetadata{}, err
+	}
+	meta.KeySpec = keySpec(keyType, valueLen)
+	meta.KeyStatus = KeyStatusEnabled
+	if !enc && !dec {
+		meta.KeyStatus = KeyStatusDisabled
+	}
+	if meta.KeyUsage == nil {
+		meta.KeyUsage = []string{}
+	}
+	return meta, nil
+}
+
+func keySpec(keyType uint, valueLen int) string {
+	bits := func(prefix string) string {
+		if valueLen < 0 {
+			return prefix
+		}
+		return fmt.Sprintf("%s_%d", prefix, valueLen*8)
+	}
+	switch keyType {
+	case pkcs11.CKK_AES:
+		return bits("AES")
+	case pkcs11.CKK_GENERIC_SECRET:
+		return bits("GENERIC_SECRET")
+	case pkcs11.CKK_DES3:
+		return "DES3"
+	case pkcs11.CKK_DES2:
+		return "DES2"
+	case pkcs11.CKK_DES:
+		return "DES"
+	}
+	return fmt.Sprintf("CKK_0x%X", keyType)
+}
+
+// usability is the check Encrypt and Decrypt make before touching the HSM,
+// which would happily run AES-GCM with an AES-128 key.
+func usability(op, label string, m KeyMetadata) *Error {
+	if m.KeyStatus == KeyStatusDisabled {
+		return &Error{Kind: ErrKeyDisabled, Op: op, Key: label}
+	}
+	if m.KeySpec != KeySpecAES256 {
+		return &Error{Kind: ErrKeyUsage, Op: op, Key: label, Err: fmt.Errorf("key spec is %s, not %s", m.KeySpec, KeySpecAES256)}
+	}
+	enc, dec := false, false
+	for _, u := range m.KeyUsage {
+		enc = enc || u == "ENCRYPT"
+		dec = dec || u == "DECRYPT"
+	}
+	if !enc || !dec {
+		return &Error{Kind: ErrKeyUsage, Op: op, Key: label, Err: errors.New("key must permit both CKA_ENCRYPT and CKA_DECRYPT")}
+	}
+	return nil
+}
+
+// check reports e.usable as an error of operation op.
+func (e *keyEntry) check(op string) error {
+	if e.usable == nil {
+		return nil
+	}
+	c := *e.usable
+	c.Op = op
+	return &c
+}
+
+func attrUint(b []byte) uint {
+	switch len(b) {
+	case 8:
+		return uint(binary.NativeEndian.Uint64(b))
+	case 4:
+		return uint(binary.NativeEndian.Uint32(b))
+	case 1:
+		return uint(b[0])
+	}
+	return ^uint(0)
+}
+
+func attrBool(b []byte) bool { return len(b) > 0 && b[0] != 0 }
+
+// Metadata reads the key's attributes afresh (its usage may have changed)
+// and returns its XKS metadata.
+func (b *Backend) Metadata(ctx context.Context, keyLabel string) (KeyMetadata, error) {
+	var meta KeyMetadata
+	err := b.run(ctx, "metadata", keyLabel, b.callTimeout, func(cs *callSession) error {
+		e, err := cs.key("metadata", keyLabel)
+		if err != nil {
+			return err
+		}
+		fresh, err := cs.loadKey("metadata", keyLabel, e.handle)
+		if err != nil {
+			return err
+		}
+		meta = fresh.meta
+		return nil
+	})
+	if err != nil {
+		return KeyMetadata{}, err
+	}
+	return meta, nil
+}
+
+// ListKeys returns the label, id and metadata of every secret key on the
+// token, sorted by label. Keys sharing a label are all listed.
+func (b *Backend) ListKeys(ctx context.Context) ([]KeyInfo, error) {
+	var keys []KeyInfo
+	err := b.run(ctx, "list keys", "", b.adminTimeout, func(cs *callSession) error {
+		keys = keys[:0]
+		hs, err := cs.find([]*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		}, 0)
+		if err != nil {
+			return err
+		}
+		for _, h := range hs {
+			attrs, err := cs.ctx.GetAttributeValue(cs.h, h, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
+				pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
+			})
+			if err != nil {
+				return err
+			}
+			meta, err := cs.readMetadata(h)
+			if err != nil {
+				return err
+			}
+			ki := KeyInfo{KeyMetadata: meta}
+			for _, a := range attrs {
+				switch a.Type {
+				case pkcs11.CKA_LABEL:
+					ki.Label = string(a.Value)
+				case pkcs11.CKA_ID:
+					ki.ID = hex.EncodeToString(a.Value)
+				}
+			}
+			keys = append(keys, ki)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	sort.Slice(keys, func(i, j int) bool { return keys[i].Label < keys[j].Label })
+	return keys, nil
+}
+
+// GenerateKey creates an AES-256 token key labelled label: sensitive, not
+// extractable, not modifiable, permitted to encrypt and decrypt only. The
+// label is also its CKA_ID. It refuses a label already in use.
+func (b *Backend) GenerateKey(ctx context.Context, label string) (KeyMetadata, error) {
+	if label == "" {
+		return KeyMetadata{}, &Error{Kind: ErrKeyUsage, Op: "generate key", Err: errors.New("empty label")}
+	}
+	var meta KeyMetadata
+	err := b.run(ctx, "generate key", label, b.adminTimeout, func(cs *callSession) error {
+		if !cs.t.generating.TryLock() {
+			return &Error{Kind: ErrBusy, Op: "generate key", Key: label, Err: errors.New("another key generation is running")}
+		}
+		defer cs.t.generating.Unlock()
+		_, err := cs.findKey("generate key", label)
+		switch {
+		case err == nil || errors.Is(err, ErrDuplicateKey):
+			return &Error{Kind: ErrKeyExists, Op: "generate key", Key: label}
+		case !errors.Is(err, ErrKeyNotFound):
+			return err
+		}
+		h, err := cs.ctx.GenerateKey(cs.h,
+			[]*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)},
+			keyTemplate(label, b.privateKeys, true))
+		if err != nil {
+			return err
+		}
+		e, err := cs.loadKey("generate key", label, h)
+		if err != nil {
+			return err
+		}
+		meta = e.meta
+		return nil
+	})
+	if err != nil {
+		return KeyMetadata{}, err
+	}
+	return meta, nil
+}
+
+// keyTemplate is the template of every key the backend generates: token keys
+// for GenerateKey, session keys (token false, no label) for self-tests and
+// health checks, which leave nothing behind on the token.
+func keyTemplate(label string, private, onToken bool) []*pkcs11.Attribute {
+	t := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, onToken),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, private),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+	}
+	if label != "" {
+		t = append(t,
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+			pkcs11.NewAttribute(pkcs11.CKA_ID, []byte(label)))
+	}
+	return t
+}

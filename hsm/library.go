@@ -1,0 +1,265 @@
+package hsm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/miekg/pkcs11"
+	"go.uber.org/zap"
+)
+
+// Re-initialization backoff. A C_Finalize kills every session of every token
+// on the library, so re-initializing more often than this only makes an
+// outage worse. Tests shorten them.
+var (
+	reinitBackoffMin = time.Second
+	reinitBackoffMax = 30 * time.Second
+	// reinitLockWait bounds how long a re-initialization waits for calls
+	// still inside the library; a call stuck forever must not stop the others
+	// from recovering for good, only this attempt.
+	reinitLockWait = 5 * time.Second
+)
+
+// library is one PKCS#11 module loaded into the process. There is exactly one
+// per module path for the life of the process: every pkcs11.New of the same
+// path shares the module's state, and finalizing one would kill them all.
+type library struct {
+	path   string
+	ctx    *pkcs11.Ctx
+	logger *zap.Logger
+
+	// lifecycle is held for reading by every PKCS#11 call and for writing by
+	// C_Finalize/C_Initialize.
+	lifecycle sync.RWMutex
+	// gen counts initializations; sessions, handles and token state carry
+	// the generation they belong to and are dropped when it changes.
+	gen atomic.Uint64
+	// down is set from the first module-class error until a
+	// re-initialization succeeded; calls fail fast meanwhile.
+	down atomic.Bool
+
+	mu            sync.Mutex
+	tokens        map[*token]struct{}
+	reinitRunning bool
+	backoff       time.Duration
+	lastReinit    time.Time
+	downReason    string
+	recoveredAt   time.Time
+}
+
+var libraries = struct {
+	sync.Mutex
+	m map[string]*library
+}{m: make(map[string]*library)}
+
+var finalizeAtExit sync.Once
+
+// loadLibrary returns the process-wide library for path, loading and
+// initializing it on first use. env is set in the process environment before
+// the first load, because vendor libraries read it in C_Initialize.
+func loadLibrary(path string, env map[string]string, logger *zap.Logger) (*library, error) {
+	libraries.Lock()
+	defer libraries.Unlock()
+	if lib, ok := libraries.m[path]; ok {
+		for k, v := range env {
+			if os.Getenv(k) != v {
+				logger.Warn("pkcs11 module already loaded; environment change needs a restart",
+					zap.String("module", path), zap.String("variable", k))
+			}
+		}
+		return lib, nil
+	}
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("loading pkcs11 module: %w", err)
+	}
+	for k, v := range env {
+		if err := os.Setenv(k, v); err != nil {
+			return nil, fmt.Errorf("setting %s for pkcs11 module: %w", k, err)
+		}
+	}
+	ctx := pkcs11.New(path)
+	if ctx == nil {
+		return nil, fmt.Errorf("loading pkcs11 module %q: not a PKCS#11 library (dlopen or C_GetFunctionList failed)", path)
+	}
+	if err := ctx.Initialize(); err != nil && !isCKR(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+		ctx.Destroy()
+		return nil, fmt.Errorf("initializing pkcs11 module %q: %w", path, err)
+	}
+	lib := &library{
+		path:    path,
+		ctx:     ctx,
+		logger:  logger.Named("pkcs11").With(zap.String("module", path)),
+		tokens:  make(map[*token]struct{}),
+		backoff: reinitBackoffMin,
+	}
+	lib.gen.Store(1)
+	libraries.m[path] = lib
+	finalizeAtExit.Do(func() { caddy.OnExit(finalizeLibraries) })
+	return lib, nil
+}
+
+// finalizeLibraries calls C_Finalize on every library at process exit. A
+// library with a call still stuck in it is left alone: finalizing under a
+// running call is undefined behaviour.
+func finalizeLibraries(context.Context) {
+	libraries.Lock()
+	defer libraries.Unlock()
+	for _, lib := range libraries.m {
+		if lib.tryLockFor(time.Second) {
+			_ = lib.ctx.Finalize()
+			lib.lifecycle.Unlock()
+		}
+	}
+}
+
+func isCKR(err error, code uint) bool {
+	c, ok := ckrOf(err)
+	return ok && c == code
+}
+
+// acquire takes the lifecycle read lock for one PKCS#11 call sequence and
+// returns the current generation. It fails fast while the library is down.
+func (l *library) acquire() (uint64, bool) {
+	if l.down.Load() {
+		return 0, false
+	}
+	l.lifecycle.RLock()
+	if l.down.Load() {
+		l.lifecycle.RUnlock()
+		return 0, false
+	}
+	return l.gen.Load(), true
+}
+
+func (l *library) release() { l.lifecycle.RUnlock() }
+
+// tryLockFor takes the write lock without queueing behind (and so blocking)
+// new readers: a pending Lock would make every new RLock wait for calls that
+// may be stuck in the HSM.
+func (l *library) tryLockFor(d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for !l.lifecycle.TryLock() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return true
+}
+
+func (l *library) register(t *token) {
+	l.mu.Lock()
+	l.tokens[t] = struct{}{}
+	l.mu.Unlock()
+}
+
+func (l *library) unregister(t *token) {
+	l.mu.Lock()
+	delete(l.tokens, t)
+	l.mu.Unlock()
+}
+
+// status reports whether the library is down, why, and when it last
+// recovered.
+func (l *library) status() (down bool, reason string, recoveredAt time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.down.Load(), l.downReason, l.recoveredAt
+}
+
+// fail records a module-class error seen in generation gen and starts a
+// re-initialization unless one is already pending. Errors from an older
+// generation are ignored: that generation is gone already.
+func (l *library) fail(gen uint64, cause error) {
+	if gen != l.gen.Load() {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.reinitRunning {
+		return
+	}
+	l.reinitRunning = true
+	l.downReason = cause.Error()
+	l.down.Store(true)
+	l.logger.Error("pkcs11 module failed; reconnecting", zap.Error(cause))
+	go l.reinitLoop()
+}
+
+// reinitLoop re-initializes the library until it and every token on it work
+// again, at most once per backoff interval (a circuit breaker): between
+// attempts every call fails fast with ErrUnavailable.
+func (l *library) reinitLoop() {
+	for {
+		l.mu.Lock()
+		wait := time.Until(l.lastReinit.Add(l.backoff))
+		l.mu.Unlock()
+		if wait > 0 {
+			time.Sleep(wait)
+		}
+		err := l.reinit()
+		l.mu.Lock()
+		l.lastReinit = time.Now()
+		if err == nil {
+			l.backoff = reinitBackoffMin
+			l.reinitRunning = false
+			l.downReason = ""
+			l.recoveredAt = time.Now()
+			l.down.Store(false)
+			l.mu.Unlock()
+			l.logger.Info("pkcs11 module reconnected", zap.Uint64("generation", l.gen.Load()))
+			return
+		}
+		l.downReason = err.Error()
+		l.backoff = min(2*l.backoff, reinitBackoffMax)
+		next := l.backoff
+		l.mu.Unlock()
+		l.logger.Error("reconnecting pkcs11 module failed", zap.Error(err), zap.Duration("retry_in", next))
+	}
+}
+
+// reinit runs C_Finalize and C_Initialize under the write lock, then
+// reconnects every token still using the library.
+func (l *library) reinit() error {
+	if !l.tryLockFor(reinitLockWait) {
+		return errors.New("calls still stuck in the pkcs11 module")
+	}
+	_ = l.ctx.Finalize()
+	err := l.ctx.Initialize()
+	if err != nil && !isCKR(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+		l.lifecycle.Unlock()
+		return fmt.Errorf("C_Initialize: %w", err)
+	}
+	gen := l.gen.Add(1)
+	l.lifecycle.Unlock()
+
+	l.mu.Lock()
+	tokens := make([]*token, 0, len(l.tokens))
+	for t := range l.tokens {
+		tokens = append(tokens, t)
+	}
+	l.mu.Unlock()
+	l.lifecycle.RLock()
+	defer l.lifecycle.RUnlock()
+	if l.gen.Load() != gen {
+		return errors.New("pkcs11 module re-initialized concurrently")
+	}
+	for _, t := range tokens {
+		t.pool.drain()
+		if _, err := t.connect(gen); err != nil {
+			var he *Error
+			if errors.As(err, &he) && errors.Is(he.Err, errPINRefused) {
+				// The token stays unusable, but retrying would lock the PIN.
+				continue
+			}
+			return fmt.Errorf("reconnecting token %s: %w", t.ident, err)
+		}
+	}
+	return nil
+}
