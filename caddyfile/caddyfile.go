@@ -1,0 +1,278 @@
+// Package caddyfile gives caddy-xks its Caddyfile syntax: the global "hsm"
+// option, which defines named PKCS#11 backends (the hsm app), and the "xks"
+// handler directive, which serves external key stores from them.
+package caddyfile
+
+import (
+	"encoding/json"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-xks/caddy-xks/hsm"
+	"github.com/caddy-xks/caddy-xks/xkshandler"
+)
+
+func init() {
+	httpcaddyfile.RegisterGlobalOption("hsm", parseHSM)
+	httpcaddyfile.RegisterHandlerDirective("xks", parseXKS)
+	// xks answers every request it is given, so it goes before respond: a
+	// catch-all "respond" in the same site still works for other paths
+	// when xks is given a matcher.
+	httpcaddyfile.RegisterDirectiveOrder("xks", httpcaddyfile.Before, "respond")
+}
+
+// parseHSM sets up the hsm app from the global option. Syntax:
+//
+//	hsm {
+//		pkcs11 <name> {
+//			module       <path to the PKCS#11 library>
+//			token        <token label>
+//			slot_id      <slot id>
+//			serial       <token serial>
+//			pin          <{env.VAR} or {file./path}>
+//			no_login
+//			iv           auto|caller|hsm|hsm_appended
+//			max_sessions <n>
+//			session_wait <duration>
+//			call_timeout <duration>
+//			private_keys true|false
+//			health_ttl   <duration>
+//			env          <NAME> <value>
+//		}
+//	}
+//
+// Several hsm blocks are merged; a backend name may be defined once.
+func parseHSM(d *caddyfile.Dispenser, existing any) (any, error) {
+	app := new(hsm.App)
+	if existing != nil {
+		if err := json.Unmarshal(existing.(httpcaddyfile.App).Value, app); err != nil {
+			return nil, err
+		}
+	}
+	if app.Backends == nil {
+		app.Backends = make(map[string]*hsm.Config)
+	}
+	d.Next() // consume the option name
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if d.Val() != "pkcs11" {
+			return nil, d.Errf("unrecognized hsm backend type %q (want pkcs11)", d.Val())
+		}
+		var name string
+		if !d.Args(&name) {
+			return nil, d.Err("pkcs11 needs a backend name")
+		}
+		if d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		if _, dup := app.Backends[name]; dup {
+			return nil, d.Errf("hsm backend %q is defined twice", name)
+		}
+		cfg, err := parsePKCS11(d)
+		if err != nil {
+			return nil, err
+		}
+		app.Backends[name] = cfg
+	}
+	return httpcaddyfile.App{Name: "hsm", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
+	cfg := new(hsm.Config)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		switch opt {
+		case "no_login":
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			cfg.NoLogin = true
+			continue
+		case "env":
+			var k, v string
+			if !d.AllArgs(&k, &v) {
+				return nil, d.ArgErr()
+			}
+			if cfg.Env == nil {
+				cfg.Env = make(map[string]string)
+			}
+			cfg.Env[k] = v
+			continue
+		}
+		var val string
+		if !d.AllArgs(&val) {
+			return nil, d.ArgErr()
+		}
+		switch opt {
+		case "module":
+			cfg.Module = val
+		case "token":
+			cfg.Token = val
+		case "serial":
+			cfg.Serial = val
+		case "slot_id":
+			n, err := strconv.ParseUint(val, 10, 0)
+			if err != nil {
+				return nil, d.Errf("slot_id %q: %v", val, err)
+			}
+			slot := uint(n)
+			cfg.SlotID = &slot
+		case "pin":
+			cfg.PIN = val
+		case "iv":
+			cfg.IVMode = val
+		case "max_sessions":
+			n, err := strconv.Atoi(val)
+			if err != nil {
+				return nil, d.Errf("max_sessions %q: %v", val, err)
+			}
+			cfg.MaxSessions = n
+		case "private_keys":
+			b, err := strconv.ParseBool(val)
+			if err != nil {
+				return nil, d.Errf("private_keys %q: %v", val, err)
+			}
+			cfg.PrivateKeys = &b
+		case "session_wait", "call_timeout", "health_ttl":
+			dur, err := caddy.ParseDuration(val)
+			if err != nil {
+				return nil, d.Errf("%s %q: %v", opt, val, err)
+			}
+			switch opt {
+			case "session_wait":
+				cfg.SessionWait = caddy.Duration(dur)
+			case "call_timeout":
+				cfg.CallTimeout = caddy.Duration(dur)
+			case "health_ttl":
+				cfg.HealthTTL = caddy.Duration(dur)
+			}
+		default:
+			return nil, d.Errf("unrecognized pkcs11 option %q", opt)
+		}
+	}
+	return cfg, nil
+}
+
+// parseXKS sets up the xks handler. Syntax:
+//
+//	xks [<matcher>] {
+//		max_request_body <bytes>
+//		key_store <uri path> {
+//			hsm                 <backend> [<backend>...]
+//			region              <aws region>
+//			credential          <access key id> <{env.VAR} or {file./path}>
+//			keys                <external key id>...|*
+//			ciphertext_metadata <base64>
+//			aad_framing         spec|aws_sample
+//			fleet_size          <n>
+//			max_clock_skew      <duration>
+//		}
+//	}
+//
+// The uri path is the key store's XksProxyUriPath, e.g. /demo/kms/xks/v1;
+// the /kms/xks/v1 suffix may be left out. credential may be repeated (to
+// rotate), as may keys.
+func parseXKS(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(xkshandler.Handler)
+	h.Next() // consume the directive name
+	if h.NextArg() {
+		return nil, h.ArgErr()
+	}
+	for nesting := h.Nesting(); h.NextBlock(nesting); {
+		switch h.Val() {
+		case "max_request_body":
+			var val string
+			if !h.AllArgs(&val) {
+				return nil, h.ArgErr()
+			}
+			n, err := strconv.ParseInt(val, 10, 64)
+			if err != nil {
+				return nil, h.Errf("max_request_body %q: %v", val, err)
+			}
+			handler.MaxRequestBody = n
+		case "key_store":
+			ks, err := parseKeyStore(h.Dispenser)
+			if err != nil {
+				return nil, err
+			}
+			handler.KeyStores = append(handler.KeyStores, ks)
+		default:
+			return nil, h.Errf("unrecognized xks option %q", h.Val())
+		}
+	}
+	return handler, nil
+}
+
+func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
+	var path string
+	if !d.Args(&path) {
+		return nil, d.Err("key_store needs its URI path, e.g. /demo/kms/xks/v1")
+	}
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	if path == "/" {
+		path = ""
+	}
+	if !strings.HasSuffix(path, xkshandler.APIPathSuffix) {
+		path += xkshandler.APIPathSuffix
+	}
+	ks := &xkshandler.KeyStore{URIPath: path}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		args := d.RemainingArgs()
+		switch opt {
+		case "hsm":
+			if len(args) == 0 {
+				return nil, d.ArgErr()
+			}
+			ks.HSM = append(ks.HSM, args...)
+		case "keys":
+			if len(args) == 0 {
+				return nil, d.ArgErr()
+			}
+			ks.Keys = append(ks.Keys, args...)
+		case "credential":
+			if len(args) != 2 {
+				return nil, d.Err("credential takes an access key id and a secret placeholder")
+			}
+			ks.Credentials = append(ks.Credentials, xkshandler.Credential{AccessKeyID: args[0], SecretAccessKey: args[1]})
+		case "region", "ciphertext_metadata", "aad_framing", "fleet_size", "max_clock_skew":
+			if len(args) != 1 {
+				return nil, d.ArgErr()
+			}
+			val := args[0]
+			switch opt {
+			case "region":
+				ks.Region = val
+			case "ciphertext_metadata":
+				ks.CiphertextMetadata = val
+			case "aad_framing":
+				ks.AADFraming = val
+			case "fleet_size":
+				n, err := strconv.Atoi(val)
+				if err != nil {
+					return nil, d.Errf("fleet_size %q: %v", val, err)
+				}
+				ks.FleetSize = n
+			case "max_clock_skew":
+				dur, err := caddy.ParseDuration(val)
+				if err != nil {
+					return nil, d.Errf("max_clock_skew %q: %v", val, err)
+				}
+				ks.MaxClockSkew = caddy.Duration(dur)
+			}
+		default:
+			return nil, d.Errf("unrecognized key_store option %q", opt)
+		}
+	}
+	return ks, nil
+}

@@ -1,0 +1,119 @@
+package xkshandler
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+
+	"github.com/caddy-xks/caddy-xks/hsm"
+)
+
+// Error names from the XKS Proxy API's error table. KMS keys its behaviour on
+// the name; the HTTP status only has to agree with it.
+const (
+	ValidationException           = "ValidationException"
+	InvalidStateException         = "InvalidStateException"
+	InvalidCiphertextException    = "InvalidCiphertextException"
+	InvalidKeyUsageException      = "InvalidKeyUsageException"
+	AuthenticationFailedException = "AuthenticationFailedException"
+	AccessDeniedException         = "AccessDeniedException"
+	KeyNotFoundException          = "KeyNotFoundException"
+	InvalidURIPathException       = "InvalidUriPathException"
+	ThrottlingException           = "ThrottlingException"
+	UnsupportedOperationException = "UnsupportedOperationException"
+	DependencyTimeoutException    = "DependencyTimeoutException"
+	InternalException             = "InternalException"
+)
+
+// statusOf is the spec's status code for each error name.
+var statusOf = map[string]int{
+	ValidationException:           http.StatusBadRequest,
+	InvalidStateException:         http.StatusBadRequest,
+	InvalidCiphertextException:    http.StatusBadRequest,
+	InvalidKeyUsageException:      http.StatusBadRequest,
+	AuthenticationFailedException: http.StatusUnauthorized,
+	AccessDeniedException:         http.StatusForbidden,
+	KeyNotFoundException:          http.StatusNotFound,
+	InvalidURIPathException:       http.StatusNotFound,
+	ThrottlingException:           http.StatusTooManyRequests,
+	UnsupportedOperationException: http.StatusNotImplemented,
+	DependencyTimeoutException:    http.StatusServiceUnavailable,
+	InternalException:             http.StatusInternalServerError,
+}
+
+// xksError is a failed XKS call: the name and message that go on the wire,
+// plus the cause, which only goes to the proxy's log.
+type xksError struct {
+	name    string
+	message string
+	status  int // overrides statusOf[name] when non-zero (405 has no XKS name of its own)
+	cause   error
+}
+
+func (e *xksError) Error() string {
+	if e.cause != nil {
+		return e.name + ": " + e.message + ": " + e.cause.Error()
+	}
+	return e.name + ": " + e.message
+}
+
+func (e *xksError) Unwrap() error { return e.cause }
+
+func (e *xksError) httpStatus() int {
+	if e.status != 0 {
+		return e.status
+	}
+	return statusOf[e.name]
+}
+
+func newError(name, message string) *xksError {
+	return &xksError{name: name, message: message}
+}
+
+func validationError(message string) *xksError {
+	return newError(ValidationException, message)
+}
+
+// fromHSM maps an error of the hsm package to the XKS error KMS must see. The
+// message names the condition but never carries HSM detail (slot, PIN state,
+// CKR codes), which goes to the log through cause.
+func fromHSM(err error) *xksError {
+	var e *xksError
+	switch {
+	case errors.Is(err, hsm.ErrKeyNotFound):
+		e = newError(KeyNotFoundException, "the external key was not found in the HSM")
+	case errors.Is(err, hsm.ErrDuplicateKey):
+		e = newError(KeyNotFoundException, "the external key id matches more than one key in the HSM")
+	case errors.Is(err, hsm.ErrKeyUsage):
+		e = newError(InvalidKeyUsageException, "the external key does not support the requested operation")
+	case errors.Is(err, hsm.ErrKeyDisabled):
+		e = newError(InvalidStateException, "the external key is disabled in the HSM")
+	case errors.Is(err, hsm.ErrInvalidCiphertext):
+		e = newError(InvalidCiphertextException, "the ciphertext, initialization vector, additional authenticated data or authentication tag is corrupted, missing, or otherwise invalid")
+	case errors.Is(err, hsm.ErrBusy):
+		e = newError(ThrottlingException, "the HSM is busy; retry later")
+	case errors.Is(err, hsm.ErrTimeout), errors.Is(err, context.DeadlineExceeded):
+		e = newError(DependencyTimeoutException, "the HSM did not answer in time")
+	case errors.Is(err, hsm.ErrUnavailable):
+		e = newError(InternalException, "the HSM is unavailable")
+	default:
+		e = newError(InternalException, "internal error while using the HSM")
+	}
+	e.cause = err
+	return e
+}
+
+// wireMessage makes a message fit the spec's rules for errorMessage: printable
+// ASCII only and fewer than 512 characters.
+func wireMessage(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s) && b.Len() < 511; i++ {
+		c := s[i]
+		if c < 0x20 || c > 0x7e {
+			c = '?'
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
+}

@@ -1,0 +1,334 @@
+package xkshandler
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"runtime/debug"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/caddy-xks/caddy-xks/hsm"
+)
+
+func init() {
+	caddy.RegisterModule(new(Handler))
+}
+
+// defaultMaxRequestBody bounds what is read before authentication. The
+// largest legitimate body (a 4300-byte ciphertext plus an 8192-byte AAD, in
+// Base64, with metadata and long ARNs) is under 24 KiB.
+const defaultMaxRequestBody = 64 << 10
+
+// Handler serves the XKS Proxy API v1 for one or more external key stores.
+// It answers every request it is given: a path that is not an XKS API path
+// of a configured key store gets 404 InvalidUriPathException.
+type Handler struct {
+	// KeyStores are the external key stores served, each under its own
+	// URI path with its own credentials, backends and keys. At least one.
+	KeyStores []*KeyStore `json:"key_stores,omitempty"`
+
+	// MaxRequestBody is the largest request body accepted, in bytes; a
+	// larger one gets UnsupportedOperationException without being
+	// authenticated. Default: 65536.
+	MaxRequestBody int64 `json:"max_request_body,omitempty"`
+
+	stores map[string]*KeyStore // by URI path
+	logger *zap.Logger
+	audit  *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.xks",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision resolves secrets, looks up the HSM backends and builds each key
+// store's verifier.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	h.audit = h.logger.Named("audit")
+	if h.MaxRequestBody == 0 {
+		h.MaxRequestBody = defaultMaxRequestBody
+	}
+	if err := h.Validate(); err != nil {
+		return err
+	}
+	appIface, err := ctx.AppIfConfigured("hsm")
+	if err != nil {
+		return fmt.Errorf("the xks handler needs HSM backends (the hsm app): %w", err)
+	}
+	app := appIface.(*hsm.App)
+	h.stores = make(map[string]*KeyStore, len(h.KeyStores))
+	for _, ks := range h.KeyStores {
+		if err := ks.provision(app); err != nil {
+			return err
+		}
+		h.stores[ks.URIPath] = ks
+	}
+	return nil
+}
+
+// Validate checks the configuration without side effects.
+func (h *Handler) Validate() error {
+	if len(h.KeyStores) == 0 {
+		return errors.New("xks: at least one key store is required")
+	}
+	seen := make(map[string]bool, len(h.KeyStores))
+	for _, ks := range h.KeyStores {
+		if err := ks.validate(); err != nil {
+			return fmt.Errorf("xks: %w", err)
+		}
+		if seen[ks.URIPath] {
+			return fmt.Errorf("xks: key store %s is configured twice", ks.URIPath)
+		}
+		seen[ks.URIPath] = true
+	}
+	if h.MaxRequestBody < 0 {
+		return errors.New("xks: max_request_body must be positive")
+	}
+	return nil
+}
+
+// route splits a raw request path into its key store, operation and
+// external key id. Routing is on the path exactly as received: nothing is
+// cleaned or decoded, so what is routed is what was signed.
+func (h *Handler) route(path string) (ks *KeyStore, op operation, keyID string, ok bool) {
+	marker := APIPathSuffix + "/"
+	i := strings.LastIndex(path, marker)
+	if i < 0 {
+		return nil, 0, "", false
+	}
+	ks = h.stores[path[:i+len(APIPathSuffix)]]
+	if ks == nil {
+		return nil, 0, "", false
+	}
+	rest := path[i+len(marker):]
+	if rest == "health" {
+		return ks, opHealth, "", true
+	}
+	id, action, found := strings.Cut(strings.TrimPrefix(rest, "keys/"), "/")
+	if !found || !strings.HasPrefix(rest, "keys/") || !validKeyID(id) {
+		return nil, 0, "", false
+	}
+	switch action {
+	case "metadata":
+		op = opMetadata
+	case "encrypt":
+		op = opEncrypt
+	case "decrypt":
+		op = opDecrypt
+	default:
+		return nil, 0, "", false
+	}
+	return ks, op, id, true
+}
+
+// rawPath is the path of the request target as it was on the request line.
+func rawPath(r *http.Request) string {
+	target := r.RequestURI
+	if !strings.HasPrefix(target, "/") { // absolute-form or empty
+		return r.URL.EscapedPath()
+	}
+	path, _, _ := strings.Cut(target, "?")
+	return path
+}
+
+// exchange is the state of one XKS call, for the response and the audit log.
+type exchange struct {
+	start    time.Time
+	ks       *KeyStore
+	op       operation
+	keyID    string
+	akid     string
+	meta     *requestMetadata
+	hsmTime  time.Duration
+	err      *xksError
+	response any
+}
+
+// ServeHTTP answers one XKS API call. Protocol errors are written here as
+// XKS JSON; a Go error returned to Caddy would produce an empty body that
+// KMS cannot interpret.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	x := exchange{start: time.Now()}
+	h.serve(&x, r)
+	h.respond(w, &x)
+	h.log(&x)
+	return nil
+}
+
+func (h *Handler) serve(x *exchange, r *http.Request) {
+	var ok bool
+	x.ks, x.op, x.keyID, ok = h.route(rawPath(r))
+	if !ok {
+		x.err = newError(InvalidURIPathException, "the URI path is not an XKS API path of this proxy")
+		return
+	}
+	if r.Method != http.MethodPost {
+		x.err = &xksError{name: ValidationException, message: "method " + r.Method + " is not allowed; XKS API calls use POST", status: http.StatusMethodNotAllowed}
+		return
+	}
+	body, xerr := readBody(r, h.MaxRequestBody)
+	if xerr != nil {
+		x.err = xerr
+		return
+	}
+	// The access key id is logged even when verification fails: it says
+	// which credential a failing client claims to hold.
+	var err error
+	x.akid, err = x.ks.verifier.VerifyHTTP(r, body)
+	if err != nil {
+		x.err = &xksError{name: AuthenticationFailedException, message: "the request signature could not be verified", cause: err}
+		return
+	}
+	req, xerr := decodeRequest(x.op, body)
+	if xerr != nil {
+		x.err = xerr
+		return
+	}
+	x.meta = &req.meta
+	if x.op != opHealth && !x.ks.allows(x.keyID) {
+		x.err = newError(KeyNotFoundException, "the external key is not configured for this key store")
+		return
+	}
+
+	ctx := r.Context()
+	hsmStart := time.Now()
+	switch x.op {
+	case opHealth:
+		x.response = x.ks.health(ctx)
+	case opMetadata:
+		x.response, err = x.ks.metadataOf(ctx, x.keyID)
+	case opEncrypt:
+		x.response, err = x.ks.encrypt(ctx, x.keyID, req)
+	case opDecrypt:
+		x.response, err = x.ks.decrypt(ctx, x.keyID, req)
+	}
+	x.hsmTime = time.Since(hsmStart)
+	if err != nil {
+		x.err = fromHSM(err)
+	}
+}
+
+// readBody reads at most limit bytes of the request body.
+func readBody(r *http.Request, limit int64) ([]byte, *xksError) {
+	if r.ContentLength > limit {
+		return nil, newError(UnsupportedOperationException, fmt.Sprintf("request bodies larger than %d bytes are not supported", limit))
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
+	if err != nil {
+		return nil, validationError("the request body could not be read")
+	}
+	if int64(len(body)) > limit {
+		return nil, newError(UnsupportedOperationException, fmt.Sprintf("request bodies larger than %d bytes are not supported", limit))
+	}
+	return body, nil
+}
+
+type errorBody struct {
+	ErrorName    string `json:"errorName"`
+	ErrorMessage string `json:"errorMessage,omitempty"`
+}
+
+func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
+	status := http.StatusOK
+	var payload any = x.response
+	if x.err != nil {
+		status = x.err.httpStatus()
+		payload = errorBody{ErrorName: x.err.name, ErrorMessage: wireMessage(x.err.message)}
+		if status == http.StatusMethodNotAllowed {
+			w.Header().Set("Allow", http.MethodPost)
+		}
+	}
+	out, err := json.Marshal(payload)
+	if err != nil {
+		// Every payload is a fixed struct of strings and bytes; this cannot
+		// fail, but a reply must still go out.
+		h.logger.Error("encoding response", zap.Error(err))
+		status = http.StatusInternalServerError
+		out = []byte(`{"errorName":"InternalException"}`)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", fmt.Sprint(len(out)))
+	w.WriteHeader(status)
+	_, _ = w.Write(out)
+}
+
+// log writes the audit line of a call. It names who asked for what and how
+// it ended; it never carries plaintext, AAD, secrets or signatures.
+func (h *Handler) log(x *exchange) {
+	outcome := "ok"
+	level := zapcore.InfoLevel
+	if x.err != nil {
+		outcome = x.err.name
+		if x.err.httpStatus() >= 500 {
+			level = zapcore.ErrorLevel
+		}
+	}
+	ce := h.audit.Check(level, "xks request")
+	if ce == nil {
+		return
+	}
+	fields := make([]zap.Field, 0, 16)
+	fields = append(fields, zap.String("operation", x.op.String()), zap.String("outcome", outcome))
+	if x.ks != nil {
+		fields = append(fields, zap.String("key_store", x.ks.URIPath))
+	}
+	if x.keyID != "" {
+		fields = append(fields, zap.String("external_key_id", x.keyID))
+	}
+	if x.akid != "" {
+		fields = append(fields, zap.String("access_key_id", x.akid))
+	}
+	if m := x.meta; m != nil {
+		fields = append(fields,
+			zap.String("kms_request_id", m.KMSRequestID),
+			zap.String("kms_operation", m.KMSOperation),
+			zap.String("aws_principal_arn", m.AWSPrincipalARN),
+			zap.String("kms_key_arn", m.KMSKeyARN),
+			zap.String("kms_via_service", m.KMSViaService),
+			zap.String("aws_source_vpc", m.AWSSourceVPC),
+			zap.String("aws_source_vpce", m.AWSSourceVPCE),
+		)
+	}
+	if x.err != nil && x.err.cause != nil {
+		fields = append(fields, zap.String("reason", x.err.cause.Error()))
+	}
+	fields = append(fields, zap.Duration("hsm_time", x.hsmTime), zap.Duration("total_time", time.Since(x.start)))
+	ce.Write(fields...)
+}
+
+var proxyModel = sync.OnceValue(func() string {
+	version := "(devel)"
+	if info, ok := debug.ReadBuildInfo(); ok {
+		if info.Main.Path == "github.com/caddy-xks/caddy-xks" {
+			version = info.Main.Version
+		}
+		for _, dep := range info.Deps {
+			if dep.Path == "github.com/caddy-xks/caddy-xks" {
+				version = dep.Version
+			}
+		}
+	}
+	caddyVersion, _ := caddy.Version()
+	return "caddy-xks " + version + " (Caddy " + caddyVersion + ")"
+})
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

@@ -1,0 +1,363 @@
+package xkshandler
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-xks/caddy-xks/hsm"
+	"github.com/caddy-xks/caddy-xks/sigv4auth"
+)
+
+// APIPathSuffix ends every key store's URI path (XksProxyUriPath); v1 is
+// the only version of the XKS API.
+const APIPathSuffix = "/kms/xks/v1"
+
+// uriPathPattern is KMS's rule for XksProxyUriPath (CreateCustomKeyStore),
+// narrowed to the API version this proxy serves.
+var uriPathPattern = regexp.MustCompile(`^(/[a-zA-Z0-9/_-]+)?/kms/xks/v1$`)
+
+// keyIDPattern is KMS's rule for an external key id (XksKeyId).
+var keyIDPattern = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,128}$`)
+
+// validKeyID applies KMS's rule, less "." and "..": as path segments they
+// would be resolved away by any proxy or client that normalizes paths, so a
+// key with such an id could be reached by another path than the one signed.
+func validKeyID(id string) bool {
+	return id != "." && id != ".." && keyIDPattern.MatchString(id)
+}
+
+// KeyStore is one external key store: a URI path that KMS is configured with,
+// the SigV4 credentials KMS signs with, the HSM backend(s) holding the keys
+// and the external key ids that KMS may use through it.
+type KeyStore struct {
+	// URIPath is the key store's XksProxyUriPath as configured in KMS:
+	// an optional prefix followed by /kms/xks/v1, e.g. "/demo/kms/xks/v1".
+	// At most 128 characters of a-z, A-Z, 0-9, /, - and _. Required.
+	URIPath string `json:"uri_path"`
+
+	// HSM names the backends of the hsm app that hold this key store's keys,
+	// in order of preference. Crypto goes to the first one; a backend that
+	// is unavailable is skipped for the next, so list several only if they
+	// hold the same key material (for example modules of one nShield
+	// Security World). GetHealthStatus reports every one. Required.
+	HSM []string `json:"hsm"`
+
+	// Region is the AWS region of the KMS key store; requests signed for
+	// another region fail authentication. Required.
+	Region string `json:"region"`
+
+	// Credentials are the SigV4 credentials KMS may sign with. List two
+	// while rotating: both are accepted until the old one is removed.
+	// At least one is required.
+	Credentials []Credential `json:"credentials"`
+
+	// Keys lists the external key ids (HSM key labels) KMS may use through
+	// this key store; any other id gets KeyNotFoundException without the
+	// HSM being asked. The single entry "*" allows every AES key on the
+	// token. Required.
+	Keys []string `json:"keys"`
+
+	// CiphertextMetadata is returned, Base64-encoded, with every Encrypt
+	// and bound into the AES-GCM AAD, so that the format of a ciphertext
+	// can be recognised and versioned later. At most 20 bytes once decoded.
+	// Default: none.
+	CiphertextMetadata string `json:"ciphertext_metadata,omitempty"`
+
+	// AADFraming selects how the AAD given to the HSM is built: "spec" (the
+	// default; the spec's length-prefixed AAD and metadata) or "aws_sample"
+	// (SHA-256 of the AAD in place of the AAD, as AWS's sample proxy does),
+	// for key stores migrated from that proxy whose ciphertexts must stay
+	// decryptable.
+	AADFraming string `json:"aad_framing,omitempty"`
+
+	// FleetSize is the number of proxy instances serving this key store,
+	// reported to KMS as xksProxyFleetSize. Default: 1.
+	FleetSize int `json:"fleet_size,omitempty"`
+
+	// MaxClockSkew is how far a request's signing time may be from the
+	// proxy's clock, either way. Default: 5m, the spec's value.
+	MaxClockSkew caddy.Duration `json:"max_clock_skew,omitempty"`
+
+	verifier *sigv4auth.Verifier
+	backends []*hsm.Backend
+	keys     map[string]bool // nil: every key allowed
+	metadata []byte
+	framing  aadFraming
+}
+
+// Credential is one SigV4 access key id and secret access key.
+type Credential struct {
+	// AccessKeyID is 20 to 30 characters of A-Z and 2-7. It may be a
+	// placeholder such as {env.XKS_AKID}.
+	AccessKeyID string `json:"access_key_id"`
+
+	// SecretAccessKey is 43 to 64 characters of A-Z, a-z, 0-9, /, + and =.
+	// It must be an {env.*} or {file.*} placeholder, resolved when the
+	// config is loaded, so that the secret never appears in the config JSON
+	// (which the admin API serves and autosave writes to disk).
+	SecretAccessKey string `json:"secret_access_key"`
+}
+
+func (ks *KeyStore) validate() error {
+	if len(ks.URIPath) > 128 || !uriPathPattern.MatchString(ks.URIPath) {
+		return fmt.Errorf("uri_path %q must be an optional prefix of a-z, A-Z, 0-9, /, - and _ followed by %s, at most 128 characters", ks.URIPath, APIPathSuffix)
+	}
+	if len(ks.HSM) == 0 || len(ks.HSM) > 10 {
+		return fmt.Errorf("key store %s: hsm must name 1 to 10 backends", ks.URIPath)
+	}
+	if ks.Region == "" {
+		return fmt.Errorf("key store %s: region is required", ks.URIPath)
+	}
+	if len(ks.Credentials) == 0 {
+		return fmt.Errorf("key store %s: at least one credential is required", ks.URIPath)
+	}
+	for _, c := range ks.Credentials {
+		if !isSecretPlaceholder(c.SecretAccessKey) {
+			return fmt.Errorf("key store %s: the secret access key of %s must be an {env.*} or {file.*} placeholder, so that it never appears in the config", ks.URIPath, c.AccessKeyID)
+		}
+	}
+	if len(ks.Keys) == 0 {
+		return fmt.Errorf("key store %s: keys must list the external key ids KMS may use (or \"*\" for all)", ks.URIPath)
+	}
+	for _, k := range ks.Keys {
+		if k == "*" && len(ks.Keys) == 1 {
+			continue
+		}
+		if !validKeyID(k) {
+			return fmt.Errorf("key store %s: external key id %q must be 1 to 128 characters of a-z, A-Z, 0-9, ., - and _, not . or .. (and \"*\" stands alone)", ks.URIPath, k)
+		}
+	}
+	if _, err := parseFraming(ks.AADFraming); err != nil {
+		return fmt.Errorf("key store %s: %w", ks.URIPath, err)
+	}
+	if ks.FleetSize < 0 {
+		return fmt.Errorf("key store %s: fleet_size must be positive", ks.URIPath)
+	}
+	return nil
+}
+
+// isSecretPlaceholder reports whether s is exactly one runtime placeholder
+// of the env or file provider.
+func isSecretPlaceholder(s string) bool {
+	if !strings.HasPrefix(s, "{") || !strings.HasSuffix(s, "}") || strings.Count(s, "{") != 1 {
+		return false
+	}
+	return strings.HasPrefix(s, "{env.") || strings.HasPrefix(s, "{file.")
+}
+
+// provision resolves secrets and builds the key store's runtime state.
+func (ks *KeyStore) provision(app *hsm.App) error {
+	if err := ks.validate(); err != nil {
+		return err
+	}
+	repl := caddy.NewReplacer()
+	creds := make([]sigv4auth.Credential, 0, len(ks.Credentials))
+	for _, c := range ks.Credentials {
+		akid, err := repl.ReplaceOrErr(c.AccessKeyID, true, true)
+		if err != nil {
+			return fmt.Errorf("key store %s: access key id %s: %w", ks.URIPath, c.AccessKeyID, err)
+		}
+		secret, err := repl.ReplaceOrErr(c.SecretAccessKey, true, true)
+		if err != nil {
+			// The error names the placeholder, never its value.
+			return fmt.Errorf("key store %s: secret access key of %s: %w", ks.URIPath, akid, err)
+		}
+		creds = append(creds, sigv4auth.Credential{AccessKeyID: akid, SecretAccessKey: secret})
+	}
+	verifier, err := sigv4auth.NewVerifier(sigv4auth.Config{
+		Region:      ks.Region,
+		Credentials: creds,
+		MaxSkew:     time.Duration(ks.MaxClockSkew),
+	})
+	if err != nil {
+		return fmt.Errorf("key store %s: %w", ks.URIPath, err)
+	}
+	ks.verifier = verifier
+
+	ks.backends = ks.backends[:0]
+	for _, name := range ks.HSM {
+		b, err := app.Backend(name)
+		if err != nil {
+			return fmt.Errorf("key store %s: %w", ks.URIPath, err)
+		}
+		ks.backends = append(ks.backends, b)
+	}
+
+	if !(len(ks.Keys) == 1 && ks.Keys[0] == "*") {
+		ks.keys = make(map[string]bool, len(ks.Keys))
+		for _, k := range ks.Keys {
+			ks.keys[k] = true
+		}
+	}
+	if ks.CiphertextMetadata != "" {
+		md, err := base64.StdEncoding.Strict().DecodeString(ks.CiphertextMetadata)
+		if err != nil {
+			return fmt.Errorf("key store %s: ciphertext_metadata is not valid Base64: %w", ks.URIPath, err)
+		}
+		if len(md) > maxCiphertextMetadataLen {
+			return fmt.Errorf("key store %s: ciphertext_metadata is %d bytes, at most %d are allowed", ks.URIPath, len(md), maxCiphertextMetadataLen)
+		}
+		ks.metadata = md
+	}
+	ks.framing, _ = parseFraming(ks.AADFraming)
+	if ks.FleetSize == 0 {
+		ks.FleetSize = 1
+	}
+	return nil
+}
+
+func (ks *KeyStore) allows(keyID string) bool {
+	return ks.keys == nil || ks.keys[keyID]
+}
+
+// withBackend runs fn on the first backend that can serve, falling over to
+// the next one only when a backend reports the HSM unavailable.
+func (ks *KeyStore) withBackend(fn func(*hsm.Backend) error) error {
+	var err error
+	for _, b := range ks.backends {
+		if err = fn(b); !errors.Is(err, hsm.ErrUnavailable) {
+			return err
+		}
+	}
+	return err
+}
+
+// Response bodies. Field names are the spec's; Base64 fields are []byte,
+// which encoding/json writes as standard padded Base64.
+type (
+	metadataResponse struct {
+		KeySpec   string   `json:"keySpec"`
+		KeyUsage  []string `json:"keyUsage"`
+		KeyStatus string   `json:"keyStatus"`
+	}
+	encryptResponse struct {
+		Ciphertext                   []byte `json:"ciphertext"`
+		CiphertextMetadata           []byte `json:"ciphertextMetadata,omitempty"`
+		InitializationVector         []byte `json:"initializationVector"`
+		AuthenticationTag            []byte `json:"authenticationTag"`
+		CiphertextDataIntegrityValue []byte `json:"ciphertextDataIntegrityValue,omitempty"`
+	}
+	decryptResponse struct {
+		Plaintext []byte `json:"plaintext"`
+	}
+	healthResponse struct {
+		XKSProxyFleetSize int              `json:"xksProxyFleetSize"`
+		XKSProxyVendor    string           `json:"xksProxyVendor"`
+		XKSProxyModel     string           `json:"xksProxyModel"`
+		EKMVendor         string           `json:"ekmVendor"`
+		EKMFleetDetails   []ekmFleetDetail `json:"ekmFleetDetails"`
+	}
+	ekmFleetDetail struct {
+		ID           string `json:"id"`
+		Model        string `json:"model"`
+		HealthStatus string `json:"healthStatus"`
+	}
+)
+
+func (ks *KeyStore) metadataOf(ctx context.Context, keyID string) (any, error) {
+	var md hsm.KeyMetadata
+	err := ks.withBackend(func(b *hsm.Backend) (err error) {
+		md, err = b.Metadata(ctx, keyID)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return metadataResponse{KeySpec: md.KeySpec, KeyUsage: md.KeyUsage, KeyStatus: md.KeyStatus}, nil
+}
+
+func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
+	aad := ks.framing.hsmAAD(req.aad, ks.metadata)
+	var resp encryptResponse
+	err := ks.withBackend(func(b *hsm.Backend) error {
+		res, err := b.Encrypt(ctx, keyID, req.plaintext, aad)
+		if err != nil {
+			return err
+		}
+		if len(res.Ciphertext) != len(req.plaintext) || len(res.Tag) != tagLen || (len(res.IV) != 12 && len(res.IV) != 16) {
+			return fmt.Errorf("%w: HSM returned %d bytes of ciphertext for %d of plaintext, a %d-byte tag and a %d-byte IV",
+				hsm.ErrInternal, len(res.Ciphertext), len(req.plaintext), len(res.Tag), len(res.IV))
+		}
+		resp = encryptResponse{
+			Ciphertext:           res.Ciphertext,
+			CiphertextMetadata:   ks.metadata,
+			InitializationVector: res.IV,
+			AuthenticationTag:    res.Tag,
+		}
+		if !req.wantCDIV {
+			return nil
+		}
+		// Appendix C: compute the CDIV over the bytes about to be returned
+		// first, then prove them decryptable, so a corruption after the
+		// check cannot hide behind a matching CDIV.
+		resp.CiphertextDataIntegrityValue = cdiv(req.aad, ks.metadata, res.IV, res.Ciphertext, res.Tag)
+		pt, err := b.Decrypt(ctx, keyID, res.IV, res.Ciphertext, res.Tag, aad)
+		if err != nil {
+			if errors.Is(err, hsm.ErrKeyUsage) {
+				return err
+			}
+			return fmt.Errorf("%w: decrypting the fresh ciphertext for its integrity check: %w", hsm.ErrInternal, err)
+		}
+		if subtle.ConstantTimeCompare(pt, req.plaintext) != 1 {
+			return fmt.Errorf("%w: the fresh ciphertext did not decrypt to the plaintext", hsm.ErrInternal)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+func (ks *KeyStore) decrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
+	aad := ks.framing.hsmAAD(req.aad, req.metadata)
+	var pt []byte
+	err := ks.withBackend(func(b *hsm.Backend) (err error) {
+		pt, err = b.Decrypt(ctx, keyID, req.iv, req.ciphertext, req.tag, aad)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return decryptResponse{Plaintext: pt}, nil
+}
+
+// health reports every backend of the key store. It is never an error: KMS
+// expects 200 with truthful statuses, UNAVAILABLE included.
+func (ks *KeyStore) health(ctx context.Context) healthResponse {
+	resp := healthResponse{
+		XKSProxyFleetSize: ks.FleetSize,
+		XKSProxyVendor:    "caddy-xks",
+		XKSProxyModel:     proxyModel(),
+	}
+	for _, b := range ks.backends {
+		h := b.Health(ctx)
+		if resp.EKMVendor == "" {
+			resp.EKMVendor = h.Manufacturer
+		}
+		id := b.Name()
+		if h.Serial != "" {
+			id += " " + h.Serial
+		}
+		model := strings.TrimSpace(h.Model)
+		if h.Firmware != "" {
+			model += " firmware " + h.Firmware
+		}
+		if model == "" {
+			model = "unknown"
+		}
+		resp.EKMFleetDetails = append(resp.EKMFleetDetails, ekmFleetDetail{ID: id, Model: model, HealthStatus: h.Status})
+	}
+	if resp.EKMVendor == "" {
+		resp.EKMVendor = "unknown"
+	}
+	return resp
+}

@@ -1,0 +1,190 @@
+package xkshandler
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"strings"
+	"testing"
+)
+
+const (
+	metaHealth  = `"requestMetadata":{"kmsRequestId":"r-1","kmsOperation":"KmsHealthCheck"}`
+	metaKey     = `"requestMetadata":{"awsPrincipalArn":"arn:aws:iam::123456789012:user/Alice","kmsOperation":"CreateKey","kmsRequestId":"r-1"}`
+	metaCrypto  = `"requestMetadata":{"awsPrincipalArn":"arn:aws:iam::123456789012:user/Alice","kmsKeyArn":"arn:aws:kms:us-east-1:123456789012:key/k","kmsOperation":"Encrypt","kmsRequestId":"r-1"}`
+	b64IV12     = "AAECAwQFBgcICQoL"
+	b64Tag16    = "AAECAwQFBgcICQoLDA0ODw=="
+	b64Hello    = "SGVsbG8gV29ybGQh"
+	gcm         = `"encryptionAlgorithm":"AES_GCM"`
+	decryptBase = `"ciphertext":"` + b64Hello + `","initializationVector":"` + b64IV12 + `","authenticationTag":"` + b64Tag16 + `"`
+)
+
+func b64(n int) string { return base64.StdEncoding.EncodeToString(make([]byte, n)) }
+
+func TestDecodeRequestRejects(t *testing.T) {
+	tests := []struct {
+		name     string
+		op       operation
+		body     string
+		wantName string
+	}{
+		{"empty body", opHealth, ``, ValidationException},
+		{"not JSON", opHealth, `hello`, ValidationException},
+		{"JSON array", opHealth, `[]`, ValidationException},
+		{"data after the object", opHealth, `{` + metaHealth + `}{}`, ValidationException},
+		{"health: no requestMetadata", opHealth, `{}`, ValidationException},
+		{"health: empty requestMetadata", opHealth, `{"requestMetadata":{}}`, ValidationException},
+		{"health: null requestMetadata", opHealth, `{"requestMetadata":null}`, ValidationException},
+		{"health: requestMetadata not an object", opHealth, `{"requestMetadata":"x"}`, ValidationException},
+		{"health: no kmsOperation", opHealth, `{"requestMetadata":{"kmsRequestId":"r"}}`, ValidationException},
+		{"health: kmsRequestId not a string", opHealth, `{"requestMetadata":{"kmsRequestId":1,"kmsOperation":"x"}}`, ValidationException},
+		{"metadata: no awsPrincipalArn", opMetadata, `{` + metaHealth + `}`, ValidationException},
+		{"encrypt: no kmsKeyArn", opEncrypt, `{` + metaKey + `,"plaintext":"` + b64Hello + `",` + gcm + `}`, ValidationException},
+		{"encrypt: no plaintext", opEncrypt, `{` + metaCrypto + `,` + gcm + `}`, ValidationException},
+		{"encrypt: plaintext not Base64", opEncrypt, `{` + metaCrypto + `,"plaintext":"%%%",` + gcm + `}`, ValidationException},
+		{"encrypt: plaintext URL-safe Base64", opEncrypt, `{` + metaCrypto + `,"plaintext":"-_-_",` + gcm + `}`, ValidationException},
+		{"encrypt: plaintext without padding", opEncrypt, `{` + metaCrypto + `,"plaintext":"SGk",` + gcm + `}`, ValidationException},
+		{"encrypt: plaintext with non-zero padding bits", opEncrypt, `{` + metaCrypto + `,"plaintext":"SGl=",` + gcm + `}`, ValidationException},
+		{"encrypt: plaintext with a line break", opEncrypt, `{` + metaCrypto + `,"plaintext":"SGVs\nbG8gV29ybGQh",` + gcm + `}`, ValidationException},
+		{"encrypt: plaintext a number", opEncrypt, `{` + metaCrypto + `,"plaintext":5,` + gcm + `}`, ValidationException},
+		{"encrypt: no encryptionAlgorithm", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `"}`, ValidationException},
+		{"encrypt: encryptionAlgorithm AES_CBC", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `","encryptionAlgorithm":"AES_CBC"}`, ValidationException},
+		{"encrypt: CDIV algorithm SHA_512", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"ciphertextDataIntegrityValueAlgorithm":"SHA_512"}`, ValidationException},
+		{"encrypt: AAD not Base64", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"additionalAuthenticatedData":"***"}`, ValidationException},
+		{"encrypt: AAD over 65535 bytes", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"additionalAuthenticatedData":"` + b64(65536) + `"}`, UnsupportedOperationException},
+		{"decrypt: no ciphertext", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"initializationVector":"` + b64IV12 + `","authenticationTag":"` + b64Tag16 + `"}`, ValidationException},
+		{"decrypt: no IV", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","authenticationTag":"` + b64Tag16 + `"}`, ValidationException},
+		{"decrypt: no tag", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64IV12 + `"}`, ValidationException},
+		{"decrypt: 11-byte IV", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64(11) + `","authenticationTag":"` + b64Tag16 + `"}`, ValidationException},
+		{"decrypt: 13-byte IV", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64(13) + `","authenticationTag":"` + b64Tag16 + `"}`, ValidationException},
+		{"decrypt: 15-byte tag", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64IV12 + `","authenticationTag":"` + b64(15) + `"}`, ValidationException},
+		{"decrypt: 21-byte ciphertextMetadata", opDecrypt, `{` + metaCrypto + `,` + gcm + `,` + decryptBase + `,"ciphertextMetadata":"` + b64(21) + `"}`, ValidationException},
+		{"decrypt: no encryptionAlgorithm", opDecrypt, `{` + metaCrypto + `,` + decryptBase + `}`, ValidationException},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req, xerr := decodeRequest(tt.op, []byte(tt.body))
+			if xerr == nil {
+				t.Fatalf("accepted: %+v", req)
+			}
+			if xerr.name != tt.wantName {
+				t.Errorf("error %s (%s), want %s", xerr.name, xerr.message, tt.wantName)
+			}
+		})
+	}
+}
+
+func TestDecodeRequestAccepts(t *testing.T) {
+	tests := []struct {
+		name  string
+		op    operation
+		body  string
+		check func(t *testing.T, r *xksRequest)
+	}{
+		{"health with the spec's example", opHealth, `{` + metaHealth + `}`, nil},
+		{"unknown fields are ignored", opHealth, `{` + metaHealth + `,"somethingNew":{"a":[1,2]}}`, nil},
+		{"unknown kmsOperation is accepted", opMetadata, `{"requestMetadata":{"awsPrincipalArn":"AWS Internal","kmsOperation":"BulkSomething","kmsRequestId":"r"}}`, nil},
+		{"metadata with fields of older spec versions", opMetadata, `{"requestMetadata":{"awsPrincipalArn":"a","kmsKeyArn":"k","kmsViaService":"ebs","kmsOperation":"DescribeKey","kmsRequestId":"r"}}`, nil},
+		{"encrypt 4300-byte plaintext and 8192-byte AAD", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64(4300) + `",` + gcm + `,"additionalAuthenticatedData":"` + b64(8192) + `"}`,
+			func(t *testing.T, r *xksRequest) {
+				if len(r.plaintext) != 4300 || len(r.aad) != 8192 {
+					t.Errorf("plaintext %d bytes, AAD %d bytes", len(r.plaintext), len(r.aad))
+				}
+			}},
+		{"encrypt with CDIV", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"ciphertextDataIntegrityValueAlgorithm":"SHA_256"}`,
+			func(t *testing.T, r *xksRequest) {
+				if !r.wantCDIV {
+					t.Error("CDIV not requested")
+				}
+			}},
+		{"encrypt with empty AAD", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"additionalAuthenticatedData":""}`, nil},
+		{"decrypt with 16-byte IV and 20-byte metadata", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64(4300) + `","initializationVector":"` + b64(16) + `","authenticationTag":"` + b64Tag16 + `","ciphertextMetadata":"` + b64(20) + `"}`,
+			func(t *testing.T, r *xksRequest) {
+				if len(r.iv) != 16 || len(r.metadata) != 20 || len(r.ciphertext) != 4300 {
+					t.Errorf("iv %d, metadata %d, ciphertext %d bytes", len(r.iv), len(r.metadata), len(r.ciphertext))
+				}
+			}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req, xerr := decodeRequest(tt.op, []byte(tt.body))
+			if xerr != nil {
+				t.Fatalf("rejected: %v", xerr)
+			}
+			if tt.check != nil {
+				tt.check(t, req)
+			}
+		})
+	}
+}
+
+func TestRoute(t *testing.T) {
+	h := &Handler{stores: map[string]*KeyStore{
+		"/kms/xks/v1":          {URIPath: "/kms/xks/v1"},
+		"/demo/kms/xks/v1":     {URIPath: "/demo/kms/xks/v1"},
+		"/a/b-c_d/kms/xks/v1":  {URIPath: "/a/b-c_d/kms/xks/v1"},
+		"/nested/kms/xks/v1/x": {URIPath: "unreachable"},
+	}}
+	tests := []struct {
+		path      string
+		wantStore string
+		wantOp    operation
+		wantKey   string
+	}{
+		{"/demo/kms/xks/v1/health", "/demo/kms/xks/v1", opHealth, ""},
+		{"/kms/xks/v1/health", "/kms/xks/v1", opHealth, ""},
+		{"/a/b-c_d/kms/xks/v1/keys/k.1-_A/encrypt", "/a/b-c_d/kms/xks/v1", opEncrypt, "k.1-_A"},
+		{"/demo/kms/xks/v1/keys/k/decrypt", "/demo/kms/xks/v1", opDecrypt, "k"},
+		{"/demo/kms/xks/v1/keys/k/metadata", "/demo/kms/xks/v1", opMetadata, "k"},
+		{"/demo/kms/xks/v1/keys/kms/xks/v1/encrypt", "", 0, ""},
+		{"/other/kms/xks/v1/health", "", 0, ""},
+		{"/demo/kms/xks/v1/health/", "", 0, ""},
+		{"/demo/kms/xks/v1/Health", "", 0, ""},
+		{"/demo/kms/xks/v2/health", "", 0, ""},
+		{"/demo//kms/xks/v1/health", "", 0, ""},
+		{"//kms/xks/v1/health", "", 0, ""},
+		{"/demo/kms/xks/v1/keys//encrypt", "", 0, ""},
+		{"/demo/kms/xks/v1/keys/k/sign", "", 0, ""},
+		{"/demo/kms/xks/v1/keys/k/encrypt/x", "", 0, ""},
+		{"/demo/kms/xks/v1/keys/k%2Fx/encrypt", "", 0, ""},
+		{"/demo/kms/xks/v1/keys/../encrypt", "", 0, ""},
+		{"/demo/kms/xks/v1/keys/" + strings.Repeat("k", 129) + "/encrypt", "", 0, ""},
+		{"/demo/kms/xks/v1/keys/" + strings.Repeat("k", 128) + "/encrypt", "/demo/kms/xks/v1", opEncrypt, strings.Repeat("k", 128)},
+		{"/", "", 0, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.path, func(t *testing.T) {
+			ks, op, key, ok := h.route(tt.path)
+			if tt.wantStore == "" {
+				if ok {
+					t.Fatalf("routed to %s %v %q", ks.URIPath, op, key)
+				}
+				return
+			}
+			if !ok || ks.URIPath != tt.wantStore || op != tt.wantOp || key != tt.wantKey {
+				t.Fatalf("got ok=%v op=%v key=%q", ok, op, key)
+			}
+		})
+	}
+}
+
+func TestErrorBodiesAreSpecShaped(t *testing.T) {
+	for name, status := range statusOf {
+		x := &xksError{name: name, message: strings.Repeat("\x00é", 400)}
+		if x.httpStatus() != status {
+			t.Errorf("%s: status %d", name, x.httpStatus())
+		}
+		msg := wireMessage(x.message)
+		if len(msg) >= 512 {
+			t.Errorf("%s: message of %d characters", name, len(msg))
+		}
+		for _, c := range []byte(msg) {
+			if c < 0x20 || c > 0x7e {
+				t.Fatalf("%s: non-printable byte %#x in message", name, c)
+			}
+		}
+		out, _ := json.Marshal(errorBody{ErrorName: name, ErrorMessage: msg})
+		if strings.Contains(string(out), "\n") {
+			t.Errorf("%s: multi-line body", name)
+		}
+	}
+}
