@@ -1,0 +1,212 @@
+package hsm
+
+import (
+	"crypto/rand"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddyserver/caddy/v2"
+	"github.com/miekg/pkcs11"
+	"go.uber.org/zap"
+)
+
+// The benchmarks compare the Backend with a bare miekg/pkcs11 loop (one
+// session per goroutine, cached key handle, fresh GCM parameters per call)
+// on the same token and key, for 1 to 16 goroutines. Goroutines are started
+// by hand: b.RunParallel starts a multiple of GOMAXPROCS, which cannot
+// express one goroutine on a multi-core machine.
+
+var benchGoroutines = []int{1, 2, 4, 8, 16}
+
+type benchEnv struct {
+	b   *Backend
+	ctx *pkcs11.Ctx
+	tk  hsmtest.Token
+	key pkcs11.ObjectHandle
+}
+
+var benchOnce struct {
+	sync.Once
+	env *benchEnv
+}
+
+func setupBench(b *testing.B) *benchEnv {
+	benchOnce.Do(func() {
+		tk := hsmtest.NewToken(b)
+		tk.CreateKey(b, "bench")
+		cfg := configFor(tk)
+		cfg.SessionWait = caddy.Duration(time.Second)
+		cfg.CallTimeout = caddy.Duration(time.Second)
+		be, err := Open("bench", cfg, zap.NewNop())
+		if err != nil {
+			b.Fatal(err)
+		}
+		p := pkcs11.New(tk.Module)
+		if err := p.Initialize(); err != nil && !isCKR(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+			b.Fatal(err)
+		}
+		env := &benchEnv{b: be, ctx: p, tk: tk}
+		sh := env.session(b)
+		if err := p.FindObjectsInit(sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, "bench")}); err != nil {
+			b.Fatal(err)
+		}
+		hs, _, err := p.FindObjects(sh, 1)
+		_ = p.FindObjectsFinal(sh)
+		if err != nil || len(hs) != 1 {
+			b.Fatalf("finding the bench key: %v", err)
+		}
+		env.key = hs[0]
+		_ = p.CloseSession(sh)
+		benchOnce.env = env
+	})
+	if benchOnce.env == nil {
+		b.Skip("no bench token")
+	}
+	return benchOnce.env
+}
+
+func (e *benchEnv) session(b *testing.B) pkcs11.SessionHandle {
+	slots, err := e.ctx.GetSlotList(true)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, s := range slots {
+		if ti, err := e.ctx.GetTokenInfo(s); err == nil && strings.TrimSpace(ti.Label) == e.tk.Label {
+			sh, err := e.ctx.OpenSession(s, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+			if err != nil {
+				b.Fatal(err)
+			}
+			// The backend's anchor session keeps the token logged in.
+			return sh
+		}
+	}
+	b.Fatal("bench token not found")
+	return 0
+}
+
+// parallel runs b.N calls of op over g goroutines; setup runs once per
+// goroutine before the timer starts.
+func parallel(b *testing.B, g int, setup func() (op func() error, done func())) {
+	var next atomic.Int64
+	ops := make([]func() error, g)
+	dones := make([]func(), g)
+	for i := range ops {
+		ops[i], dones[i] = setup()
+	}
+	defer func() {
+		for _, d := range dones {
+			if d != nil {
+				d()
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	var failed atomic.Value
+	b.ResetTimer()
+	for i := 0; i < g; i++ {
+		wg.Add(1)
+		go func(op func() error) {
+			defer wg.Done()
+			for next.Add(1) <= int64(b.N) {
+				if err := op(); err != nil {
+					failed.Store(err)
+					return
+				}
+			}
+		}(ops[i])
+	}
+	wg.Wait()
+	b.StopTimer()
+	if err := failed.Load(); err != nil {
+		b.Fatal(err)
+	}
+}
+
+func bareEncrypt(p *pkcs11.Ctx, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, pt, aad []byte) ([]byte, []byte, error) {
+	iv := make([]byte, 12)
+	_, _ = rand.Read(iv)
+	params := pkcs11.NewGCMParams(iv, aad, 128)
+	defer params.Free()
+	if err := p.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, key); err != nil {
+		return nil, nil, err
+	}
+	out, err := p.Encrypt(sh, pt)
+	return iv, out, err
+}
+
+func bareDecrypt(p *pkcs11.Ctx, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle, iv, in, aad []byte) error {
+	params := pkcs11.NewGCMParams(iv, aad, 128)
+	defer params.Free()
+	if err := p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, key); err != nil {
+		return err
+	}
+	_, err := p.Decrypt(sh, in)
+	return err
+}
+
+// benchAAD has the XKS full-AAD shape: 2-byte length, sha256, 1-byte length.
+var benchAAD = make([]byte, 35)
+
+func BenchmarkEncrypt(b *testing.B) {
+	env := setupBench(b)
+	for _, size := range []int{32, 4096} {
+		pt := make([]byte, size)
+		for _, g := range benchGoroutines {
+			b.Run(fmt.Sprintf("bare/%dB/g%d", size, g), func(b *testing.B) {
+				b.SetBytes(int64(size))
+				parallel(b, g, func() (func() error, func()) {
+					sh := env.session(b)
+					return func() error {
+						_, _, err := bareEncrypt(env.ctx, sh, env.key, pt, benchAAD)
+						return err
+					}, func() { _ = env.ctx.CloseSession(sh) }
+				})
+			})
+			b.Run(fmt.Sprintf("backend/%dB/g%d", size, g), func(b *testing.B) {
+				b.SetBytes(int64(size))
+				parallel(b, g, func() (func() error, func()) {
+					return func() error {
+						_, err := env.b.Encrypt(bg, "bench", pt, benchAAD)
+						return err
+					}, nil
+				})
+			})
+		}
+	}
+}
+
+func BenchmarkDecrypt(b *testing.B) {
+	env := setupBench(b)
+	for _, size := range []int{32, 4096} {
+		res, err := env.b.Encrypt(bg, "bench", make([]byte, size), benchAAD)
+		if err != nil {
+			b.Fatal(err)
+		}
+		in := append(append([]byte{}, res.Ciphertext...), res.Tag...)
+		for _, g := range benchGoroutines {
+			b.Run(fmt.Sprintf("bare/%dB/g%d", size, g), func(b *testing.B) {
+				b.SetBytes(int64(size))
+				parallel(b, g, func() (func() error, func()) {
+					sh := env.session(b)
+					return func() error {
+						return bareDecrypt(env.ctx, sh, env.key, res.IV, in, benchAAD)
+					}, func() { _ = env.ctx.CloseSession(sh) }
+				})
+			})
+			b.Run(fmt.Sprintf("backend/%dB/g%d", size, g), func(b *testing.B) {
+				b.SetBytes(int64(size))
+				parallel(b, g, func() (func() error, func()) {
+					return func() error {
+						_, err := env.b.Decrypt(bg, "bench", res.IV, res.Ciphertext, res.Tag, benchAAD)
+						return err
+					}, nil
+				})
+			})
+		}
+	}
+}

@@ -1,0 +1,71 @@
+// Package hsm does the AES-256-GCM work of the XKS proxy in an HSM over
+// PKCS#11, and provides the "hsm" Caddy app that owns named backends.
+//
+// A Backend is opened from a Config (module path, token, PIN, IV mode, pool
+// limits) by Open or by the app, and offers Encrypt, Decrypt, Metadata,
+// GenerateKey, ListKeys, Health and Stats. Every error it returns is an
+// *Error whose Kind (ErrKeyNotFound, ErrBusy, ErrTimeout, ...) says what the
+// caller should answer; the CKR name is kept for logs.
+//
+// The rules below each come from a failure seen on a real token.
+//
+// Libraries. C_Initialize runs once per module path per process
+// (CKR_CRYPTOKI_ALREADY_INITIALIZED counts as success) and C_Finalize only at
+// process exit: every pkcs11.New of one path shares the module's state, so a
+// finalize, or a C_Logout, would break every other config using it. A
+// re-initialization after a device error is the one exception; it runs under
+// the library's lifecycle write lock, which every PKCS#11 call holds for
+// reading, and bumps a generation counter that invalidates all sessions and
+// cached handles of the library.
+//
+// Tokens. A token is shared by all backends naming the same module and token
+// identity, across config reloads, through a caddy.UsagePool: Caddy
+// provisions the new config before it cleans up the old one, so the token's
+// reference count never drops to zero on a reload. The token keeps a
+// logged-in anchor session open for its whole life, because closing an
+// application's last session logs it out and invalidates private keys'
+// handles. A backend counts its operations in flight; Close refuses new ones
+// and waits (boundedly) for those running before it releases the token.
+//
+// Sessions. Each operation takes a session of its own from a bounded pool:
+// SoftHSM2 crashes the whole process when two threads share one. Waiting
+// for a session is bounded (ErrBusy, for XKS ThrottlingException). A PKCS#11
+// call cannot be cancelled, so an operation runs on a worker goroutine and
+// the caller stops waiting at the deadline (ErrTimeout, for
+// DependencyTimeoutException); the abandoned session is closed when the call
+// returns, never reused. The worker keeps its pool slot until then, so the
+// pool size also caps the threads stuck in the HSM. After any error in the
+// middle of an operation the session is closed, since not every vendor ends
+// the operation. Session-class errors (SESSION_HANDLE_INVALID,
+// OPERATION_ACTIVE, GENERAL_ERROR, ...) are retried once on a new session,
+// after dropping cached key handles or logging in again where the error
+// says so. Module-class errors (DEVICE_ERROR, DEVICE_REMOVED,
+// TOKEN_NOT_PRESENT, CRYPTOKI_NOT_INITIALIZED, ...) drain the pool and start
+// a re-initialization with exponential backoff, at most one per interval;
+// meanwhile every call fails fast with ErrUnavailable. PIN errors are never
+// retried: real HSMs lock the PIN after a few tries.
+//
+// Keys. A key is the one CKO_SECRET_KEY token object whose CKA_LABEL is the
+// external key id; two with one label is ErrDuplicateKey, never "first one
+// wins". Handles and metadata are cached per library generation, and Encrypt
+// and Decrypt check from the cache that the key is an enabled AES-256 key
+// permitted to encrypt and decrypt, because an HSM happily runs AES-GCM with
+// an AES-128 key. A missing label is searched again at most once a second.
+// nShield shows only keys loaded at C_Initialize unless
+// CKNFAST_ASSUME_SINGLE_PROCESS=0 is set (through Config.Env); keys created
+// by another process otherwise need a restart.
+//
+// IVs. How a GCM IV is made depends on the vendor: "caller" (random bytes
+// from crypto/rand; SoftHSM2 never generates one and silently encrypts with
+// whatever it is given, zeros included), "hsm" (pass 12 zero bytes, the HSM
+// writes its IV back; nShield, CloudHSM) or "hsm_appended" (Luna in FIPS
+// mode appends a 16-byte IV). A start-up self-test on a throw-away session
+// key proves the mode (two encryptions, different non-zero IVs, both
+// decrypt), and "auto" uses it to detect one. Every IV returned is checked
+// against zeros and against the recent IVs of the token; a repeat is a hard
+// error, never a silent nonce reuse.
+//
+// Tests use real SoftHSM2 tokens from package hsmtest, and a fault-injection
+// shim module (internal/faultshim) for device errors, dead sessions and
+// hangs.
+package hsm
