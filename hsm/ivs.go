@@ -14,8 +14,8 @@ import (
 // constant, zeros, or restarts a counter. Those repeat within seconds, which
 // the window of 131,072 IVs (~73 s at 1,800/s) sees. Random 96-bit IVs from a
 // working generator collide with negligible probability long before the
-// 2^32-messages-per-key limit of GCM. Memory is fixed: ~2.2 MiB for the ring
-// plus ~3 MiB for the set, allocated as IVs arrive.
+// 2^32-messages-per-key limit of GCM. Memory is fixed per token: ~2.2 MiB
+// for the ring, allocated up front, plus ~3 MiB for the set once full.
 const ivWindow = 1 << 17
 
 const ivShards = 16
