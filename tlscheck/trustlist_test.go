@@ -1,0 +1,103 @@
+package tlscheck
+
+import (
+	"crypto/x509"
+	"encoding/pem"
+	"os"
+	"strings"
+	"testing"
+)
+
+// Fingerprints checked against the upstream file by hand.
+const (
+	isrgRootX1SHA256 = "96:BC:EC:06:26:49:76:F3:74:60:77:9A:CF:28:C5:A7:CF:E8:A3:C0:AA:E1:1A:8F:FC:EE:05:C0:BD:DF:08:C6"
+	usertrustRSA     = "E7:93:C9:B0:2F:D8:AA:13:E2:1C:31:22:8A:CC:B0:81:19:64:3B:74:9C:89:89:64:B1:74:6D:46:C3:D4:CB:D2"
+)
+
+func TestKMSTrustedRoots(t *testing.T) {
+	roots := KMSTrustedRoots()
+	if len(roots) != 130 {
+		t.Errorf("%d roots, want the 130 of the November 2022 list", len(roots))
+	}
+	bySubject := make(map[string]string, len(roots))
+	for fp, subject := range roots {
+		bySubject[subject] = fp.String()
+	}
+	for subject, fp := range map[string]string{
+		"CN=ISRG Root X1, O=Internet Security Research Group, C=US":                                             isrgRootX1SHA256,
+		"CN=USERTrust RSA Certification Authority, O=The USERTRUST Network, L=Jersey City, ST=New Jersey, C=US": usertrustRSA,
+	} {
+		if got := bySubject[subject]; got != fp {
+			t.Errorf("%s: fingerprint %q, want %q", subject, got, fp)
+		}
+	}
+	for subject := range bySubject {
+		if strings.Contains(subject, "ISRG Root X2") {
+			t.Errorf("the 2022 list has no ISRG Root X2, but found %q", subject)
+		}
+	}
+}
+
+func TestParseKeytoolListing(t *testing.T) {
+	t.Run("text after the fingerprint is ignored", func(t *testing.T) {
+		roots, err := parseKeytoolListing("Owner: CN=a\n\t SHA256: " + isrgRootX1SHA256 + "      .7\n")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for fp := range roots {
+			if fp.String() != isrgRootX1SHA256 {
+				t.Fatalf("fingerprint %s", fp)
+			}
+		}
+	})
+
+	tests := []struct {
+		name, listing, wantErr string
+	}{
+		{name: "fingerprint before owner", listing: "Alias name: a\n\t SHA256: 00\n", wantErr: "without an Owner"},
+		{name: "short fingerprint", listing: "Owner: CN=a\n\t SHA256: 00:11\n", wantErr: "malformed"},
+		{name: "not hex", listing: "Owner: CN=a\n\t SHA256: " + strings.Repeat("ZZ:", 31) + "ZZ\n", wantErr: "malformed"},
+		{name: "duplicate", listing: "Owner: CN=a\n SHA256: " + isrgRootX1SHA256 + "\nOwner: CN=b\n SHA256: " + isrgRootX1SHA256 + "\n", wantErr: "listed twice"},
+		{name: "no fingerprint", listing: "Owner: CN=a\n\t SHA256:\n", wantErr: "empty SHA-256"},
+		{name: "empty", listing: "", wantErr: "no SHA256"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseKeytoolListing(tt.listing)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("error %v, want it to contain %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+// TestKMSTrustedRootsAgainstSystemBundle fingerprints real root
+// certificates from the Debian CA bundle, when there is one: ISRG Root X1
+// must be found in the list and ISRG Root X2 must not.
+func TestKMSTrustedRootsAgainstSystemBundle(t *testing.T) {
+	bundle, err := os.ReadFile("/etc/ssl/certs/ca-certificates.crt")
+	if err != nil {
+		t.Skip("no Debian CA bundle:", err)
+	}
+	roots := KMSTrustedRoots()
+	found := map[string]bool{}
+	listed := 0
+	for block, rest := pem.Decode(bundle); block != nil; block, rest = pem.Decode(rest) {
+		cert, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			continue
+		}
+		_, ok := roots[FingerprintOf(cert.Raw)]
+		found[cert.Subject.CommonName] = ok
+		if ok {
+			listed++
+		}
+	}
+	if ok, present := found["ISRG Root X1"]; present && !ok {
+		t.Error("ISRG Root X1 from the system bundle is not in the list")
+	}
+	if ok, present := found["ISRG Root X2"]; present && ok {
+		t.Error("ISRG Root X2 from the system bundle is in the list")
+	}
+	t.Logf("%d of the system bundle's %d roots are in KMS's list", listed, len(found))
+}
