@@ -134,7 +134,6 @@ type Backend struct {
 	privateKeys  bool
 
 	inflight  atomic.Int64
-	closed    atomic.Bool
 	closeOnce sync.Once
 	health    healthCache
 }
@@ -188,38 +187,51 @@ func (b *Backend) Name() string { return b.name }
 // IVMode returns the IV mode in use: caller, hsm or hsm_appended.
 func (b *Backend) IVMode() string { return b.ivMode.String() }
 
-// enter registers an operation in flight, unless the backend is closed. An
-// operation adds itself before it checks closed, and Close sets closed
-// before it counts, so Close never misses one.
+// enter registers an operation in flight, unless the token is gone. A
+// closed backend still serves while its token lives: Caddy cleans up an old
+// config while requests it accepted are still running, and those must not
+// fail because a new config replaced it. An operation adds itself before it
+// checks, and Close and Destruct set their flags before they count, so
+// neither ever misses one.
 func (b *Backend) enter() bool {
 	b.inflight.Add(1)
-	if b.closed.Load() {
-		b.inflight.Add(-1)
+	b.tok.ops.Add(1)
+	if b.tok.destroyed.Load() {
+		b.leave()
 		return false
 	}
 	return true
 }
 
-func (b *Backend) leave() { b.inflight.Add(-1) }
+func (b *Backend) leave() {
+	b.tok.ops.Add(-1)
+	b.inflight.Add(-1)
+}
 
-// Close stops new operations, waits (boundedly) for those in flight, and
+// Close waits (boundedly) for the backend's operations in flight and
 // releases the shared token, which is closed when no backend uses it any
 // more. It never logs out or finalizes the library.
 func (b *Backend) Close() error {
 	b.closeOnce.Do(func() {
-		b.closed.Store(true)
-		deadline := time.Now().Add(closeWait)
-		for b.inflight.Load() > 0 {
-			if time.Now().After(deadline) {
-				b.logger.Warn("closing hsm backend with operations still in flight",
-					zap.String("backend", b.name), zap.Int64("in_flight", b.inflight.Load()))
-				break
-			}
-			time.Sleep(time.Millisecond)
+		if !waitZero(&b.inflight, closeWait) {
+			b.logger.Warn("closing hsm backend with operations still in flight",
+				zap.String("backend", b.name), zap.Int64("in_flight", b.inflight.Load()))
 		}
 		_, _ = tokens.Delete(b.key)
 	})
 	return nil
+}
+
+// waitZero waits up to d for n to reach zero and reports whether it did.
+func waitZero(n *atomic.Int64, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for n.Load() > 0 {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return true
 }
 
 // Stats is a snapshot of a backend's session pool, for metrics. Backends

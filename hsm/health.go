@@ -19,7 +19,7 @@ const (
 	// timeout), or the session pool was saturated or had calls stuck in the
 	// HSM, or the library reconnected within the last minute.
 	HealthDegraded = "DEGRADED"
-	// HealthUnavailable: the round trip failed, the backend is closed, the
+	// HealthUnavailable: the round trip failed, the token is closed, the
 	// token refused the PIN, or the library is reconnecting.
 	HealthUnavailable = "UNAVAILABLE"
 )
@@ -49,12 +49,12 @@ type healthCache struct {
 
 // Health reports the token's state. It runs a real encrypt/decrypt round
 // trip on a session key at most once per health TTL and returns the cached
-// result in between; a closed backend or a reconnecting library is reported
+// result in between; a closed token or a reconnecting library is reported
 // at once.
 func (b *Backend) Health(ctx context.Context) Health {
 	h := b.describe()
-	if b.closed.Load() {
-		return unavailable(h, errBackendClosed.Error())
+	if b.tok.destroyed.Load() {
+		return unavailable(h, errTokenClosed.Error())
 	}
 	if pe := b.tok.pinFailed.Load(); pe != nil {
 		return unavailable(h, pe.Error())

@@ -348,9 +348,9 @@ func TestHealth(t *testing.T) {
 	if again := b.Health(bg); !again.CheckedAt.Equal(h.CheckedAt) {
 		t.Fatal("health not cached within its ttl")
 	}
-	_ = b.Close()
+	_ = b.Close() // the token's only backend: the token closes too
 	if h := b.Health(bg); h.Status != HealthUnavailable {
-		t.Fatalf("closed backend health %+v", h)
+		t.Fatalf("closed token health %+v", h)
 	}
 	if _, err := b.Encrypt(bg, "k", nil, nil); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("Encrypt after Close: %v", err)

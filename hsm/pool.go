@@ -127,7 +127,7 @@ type call struct {
 	done  chan error
 }
 
-var errBackendClosed = errors.New("backend closed")
+var errTokenClosed = errors.New("token closed: no configuration uses it")
 
 // run executes body on a pooled session in a worker goroutine, and returns
 // when it finished or the deadline passed, whichever is first. A PKCS#11
@@ -135,7 +135,7 @@ var errBackendClosed = errors.New("backend closed")
 // worker closes the session when the call finally returns.
 func (b *Backend) run(ctx context.Context, op, key string, timeout time.Duration, body func(*callSession) error) error {
 	if !b.enter() {
-		return &Error{Kind: ErrUnavailable, Op: op, Key: key, Err: errBackendClosed}
+		return &Error{Kind: ErrUnavailable, Op: op, Key: key, Err: errTokenClosed}
 	}
 	defer b.leave()
 	t := b.tok

@@ -75,8 +75,12 @@ type token struct {
 	pinFailed atomic.Pointer[Error]
 
 	pool *sessionPool
-	keys keyCache
-	ivs  *ivRegistry
+	// ops counts operations in flight on the token through any backend;
+	// destroyed is set when the last backend released it.
+	ops       atomic.Int64
+	destroyed atomic.Bool
+	keys      keyCache
+	ivs       *ivRegistry
 	// generating serializes GenerateKey so two calls cannot both see a label
 	// as free.
 	generating sync.Mutex
@@ -275,6 +279,10 @@ func (t *token) relogin(st *tokenState) error {
 // another token or config may share the library. Calls abandoned after a
 // timeout close their own sessions when they return.
 func (t *token) Destruct() error {
+	t.destroyed.Store(true)
+	if !waitZero(&t.ops, closeWait) {
+		t.logger.Warn("closing token with operations still in flight", zap.String("token", t.ident.String()))
+	}
 	t.lib.unregister(t)
 	gen, ok := t.lib.acquire()
 	if !ok {
