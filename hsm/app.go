@@ -60,7 +60,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("hsm backend %q: resolving pin: %w", name, err)
 		}
 		c.PIN = pin
-		b, err := Open(name, c, a.logger.With(zap.String("backend", name)))
+		b, err := Open(name, c, a.logger)
 		if err != nil {
 			return err
 		}

@@ -18,8 +18,6 @@ var (
 	// ErrKeyUsage: the key is not an AES-256 key permitted to encrypt and
 	// decrypt, or the HSM refused the mechanism for it.
 	ErrKeyUsage = errors.New("key usage not permitted")
-	// ErrKeyDisabled: the key has both CKA_ENCRYPT and CKA_DECRYPT false.
-	ErrKeyDisabled = errors.New("key disabled")
 	// ErrInvalidCiphertext: authentication of the ciphertext failed (wrong
 	// key, IV, AAD, tag or ciphertext) or the input is malformed.
 	ErrInvalidCiphertext = errors.New("invalid ciphertext")

@@ -209,7 +209,7 @@ var (
 func (cs *callSession) sessionKey(private bool) (pkcs11.ObjectHandle, error) {
 	return cs.ctx.GenerateKey(cs.h,
 		[]*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)},
-		keyTemplate("", private, false))
+		keyTemplate("", private, false, Usage{Encrypt: true, Decrypt: true}))
 }
 
 // verifyMode proves that mode works with key: two encryptions of one

@@ -124,35 +124,37 @@ func TestDecryptRejectsTampering(t *testing.T) {
 func TestKeyChecks(t *testing.T) {
 	tk := hsmtest.NewToken(t)
 	tk.CreateKey(t, "no-decrypt", hsmtest.Usage(pkcs11.CKA_DECRYPT, false))
+	tk.CreateKey(t, "no-encrypt", hsmtest.Usage(pkcs11.CKA_ENCRYPT, false))
+	tk.CreateKey(t, "no-usage", hsmtest.Usage(pkcs11.CKA_ENCRYPT, false), hsmtest.Usage(pkcs11.CKA_DECRYPT, false))
 	tk.CreateKey(t, "aes128", hsmtest.Bytes(16))
 	tk.CreateKey(t, "dup")
 	tk.CreateKey(t, "dup")
-	tk.CreateKey(t, "disabled", hsmtest.Modifiable())
-	tk.SetBool(t, "disabled", pkcs11.CKA_ENCRYPT, false)
-	tk.SetBool(t, "disabled", pkcs11.CKA_DECRYPT, false)
 	tk.CreateKey(t, "generic", hsmtest.GenericSecret(32))
 	b := open(t, "primary", configFor(tk))
 	iv := bytes.Repeat([]byte{1}, 12)
 	tag := make([]byte, 16)
 	for _, tc := range []struct {
-		label string
-		want  error
+		label                string
+		wantEnc, wantDecrypt error // nil: the operation is allowed
 	}{
-		{"no-decrypt", ErrKeyUsage},
-		{"aes128", ErrKeyUsage},
-		{"generic", ErrKeyUsage},
-		{"unknown", ErrKeyNotFound},
-		{"dup", ErrDuplicateKey},
-		{"disabled", ErrKeyDisabled},
+		{"no-decrypt", nil, ErrKeyUsage},
+		{"no-encrypt", ErrKeyUsage, ErrInvalidCiphertext},
+		{"no-usage", ErrKeyUsage, ErrKeyUsage},
+		{"aes128", ErrKeyUsage, ErrKeyUsage},
+		{"generic", ErrKeyUsage, ErrKeyUsage},
+		{"unknown", ErrKeyNotFound, ErrKeyNotFound},
+		{"dup", ErrDuplicateKey, ErrDuplicateKey},
 	} {
 		t.Run(tc.label, func(t *testing.T) {
+			// The decrypt input is garbage: a key allowed to decrypt
+			// answers invalid ciphertext, any other check comes first.
 			_, err := b.Encrypt(bg, tc.label, []byte("x"), nil)
-			if !errors.Is(err, tc.want) {
-				t.Fatalf("Encrypt: got %v, want %v", err, tc.want)
+			if !errors.Is(err, tc.wantEnc) || (tc.wantEnc == nil) != (err == nil) {
+				t.Fatalf("Encrypt: got %v, want %v", err, tc.wantEnc)
 			}
 			_, err = b.Decrypt(bg, tc.label, iv, []byte("x"), tag, nil)
-			if !errors.Is(err, tc.want) {
-				t.Fatalf("Decrypt: got %v, want %v", err, tc.want)
+			if !errors.Is(err, tc.wantDecrypt) {
+				t.Fatalf("Decrypt: got %v, want %v", err, tc.wantDecrypt)
 			}
 			if !strings.Contains(err.Error(), `"`+tc.label+`"`) {
 				t.Fatalf("error %q does not name the key", err)
@@ -168,15 +170,15 @@ func TestMetadata(t *testing.T) {
 	tk.CreateKey(t, "generic", hsmtest.GenericSecret(32))
 	tk.CreateKey(t, "des3", hsmtest.DES3())
 	tk.CreateKey(t, "wrap", hsmtest.Usage(pkcs11.CKA_WRAP, true), hsmtest.Usage(pkcs11.CKA_DERIVE, true))
-	tk.CreateKey(t, "disabled", hsmtest.Modifiable())
+	tk.CreateKey(t, "no-usage", hsmtest.Usage(pkcs11.CKA_ENCRYPT, false), hsmtest.Usage(pkcs11.CKA_DECRYPT, false))
+	tk.CreateKey(t, "narrowed", hsmtest.Modifiable())
 	b := open(t, "primary", configFor(tk))
-	if _, err := b.Encrypt(bg, "disabled", []byte("x"), nil); err != nil {
+	if _, err := b.Encrypt(bg, "narrowed", []byte("x"), nil); err != nil {
 		t.Fatal(err)
 	}
-	// Disabling after the handle was cached is seen by Metadata (which reads
-	// afresh) and from then on by Encrypt.
-	tk.SetBool(t, "disabled", pkcs11.CKA_ENCRYPT, false)
-	tk.SetBool(t, "disabled", pkcs11.CKA_DECRYPT, false)
+	// A usage taken away after the handle was cached is seen by Metadata
+	// (which reads afresh) and from then on by Encrypt.
+	tk.SetBool(t, "narrowed", pkcs11.CKA_ENCRYPT, false)
 	for _, tc := range []struct {
 		label, spec, status, usage string
 	}{
@@ -185,7 +187,8 @@ func TestMetadata(t *testing.T) {
 		{"generic", "GENERIC_SECRET_256", "ENABLED", "ENCRYPT DECRYPT"},
 		{"des3", "DES3", "ENABLED", "ENCRYPT DECRYPT"},
 		{"wrap", "AES_256", "ENABLED", "ENCRYPT DECRYPT WRAP DERIVE"},
-		{"disabled", "AES_256", "DISABLED", ""},
+		{"no-usage", "AES_256", "ENABLED", ""},
+		{"narrowed", "AES_256", "ENABLED", "DECRYPT"},
 	} {
 		t.Run(tc.label, func(t *testing.T) {
 			m, err := b.Metadata(bg, tc.label)
@@ -197,8 +200,8 @@ func TestMetadata(t *testing.T) {
 			}
 		})
 	}
-	if _, err := b.Encrypt(bg, "disabled", []byte("x"), nil); !errors.Is(err, ErrKeyDisabled) {
-		t.Fatalf("Encrypt with disabled key: %v", err)
+	if _, err := b.Encrypt(bg, "narrowed", []byte("x"), nil); !errors.Is(err, ErrKeyUsage) {
+		t.Fatalf("Encrypt with a key no longer allowed to encrypt: %v", err)
 	}
 	if _, err := b.Metadata(bg, "unknown"); !errors.Is(err, ErrKeyNotFound) {
 		t.Fatalf("Metadata(unknown): %v", err)
@@ -230,6 +233,23 @@ func TestGenerateKey(t *testing.T) {
 			t.Errorf("attribute 0x%X = %v, want %v", typ, got, want)
 		}
 	}
+	for _, tc := range []struct {
+		label string
+		usage Usage
+		want  string
+	}{
+		{"encrypt-only", Usage{Encrypt: true}, "ENCRYPT"},
+		{"decrypt-only", Usage{Decrypt: true}, "DECRYPT"},
+		{"no-usage", Usage{}, ""},
+	} {
+		meta, err := b.GenerateKeyWithUsage(bg, tc.label, tc.usage)
+		if err != nil || strings.Join(meta.KeyUsage, " ") != tc.want || meta.KeySpec != "AES_256" {
+			t.Errorf("GenerateKeyWithUsage(%s): %+v, %v", tc.label, meta, err)
+		}
+		if attrBool(tk.Attribute(t, tc.label, pkcs11.CKA_EXTRACTABLE)) || !attrBool(tk.Attribute(t, tc.label, pkcs11.CKA_SENSITIVE)) {
+			t.Errorf("%s: not sensitive or extractable", tc.label)
+		}
+	}
 	if got := string(tk.Attribute(t, "xks-key-1", pkcs11.CKA_ID)); got != "xks-key-1" {
 		t.Errorf("CKA_ID = %q", got)
 	}
@@ -257,7 +277,11 @@ func TestGenerateKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(keys) != 2 || keys[0].Label != "public-key" || keys[1].Label != "xks-key-1" || keys[1].KeySpec != "AES_256" {
+	var labels []string
+	for _, k := range keys {
+		labels = append(labels, k.Label)
+	}
+	if strings.Join(labels, " ") != "decrypt-only encrypt-only no-usage public-key xks-key-1" || keys[4].KeySpec != "AES_256" {
 		t.Fatalf("ListKeys = %+v", keys)
 	}
 }

@@ -6,7 +6,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,9 +18,8 @@ import (
 
 // Key status and spec values, as the XKS API names them.
 const (
-	KeyStatusEnabled  = "ENABLED"
-	KeyStatusDisabled = "DISABLED"
-	KeySpecAES256     = "AES_256"
+	KeyStatusEnabled = "ENABLED"
+	KeySpecAES256    = "AES_256"
 )
 
 // KeyMetadata describes a key in the terms of the XKS GetKeyMetadata call.
@@ -60,9 +61,9 @@ type keyEntry struct {
 	gen    uint64
 	handle pkcs11.ObjectHandle
 	meta   KeyMetadata
-	// usable is nil when the key is an enabled AES-256 key permitted to
-	// encrypt and decrypt; else the error an operation reports.
-	usable *Error
+	// unfitToEncrypt and unfitToDecrypt are nil when the key is an AES-256
+	// key permitted to do that; else the error the operation reports.
+	unfitToEncrypt, unfitToDecrypt *Error
 	// missingUntil is set on an entry recording that the label was not found.
 	missingUntil time.Time
 }
@@ -112,7 +113,8 @@ func (cs *callSession) loadKey(op, label string, h pkcs11.ObjectHandle) (*keyEnt
 	if err != nil {
 		return nil, err
 	}
-	e := &keyEntry{gen: cs.gen, handle: h, meta: meta, usable: usability(op, label, meta)}
+	e := &keyEntry{gen: cs.gen, handle: h, meta: meta,
+		unfitToEncrypt: unfitness(label, meta, "ENCRYPT"), unfitToDecrypt: unfitness(label, meta, "DECRYPT")}
 	cs.t.keys.store(label, e)
 	return e, nil
 }
@@ -196,7 +198,6 @@ func (cs *callSession) readMetadata(h pkcs11.ObjectHandle) (KeyMetadata, error) 
 	}
 	var meta KeyMetadata
 	keyType := ^uint(0)
-	enc, dec := false, false
 	for _, a := range attrs {
 		if a.Type == pkcs11.CKA_KEY_TYPE {
 			keyType = attrUint(a.Value)
@@ -210,8 +211,6 @@ func (cs *callSession) readMetadata(h pkcs11.ObjectHandle) (KeyMetadata, error) 
 				meta.KeyUsage = append(meta.KeyUsage, u.name)
 			}
 		}
-		enc = enc || a.Type == pkcs11.CKA_ENCRYPT
-		dec = dec || a.Type == pkcs11.CKA_DECRYPT
 	}
 	valueLen := -1
 	lattrs, err := cs.ctx.GetAttributeValue(cs.h, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, nil)})
@@ -222,10 +221,10 @@ func (cs *callSession) readMetadata(h pkcs11.ObjectHandle) (KeyMetadata, error) 
 		return KeyMetadata{}, err
 	}
 	meta.KeySpec = keySpec(keyType, valueLen)
+	// PKCS#11 has no "disabled" flag: a key the proxy can find is enabled,
+	// as the spec requires when the key manager cannot disable keys. Key
+	// stores disable keys in the proxy's configuration instead.
 	meta.KeyStatus = KeyStatusEnabled
-	if !enc && !dec {
-		meta.KeyStatus = KeyStatusDisabled
-	}
 	if meta.KeyUsage == nil {
 		meta.KeyUsage = []string{}
 	}
@@ -254,32 +253,29 @@ func keySpec(keyType uint, valueLen int) string {
 	return fmt.Sprintf("CKK_0x%X", keyType)
 }
 
-// usability is the check Encrypt and Decrypt make before touching the HSM,
-// which would happily run AES-GCM with an AES-128 key.
-func usability(op, label string, m KeyMetadata) *Error {
-	if m.KeyStatus == KeyStatusDisabled {
-		return &Error{Kind: ErrKeyDisabled, Op: op, Key: label}
-	}
+// unfitness is the check Encrypt and Decrypt make before touching the HSM,
+// which would happily run AES-GCM with an AES-128 key: the key must be an
+// AES-256 key whose usage includes the operation's (ENCRYPT or DECRYPT).
+func unfitness(label string, m KeyMetadata, usage string) *Error {
 	if m.KeySpec != KeySpecAES256 {
-		return &Error{Kind: ErrKeyUsage, Op: op, Key: label, Err: fmt.Errorf("key spec is %s, not %s", m.KeySpec, KeySpecAES256)}
+		return &Error{Kind: ErrKeyUsage, Key: label, Err: fmt.Errorf("key spec is %s, not %s", m.KeySpec, KeySpecAES256)}
 	}
-	enc, dec := false, false
-	for _, u := range m.KeyUsage {
-		enc = enc || u == "ENCRYPT"
-		dec = dec || u == "DECRYPT"
-	}
-	if !enc || !dec {
-		return &Error{Kind: ErrKeyUsage, Op: op, Key: label, Err: errors.New("key must permit both CKA_ENCRYPT and CKA_DECRYPT")}
+	if !slices.Contains(m.KeyUsage, usage) {
+		return &Error{Kind: ErrKeyUsage, Key: label, Err: fmt.Errorf("key does not permit %s (CKA_%s is false)", strings.ToLower(usage), usage)}
 	}
 	return nil
 }
 
-// check reports e.usable as an error of operation op.
+// check reports whether the key may serve op ("encrypt" or "decrypt").
 func (e *keyEntry) check(op string) error {
-	if e.usable == nil {
+	unfit := e.unfitToDecrypt
+	if op == "encrypt" {
+		unfit = e.unfitToEncrypt
+	}
+	if unfit == nil {
 		return nil
 	}
-	c := *e.usable
+	c := *unfit
 	c.Op = op
 	return &c
 }
@@ -365,10 +361,22 @@ func (b *Backend) ListKeys(ctx context.Context) ([]KeyInfo, error) {
 	return keys, nil
 }
 
+// Usage is what a generated key may do.
+type Usage struct {
+	Encrypt, Decrypt bool
+}
+
 // GenerateKey creates an AES-256 token key labelled label: sensitive, not
 // extractable, not modifiable, permitted to encrypt and decrypt only. The
 // label is also its CKA_ID. It refuses a label already in use.
 func (b *Backend) GenerateKey(ctx context.Context, label string) (KeyMetadata, error) {
+	return b.GenerateKeyWithUsage(ctx, label, Usage{Encrypt: true, Decrypt: true})
+}
+
+// GenerateKeyWithUsage is GenerateKey with a narrower usage: a key that may
+// only encrypt, only decrypt, or neither. Such keys exist to test how a
+// proxy refuses them; production keys come from GenerateKey.
+func (b *Backend) GenerateKeyWithUsage(ctx context.Context, label string, usage Usage) (KeyMetadata, error) {
 	if label == "" {
 		return KeyMetadata{}, &Error{Kind: ErrKeyUsage, Op: "generate key", Err: errors.New("empty label")}
 	}
@@ -387,7 +395,7 @@ func (b *Backend) GenerateKey(ctx context.Context, label string) (KeyMetadata, e
 		}
 		h, err := cs.ctx.GenerateKey(cs.h,
 			[]*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)},
-			keyTemplate(label, b.privateKeys, true))
+			keyTemplate(label, b.privateKeys, true, usage))
 		if err != nil {
 			return err
 		}
@@ -407,7 +415,7 @@ func (b *Backend) GenerateKey(ctx context.Context, label string) (KeyMetadata, e
 // keyTemplate is the template of every key the backend generates: token keys
 // for GenerateKey, session keys (token false, no label) for self-tests and
 // health checks, which leave nothing behind on the token.
-func keyTemplate(label string, private, onToken bool) []*pkcs11.Attribute {
+func keyTemplate(label string, private, onToken bool, usage Usage) []*pkcs11.Attribute {
 	t := []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
@@ -417,8 +425,8 @@ func keyTemplate(label string, private, onToken bool) []*pkcs11.Attribute {
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, usage.Encrypt),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, usage.Decrypt),
 		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
 		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
 		pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),

@@ -142,7 +142,7 @@ func TestAppFromJSON(t *testing.T) {
 	load := func(ttl string) *App {
 		t.Helper()
 		cfg, _ := json.Marshal(map[string]any{
-			"admin": map[string]any{"disabled": true},
+			"admin": map[string]any{"disabled": true, "config": map[string]any{"persist": false}},
 			"apps": map[string]any{"hsm": map[string]any{"backends": map[string]any{
 				"primary": map[string]any{"module": tk.Module, "token": tk.Label, "pin": "{env.HSMTEST_PIN}", "iv": "caller", "health_ttl": ttl},
 			}}},
@@ -186,7 +186,7 @@ func TestAppFromJSON(t *testing.T) {
 	}
 	// A bad PIN placeholder fails provisioning and keeps the running config.
 	bad, _ := json.Marshal(map[string]any{
-		"admin": map[string]any{"disabled": true},
+		"admin": map[string]any{"disabled": true, "config": map[string]any{"persist": false}},
 		"apps": map[string]any{"hsm": map[string]any{"backends": map[string]any{
 			"primary": map[string]any{"module": tk.Module, "token": tk.Label, "pin": "{env.HSMTEST_NO_SUCH_VAR}"},
 		}}},

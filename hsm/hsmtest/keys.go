@@ -165,14 +165,19 @@ func (tk Token) KeyValue(t testing.TB, label string) []byte {
 	return tk.Attribute(t, label, pkcs11.CKA_VALUE)
 }
 
-// SetBool sets a boolean attribute of a Modifiable key, e.g. to disable it.
+// SetBool sets a boolean attribute of a Modifiable key, e.g. CKA_DECRYPT.
 func (tk Token) SetBool(t testing.TB, label string, typ uint, v bool) {
+	t.Helper()
+	tk.setAttribute(t, label, pkcs11.NewAttribute(typ, v))
+}
+
+func (tk Token) setAttribute(t testing.TB, label string, a *pkcs11.Attribute) {
 	t.Helper()
 	p, sh := tk.session(t)
 	defer func() { _ = p.CloseSession(sh) }()
 	for _, h := range find(t, p, sh, label) {
-		if err := p.SetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(typ, v)}); err != nil {
-			t.Fatalf("setting attribute 0x%X of %q: %v", typ, label, err)
+		if err := p.SetAttributeValue(sh, h, []*pkcs11.Attribute{a}); err != nil {
+			t.Fatalf("setting attribute 0x%X of %q: %v", a.Type, label, err)
 		}
 	}
 }
