@@ -171,10 +171,14 @@ func checkRoot(chain []*x509.Certificate, opts CheckOptions) []Problem {
 	})
 	if err != nil {
 		last := chain[len(chain)-1]
+		fix, known := knownRootFix(last.Issuer.String())
+		if !known {
+			fix = fmt.Sprintf("serve the full chain with its intermediates, from a CA whose root KMS trusts; the last certificate served was issued by %q", last.Issuer.CommonName)
+		}
 		return []Problem{{
 			Rule: RuleChain,
 			What: fmt.Sprintf("the served chain (%s) does not lead to a known root: %v", describeChain(chain), err),
-			Fix:  fmt.Sprintf("serve the full chain with its intermediates, from a CA whose root KMS trusts; the last certificate served was issued by %q", last.Issuer.CommonName),
+			Fix:  fix,
 		}}
 	}
 	var untrusted []string
@@ -195,22 +199,30 @@ func checkRoot(chain []*x509.Certificate, opts CheckOptions) []Problem {
 }
 
 // untrustedRootFix says what to change for a chain whose roots are all
-// missing from KMS's list, naming the usual way out for roots a Caddy user
-// is likely to meet.
+// missing from KMS's list.
 func untrustedRootFix(roots []string) string {
 	for _, r := range roots {
-		switch {
-		case strings.Contains(r, "CN=ISRG Root X2"):
-			return "KMS trusts ISRG Root X1 but not ISRG Root X2: use Let's Encrypt's default chain (remove a preferred_chains setting that picks ISRG Root X2, " +
-				`or set preferred_chains { root_common_name "ISRG Root X1" }), or an RSA key (key_type rsa2048)`
-		case strings.Contains(r, "O=ISRG"):
-			return "KMS's list names ISRG Root X1 but not Let's Encrypt's newer roots: " +
-				`select the chain to ISRG Root X1 (preferred_chains { root_common_name "ISRG Root X1" }) or use another CA whose root KMS trusts`
-		case strings.Contains(r, "Caddy Local Authority"):
-			return "this is Caddy's internal CA (tls internal or local_certs); KMS needs a certificate from a public CA on its list, such as Let's Encrypt or ZeroSSL"
+		if fix, ok := knownRootFix(r); ok {
+			return fix
 		}
 	}
 	return "obtain the certificate from a CA whose chain ends in a root on KMS's list (TrustedCertificateAuthorities in the XKS proxy API specification)"
+}
+
+// knownRootFix names the usual way out for a root, given its subject, that
+// a Caddy user is likely to meet and KMS does not trust.
+func knownRootFix(subject string) (string, bool) {
+	switch {
+	case strings.Contains(subject, "CN=ISRG Root X2"):
+		return "KMS trusts ISRG Root X1 but not ISRG Root X2: use Let's Encrypt's default chain (remove a preferred_chains setting that picks ISRG Root X2, " +
+			`or set preferred_chains { root_common_name "ISRG Root X1" }), or an RSA key (key_type rsa2048)`, true
+	case strings.Contains(subject, "O=ISRG"):
+		return "KMS's list names ISRG Root X1 but not Let's Encrypt's newer roots: " +
+			`select the chain to ISRG Root X1 (preferred_chains { root_common_name "ISRG Root X1" }) or use another CA whose root KMS trusts`, true
+	case strings.Contains(subject, "Caddy Local Authority"):
+		return "this is Caddy's internal CA (tls internal or local_certs); KMS needs a certificate from a public CA on its list, such as Let's Encrypt or ZeroSSL", true
+	}
+	return "", false
 }
 
 // isSelfSigned reports whether c is signed by its own key, as roots are

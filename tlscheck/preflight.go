@@ -1,0 +1,210 @@
+package tlscheck
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
+	"go.uber.org/zap"
+)
+
+// Report is the outcome of checking one certificate chain served for one
+// of the proxy's hostnames.
+type Report struct {
+	// Hostname is the proxy hostname the chain was checked for.
+	Hostname string
+	// Chain is the chain as served, leaf first.
+	Chain []*x509.Certificate
+	// NotAfter is when the leaf certificate expires.
+	NotAfter time.Time
+	// Problems are the reasons AWS KMS would refuse the chain; none if it
+	// would accept it.
+	Problems []Problem
+}
+
+// Preflight checks, with CheckChain, each certificate chain that Caddy
+// serves for hostnames: those loaded when the configuration starts, and
+// each one obtained or renewed while it runs. Every problem is logged to
+// logger as a warning that says what to change; a chain without problems
+// gets one info line. Each distinct chain is checked once per hostname and
+// configuration.
+//
+// Call it from a module's Provision with that module's context: it
+// subscribes to Caddy's events (the configuration's "started", and the TLS
+// app's "cached_managed_cert", "cached_unmanaged_cert" and "cert_obtained"),
+// which must happen before the configuration starts, and needs nothing in
+// the user's configuration. The subscriptions end with the configuration.
+//
+// onReport, if not nil, is called with the outcome of every check, for
+// example to export the leaf's expiry as a metric. It is called from Caddy's
+// certificate management goroutines and must not block.
+func Preflight(ctx caddy.Context, hostnames []string, logger *zap.Logger, onReport func(Report)) error {
+	if len(hostnames) == 0 {
+		return errors.New("tlscheck: preflight needs at least one hostname")
+	}
+	appIface, err := ctx.App("events")
+	if err != nil {
+		return fmt.Errorf("tlscheck: getting the events app: %w", err)
+	}
+	events := appIface.(*caddyevents.App)
+	p := newPreflight(hostnames, logger, onReport)
+	p.storage = ctx.Storage()
+	for _, name := range preflightEvents {
+		if err := events.On(name, p); err != nil {
+			return fmt.Errorf("tlscheck: subscribing to %s events: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// preflightEvents are the events after which the served chains may have
+// changed. certmagic emits cert_obtained before it swaps a renewed
+// certificate into its cache, so that one is read from storage.
+var preflightEvents = []string{"started", "cached_managed_cert", "cached_unmanaged_cert", "cert_obtained"}
+
+// preflight is the events handler behind Preflight.
+type preflight struct {
+	hostnames []string
+	logger    *zap.Logger
+	onReport  func(Report)
+	opts      CheckOptions
+
+	// cached returns the chains in Caddy's certificate cache for a name.
+	cached func(hostname string) [][]*x509.Certificate
+	// storage is where certmagic keeps obtained certificates.
+	storage interface {
+		Load(ctx context.Context, key string) ([]byte, error)
+	}
+
+	mu   sync.Mutex
+	seen map[string]bool // hostname + leaf fingerprint
+}
+
+func newPreflight(hostnames []string, logger *zap.Logger, onReport func(Report)) *preflight {
+	p := &preflight{logger: logger, onReport: onReport, cached: cachedChains, seen: make(map[string]bool)}
+	for _, h := range hostnames {
+		p.hostnames = append(p.hostnames, strings.TrimSuffix(strings.ToLower(h), "."))
+	}
+	return p
+}
+
+// Handle checks the chains an event may have changed. It never returns an
+// error: a warning must not abort certificate management.
+func (p *preflight) Handle(ctx context.Context, e caddy.Event) error {
+	if e.Name() != "cert_obtained" {
+		p.checkCached()
+		return nil
+	}
+	path, _ := e.Data["certificate_path"].(string)
+	if path == "" || p.storage == nil {
+		return nil
+	}
+	pemBytes, err := p.storage.Load(ctx, path)
+	if err != nil {
+		p.logger.Debug("reading an obtained certificate to check it for AWS KMS", zap.String("path", path), zap.Error(err))
+		return nil
+	}
+	chain, err := parsePEMChain(pemBytes)
+	if err != nil {
+		p.logger.Warn("cannot check an obtained certificate for AWS KMS", zap.String("path", path), zap.Error(err))
+		return nil
+	}
+	for _, host := range p.hostnames {
+		// The event is for any certificate Caddy manages; check only
+		// those meant for the proxy.
+		if chain[0].VerifyHostname(host) == nil || commonNameMatches(chain[0].Subject.CommonName, host) {
+			p.check(host, chain)
+		}
+	}
+	return nil
+}
+
+func (p *preflight) checkCached() {
+	for _, host := range p.hostnames {
+		for _, chain := range p.cached(host) {
+			p.check(host, chain)
+		}
+	}
+}
+
+// check runs CheckChain on a chain not checked before for host, logs the
+// outcome and reports it.
+func (p *preflight) check(host string, chain []*x509.Certificate) {
+	leaf := chain[0]
+	key := host + " " + FingerprintOf(leaf.Raw).String()
+	p.mu.Lock()
+	seen := p.seen[key]
+	p.seen[key] = true
+	p.mu.Unlock()
+	if seen {
+		return
+	}
+	problems := CheckChain(host, chain, p.opts)
+	fields := []zap.Field{
+		zap.String("hostname", host),
+		zap.String("subject", leaf.Subject.String()),
+		zap.String("issuer", leaf.Issuer.String()),
+		zap.Time("not_after", leaf.NotAfter),
+	}
+	if len(problems) == 0 {
+		p.logger.Info("server certificate chain meets AWS KMS's requirements for an XKS proxy", fields...)
+	}
+	for _, pr := range problems {
+		p.logger.Warn("AWS KMS would refuse this server certificate: "+pr.What,
+			append(fields, zap.String("rule", string(pr.Rule)), zap.String("fix", pr.Fix))...)
+	}
+	if p.onReport != nil {
+		p.onReport(Report{Hostname: host, Chain: chain, NotAfter: leaf.NotAfter, Problems: problems})
+	}
+}
+
+// cachedChains returns the chains in Caddy's certificate cache that could be
+// served for hostname.
+func cachedChains(hostname string) [][]*x509.Certificate {
+	var chains [][]*x509.Certificate
+	for _, cert := range caddytls.AllMatchingCertificates(hostname) {
+		chain := make([]*x509.Certificate, 0, len(cert.Certificate.Certificate))
+		for _, der := range cert.Certificate.Certificate {
+			c, err := x509.ParseCertificate(der)
+			if err != nil {
+				chain = nil
+				break
+			}
+			chain = append(chain, c)
+		}
+		if len(chain) > 0 {
+			chains = append(chains, chain)
+		}
+	}
+	return chains
+}
+
+// parsePEMChain parses the certificates of a PEM bundle, in order.
+func parsePEMChain(pemBytes []byte) ([]*x509.Certificate, error) {
+	var chain []*x509.Certificate
+	for block, rest := pem.Decode(pemBytes); block != nil; block, rest = pem.Decode(rest) {
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("parsing certificate %d: %w", len(chain)+1, err)
+		}
+		chain = append(chain, c)
+	}
+	if len(chain) == 0 {
+		return nil, errors.New("no certificate in PEM data")
+	}
+	return chain, nil
+}
+
+// Interface guards
+var _ caddyevents.Handler = (*preflight)(nil)

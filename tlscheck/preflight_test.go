@@ -1,0 +1,172 @@
+package tlscheck
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"io/fs"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+)
+
+// memStorage is the part of certmagic's storage that the preflight reads.
+type memStorage map[string][]byte
+
+func (m memStorage) Load(_ context.Context, key string) ([]byte, error) {
+	if b, ok := m[key]; ok {
+		return b, nil
+	}
+	return nil, fs.ErrNotExist
+}
+
+func pemChain(chain ...*x509.Certificate) []byte {
+	var out []byte
+	for _, c := range chain {
+		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	return out
+}
+
+// preflightFixture is a preflight for proxyHost over a fake certificate
+// cache and storage, checking against testPKI's list.
+type preflightFixture struct {
+	*preflight
+	pki     *testPKI
+	cache   map[string][][]*x509.Certificate
+	store   memStorage
+	logs    *observer.ObservedLogs
+	reports []Report
+}
+
+func newPreflightFixture(t *testing.T) *preflightFixture {
+	core, logs := observer.New(zapcore.DebugLevel)
+	f := &preflightFixture{pki: newTestPKI(t), cache: map[string][][]*x509.Certificate{}, store: memStorage{}, logs: logs}
+	f.preflight = newPreflight([]string{"XKS.example.com."}, zap.New(core), func(r Report) { f.reports = append(f.reports, r) })
+	f.opts = CheckOptions{TrustedRoots: f.pki.trusted, Roots: f.pki.roots}
+	f.cached = func(host string) [][]*x509.Certificate { return f.cache[host] }
+	f.storage = f.store
+	return f
+}
+
+func (f *preflightFixture) emit(t *testing.T, name string, data map[string]any) {
+	t.Helper()
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	e, err := caddy.NewEvent(ctx, name, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Handle(ctx, e); err != nil {
+		t.Fatalf("Handle(%s) = %v; it must never abort an event", name, err)
+	}
+}
+
+func (f *preflightFixture) goodChain(t *testing.T) []*x509.Certificate {
+	return []*x509.Certificate{f.pki.server(t, f.pki.listedIntermediate, leafSpec{cn: proxyHost, dnsNames: []string{proxyHost}}), f.pki.listedIntermediate.cert}
+}
+
+func (f *preflightFixture) x2Chain(t *testing.T) []*x509.Certificate {
+	return []*x509.Certificate{f.pki.server(t, f.pki.unlistedIntermediate, leafSpec{cn: proxyHost, dnsNames: []string{proxyHost}}), f.pki.unlistedIntermediate.cert}
+}
+
+func TestPreflightAtStart(t *testing.T) {
+	f := newPreflightFixture(t)
+	f.cache[proxyHost] = [][]*x509.Certificate{f.x2Chain(t)}
+	f.emit(t, "started", nil)
+
+	warnings := f.logs.FilterLevelExact(zapcore.WarnLevel).All()
+	if len(warnings) != 1 {
+		t.Fatalf("%d warnings, want 1 for the chain to ISRG Root X2: %v", len(warnings), f.logs.All())
+	}
+	w := warnings[0]
+	fields := w.ContextMap()
+	if !strings.Contains(w.Message, "AWS KMS would refuse") || fields["rule"] != string(RuleTrustedRoot) ||
+		!strings.Contains(fields["fix"].(string), "key_type rsa2048") || fields["hostname"] != proxyHost {
+		t.Errorf("warning does not say what and how to fix: %s %v", w.Message, fields)
+	}
+	if len(f.reports) != 1 || len(f.reports[0].Problems) != 1 || f.reports[0].NotAfter.IsZero() {
+		t.Fatalf("reports %+v, want one with the problem and the expiry", f.reports)
+	}
+
+	// The same chain again (another event, or the cache lookup by a
+	// wildcard) is not reported twice.
+	f.emit(t, "cached_managed_cert", map[string]any{"sans": []string{proxyHost}})
+	if n := f.logs.FilterLevelExact(zapcore.WarnLevel).Len(); n != 1 || len(f.reports) != 1 {
+		t.Fatalf("after a second event: %d warnings, %d reports; want the chain checked once", n, len(f.reports))
+	}
+}
+
+func TestPreflightGoodChain(t *testing.T) {
+	f := newPreflightFixture(t)
+	f.cache[proxyHost] = [][]*x509.Certificate{f.goodChain(t)}
+	f.emit(t, "cached_unmanaged_cert", map[string]any{"sans": []string{proxyHost}})
+	if n := f.logs.FilterLevelExact(zapcore.WarnLevel).Len(); n != 0 {
+		t.Fatalf("%d warnings for a good chain: %v", n, f.logs.All())
+	}
+	if n := f.logs.FilterMessageSnippet("meets AWS KMS's requirements").Len(); n != 1 {
+		t.Fatalf("%d info lines, want 1", n)
+	}
+	if len(f.reports) != 1 || f.reports[0].Problems != nil {
+		t.Fatalf("reports %+v, want one without problems", f.reports)
+	}
+}
+
+func TestPreflightAfterRenewal(t *testing.T) {
+	f := newPreflightFixture(t)
+	f.cache[proxyHost] = [][]*x509.Certificate{f.goodChain(t)}
+	f.emit(t, "started", nil)
+
+	// certmagic emits cert_obtained before the renewed certificate is in
+	// its cache: the cache still holds the old one, storage the new.
+	renewed := f.x2Chain(t)
+	f.store["certificates/acme/xks.example.com/xks.example.com.crt"] = pemChain(renewed...)
+	other := f.pki.server(t, f.pki.unlistedIntermediate, leafSpec{cn: "www.example.com", dnsNames: []string{"www.example.com"}})
+	f.store["certificates/acme/www.example.com/www.example.com.crt"] = pemChain(other, f.pki.unlistedIntermediate.cert)
+
+	f.emit(t, "cert_obtained", map[string]any{"renewal": true, "identifier": "www.example.com",
+		"certificate_path": "certificates/acme/www.example.com/www.example.com.crt"})
+	f.emit(t, "cert_obtained", map[string]any{"renewal": true, "identifier": proxyHost,
+		"certificate_path": "certificates/acme/xks.example.com/xks.example.com.crt"})
+	f.emit(t, "cert_obtained", map[string]any{"identifier": proxyHost, "certificate_path": "missing.crt"})
+
+	if len(f.reports) != 2 {
+		t.Fatalf("%d reports, want the one at start and the renewed chain's (not another site's)", len(f.reports))
+	}
+	r := f.reports[1]
+	if !r.Chain[0].Equal(renewed[0]) || !slices.ContainsFunc(r.Problems, func(p Problem) bool { return p.Rule == RuleTrustedRoot }) {
+		t.Fatalf("report after renewal %+v, want the renewed chain with its root problem", r)
+	}
+	if n := f.logs.FilterMessageSnippet("reading an obtained certificate").Len(); n != 1 {
+		t.Errorf("%d debug lines for the unreadable certificate, want 1", n)
+	}
+}
+
+func TestPreflightNeedsHostnames(t *testing.T) {
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	if err := Preflight(ctx, nil, zap.NewNop(), nil); err == nil {
+		t.Fatal("no error without hostnames")
+	}
+}
+
+func TestParsePEMChain(t *testing.T) {
+	p := newTestPKI(t)
+	chain, err := parsePEMChain(append(pemChain(p.listedIntermediate.cert, p.listed.cert), "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"...))
+	if err != nil || len(chain) != 2 || !chain[0].Equal(p.listedIntermediate.cert) {
+		t.Fatalf("chain of %d, %v", len(chain), err)
+	}
+	if _, err := parsePEMChain([]byte("not PEM")); err == nil {
+		t.Fatal("no error for data without certificates")
+	}
+	bad := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("junk")})
+	if _, err := parsePEMChain(bad); err == nil || errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("error %v for a malformed certificate", err)
+	}
+}
