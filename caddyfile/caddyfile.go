@@ -170,6 +170,7 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 //			region              <aws region>
 //			credential          <access key id> <{env.VAR} or {file./path}>
 //			keys                <external key id>...|*
+//			disable             <external key id>...
 //			ciphertext_metadata <base64>
 //			aad_framing         spec|aws_sample
 //			fleet_size          <n>
@@ -179,7 +180,7 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 //
 // The uri path is the key store's XksProxyUriPath, e.g. /demo/kms/xks/v1;
 // the /kms/xks/v1 suffix may be left out. credential may be repeated (to
-// rotate), as may keys.
+// rotate), as may keys and disable.
 func parseXKS(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(xkshandler.Handler)
 	h.Next() // consume the directive name
@@ -240,6 +241,11 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 				return nil, d.ArgErr()
 			}
 			ks.Keys = append(ks.Keys, args...)
+		case "disable":
+			if len(args) == 0 {
+				return nil, d.ArgErr()
+			}
+			ks.DisabledKeys = append(ks.DisabledKeys, args...)
 		case "credential":
 			if len(args) != 2 {
 				return nil, d.Err("credential takes an access key id and a secret placeholder")

@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
-	"github.com/caddy-xks/caddy-xks/hsm/internal/faultshim"
+	"github.com/caddy-xks/caddy-xks/internal/faultshim"
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap/zaptest"
 )

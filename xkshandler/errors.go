@@ -87,8 +87,6 @@ func fromHSM(err error) *xksError {
 		e = newError(KeyNotFoundException, "the external key id matches more than one key in the HSM")
 	case errors.Is(err, hsm.ErrKeyUsage):
 		e = newError(InvalidKeyUsageException, "the external key does not support the requested operation")
-	case errors.Is(err, hsm.ErrKeyDisabled):
-		e = newError(InvalidStateException, "the external key is disabled in the HSM")
 	case errors.Is(err, hsm.ErrInvalidCiphertext):
 		e = newError(InvalidCiphertextException, "the ciphertext, initialization vector, additional authenticated data or authentication tag is corrupted, missing, or otherwise invalid")
 	case errors.Is(err, hsm.ErrBusy):

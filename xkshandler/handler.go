@@ -203,6 +203,10 @@ func (h *Handler) serve(x *exchange, r *http.Request) {
 		x.err = newError(KeyNotFoundException, "the external key is not configured for this key store")
 		return
 	}
+	if (x.op == opEncrypt || x.op == opDecrypt) && x.ks.disabled[x.keyID] {
+		x.err = newError(InvalidStateException, "the external key is disabled in this key store's configuration")
+		return
+	}
 
 	ctx := r.Context()
 	hsmStart := time.Now()

@@ -65,6 +65,13 @@ type KeyStore struct {
 	// token. Required.
 	Keys []string `json:"keys"`
 
+	// DisabledKeys lists external key ids that are disabled: GetKeyMetadata
+	// reports them DISABLED and Encrypt and Decrypt answer
+	// InvalidStateException, without the HSM being asked to use them. It
+	// is how a key is switched off quickly (a config reload), since
+	// PKCS#11 keys have no disabled state. Default: none.
+	DisabledKeys []string `json:"disabled_keys,omitempty"`
+
 	// CiphertextMetadata is returned, Base64-encoded, with every Encrypt
 	// and bound into the AES-GCM AAD, so that the format of a ciphertext
 	// can be recognised and versioned later. At most 20 bytes once decoded.
@@ -89,6 +96,7 @@ type KeyStore struct {
 	verifier *sigv4auth.Verifier
 	backends []*hsm.Backend
 	keys     map[string]bool // nil: every key allowed
+	disabled map[string]bool
 	metadata []byte
 	framing  aadFraming
 }
@@ -133,6 +141,11 @@ func (ks *KeyStore) validate() error {
 		}
 		if !validKeyID(k) {
 			return fmt.Errorf("key store %s: external key id %q must be 1 to 128 characters of a-z, A-Z, 0-9, ., - and _, not . or .. (and \"*\" stands alone)", ks.URIPath, k)
+		}
+	}
+	for _, k := range ks.DisabledKeys {
+		if !validKeyID(k) {
+			return fmt.Errorf("key store %s: disabled key id %q is not a valid external key id", ks.URIPath, k)
 		}
 	}
 	if _, err := parseFraming(ks.AADFraming); err != nil {
@@ -196,6 +209,10 @@ func (ks *KeyStore) provision(app *hsm.App) error {
 		for _, k := range ks.Keys {
 			ks.keys[k] = true
 		}
+	}
+	ks.disabled = make(map[string]bool, len(ks.DisabledKeys))
+	for _, k := range ks.DisabledKeys {
+		ks.disabled[k] = true
 	}
 	if ks.CiphertextMetadata != "" {
 		md, err := base64.StdEncoding.Strict().DecodeString(ks.CiphertextMetadata)
@@ -271,7 +288,11 @@ func (ks *KeyStore) metadataOf(ctx context.Context, keyID string) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	return metadataResponse{KeySpec: md.KeySpec, KeyUsage: md.KeyUsage, KeyStatus: md.KeyStatus}, nil
+	status := md.KeyStatus
+	if ks.disabled[keyID] {
+		status = "DISABLED"
+	}
+	return metadataResponse{KeySpec: md.KeySpec, KeyUsage: md.KeyUsage, KeyStatus: status}, nil
 }
 
 func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {

@@ -1,0 +1,351 @@
+package xkshandler_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base32"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
+	"github.com/caddyserver/caddy/v2/caddytest"
+	"github.com/miekg/pkcs11"
+
+	_ "github.com/caddy-xks/caddy-xks/caddyfile"
+	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+)
+
+// The end-to-end tests run a real Caddy (in this process, through
+// caddytest) with the plugin, on loopback, in front of a real SoftHSM2
+// token, and sign requests with aws-sdk-go-v2's SigV4 signer or curl.
+
+func TestMain(m *testing.M) { os.Exit(hsmtest.Main(m)) }
+
+const (
+	adminAddr = "localhost:2999"
+	httpsPort = "9443"
+	httpPort  = "9080"
+	origin    = "https://localhost:" + httpsPort
+	region    = "us-east-1"
+)
+
+// credential is a SigV4 credential made fresh for a test, so that a secret
+// found in a log can only have come from that test.
+type credential struct{ akid, secret string }
+
+func newCredential(t testing.TB) credential {
+	t.Helper()
+	id, secret := make([]byte, 15), make([]byte, 33)
+	if _, err := rand.Read(id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rand.Read(secret); err != nil {
+		t.Fatal(err)
+	}
+	return credential{base32.StdEncoding.EncodeToString(id), base64.StdEncoding.EncodeToString(secret)}
+}
+
+// fixture is one running proxy and what it was configured with.
+type fixture struct {
+	t       *testing.T
+	tester  *caddytest.Tester
+	token   hsmtest.Token
+	dir     string
+	cert    string
+	key     string
+	ks1     []credential // credentials of /ks1, in config order
+	ks2     credential
+	logFile string
+}
+
+// Keys of the test token.
+const (
+	keyBoth     = "k"         // encrypt and decrypt
+	keyEncOnly  = "k-enc"     // encrypt only
+	keyDecOnly  = "k-dec"     // decrypt only
+	keyNone     = "k-none"    // neither
+	keyAES128   = "k-128"     // the wrong size
+	keyClear    = "k-x"       // extractable, to check the HSM's output against Go's AES-GCM
+	keyMissing  = "k-missing" // allowed by the key store but not on the token
+	keyOtherKS  = "k2"        // only in /ks2
+	keyNotAllow = "k-secret"  // on the token, in no allow-list
+	keyOff      = "k-off"     // disabled in the key store's config
+)
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	if !hsmtest.Available() {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	f := &fixture{t: t, token: hsmtest.NewToken(t), dir: t.TempDir()}
+	f.token.CreateKey(t, keyBoth)
+	f.token.CreateKey(t, keyEncOnly, hsmtest.Usage(pkcs11.CKA_DECRYPT, false))
+	f.token.CreateKey(t, keyDecOnly, hsmtest.Usage(pkcs11.CKA_ENCRYPT, false))
+	f.token.CreateKey(t, keyNone, hsmtest.Usage(pkcs11.CKA_ENCRYPT, false), hsmtest.Usage(pkcs11.CKA_DECRYPT, false))
+	f.token.CreateKey(t, keyAES128, hsmtest.Bytes(16))
+	f.token.CreateKey(t, keyClear, hsmtest.Extractable())
+	f.token.CreateKey(t, keyOtherKS)
+	f.token.CreateKey(t, keyNotAllow)
+	f.token.CreateKey(t, keyOff)
+	f.cert, f.key = writeCert(t, f.dir)
+	f.ks1 = []credential{newCredential(t)}
+	f.ks2 = newCredential(t)
+	f.logFile = filepath.Join(f.dir, "caddy.log")
+	t.Setenv("XKS_TEST_PIN", f.token.PIN)
+	f.tester = caddytest.NewTester(t)
+	f.load(1)
+	return f
+}
+
+// load (re)loads the proxy's config with the fixture's current credentials;
+// fleetSize is reported in health, and changing it makes a reload real.
+func (f *fixture) load(fleetSize int) {
+	f.t.Helper()
+	var creds strings.Builder
+	for i, c := range f.ks1 {
+		env := fmt.Sprintf("XKS_TEST_SECRET_1_%d", i)
+		f.t.Setenv(env, c.secret)
+		fmt.Fprintf(&creds, "\t\t\tcredential %s {env.%s}\n", c.akid, env)
+	}
+	f.t.Setenv("XKS_TEST_SECRET_2", f.ks2.secret)
+	cfg := fmt.Sprintf(`{
+	admin %[1]s
+	http_port %[2]s
+	https_port %[3]s
+	persist_config off
+	skip_install_trust
+	storage file_system %[4]s
+	log {
+		output file %[5]s
+		format json
+		level DEBUG
+	}
+	hsm {
+		pkcs11 main {
+			module %[6]s
+			token %[7]s
+			pin {env.XKS_TEST_PIN}
+			iv caller
+		}
+	}
+}
+
+localhost:%[3]s {
+	tls %[8]s %[9]s
+	xks {
+		key_store /ks1 {
+			hsm main
+			region %[10]s
+%[11]s			keys %[12]s
+			disable %[17]s
+			ciphertext_metadata dGVzdC12MQ==
+			fleet_size %[13]d
+		}
+		key_store /ks2/kms/xks/v1 {
+			hsm main
+			region %[10]s
+			credential %[14]s {env.XKS_TEST_SECRET_2}
+			keys %[15]s
+		}
+		key_store /legacy {
+			hsm main
+			region %[10]s
+			credential %[14]s {env.XKS_TEST_SECRET_2}
+			keys %[16]s
+			aad_framing aws_sample
+		}
+	}
+}
+`, adminAddr, httpPort, httpsPort, filepath.Join(f.dir, "storage"), f.logFile,
+		f.token.Module, f.token.Label, f.cert, f.key, region, creds.String(),
+		strings.Join([]string{keyBoth, keyEncOnly, keyDecOnly, keyNone, keyAES128, keyClear, keyMissing, keyOff}, " "),
+		fleetSize, f.ks2.akid, keyOtherKS, keyClear, keyOff)
+	f.tester.InitServer(cfg, "caddyfile")
+}
+
+// response is an XKS answer: the status and the decoded JSON body.
+type response struct {
+	status int
+	raw    string
+	body   map[string]any
+}
+
+func (r response) str(field string) string {
+	s, _ := r.body[field].(string)
+	return s
+}
+
+func (r response) bytes(t testing.TB, field string) []byte {
+	t.Helper()
+	b, err := base64.StdEncoding.DecodeString(r.str(field))
+	if err != nil {
+		t.Fatalf("field %s of %s: %v", field, r.raw, err)
+	}
+	return b
+}
+
+// call sends a POST signed with aws-sdk-go-v2's SigV4 signer.
+func (f *fixture) call(c credential, path, body string) response {
+	f.t.Helper()
+	return f.send(c, http.MethodPost, path, body, region, time.Now())
+}
+
+func (f *fixture) send(c credential, method, path, body, signRegion string, at time.Time) response {
+	f.t.Helper()
+	req, err := http.NewRequest(method, origin+path, strings.NewReader(body))
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	if err := signRequest(req, c, body, signRegion, at); err != nil {
+		f.t.Fatal(err)
+	}
+	return f.do(req)
+}
+
+// signRequest signs req with aws-sdk-go-v2's SigV4 signer, as KMS would.
+func signRequest(req *http.Request, c credential, body, signRegion string, at time.Time) error {
+	sum := sha256.Sum256([]byte(body))
+	return v4.NewSigner().SignHTTP(context.Background(), aws.Credentials{AccessKeyID: c.akid, SecretAccessKey: c.secret},
+		req, hex.EncodeToString(sum[:]), "kms-xks-proxy", signRegion, at)
+}
+
+func (f *fixture) do(req *http.Request) response {
+	f.t.Helper()
+	resp, err := f.tester.Client.Do(req)
+	if err != nil {
+		f.t.Fatalf("%s %s: %v", req.Method, req.URL.Path, err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	r := response{status: resp.StatusCode, raw: string(raw)}
+	if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+		f.t.Errorf("%s %s: Content-Type %q", req.Method, req.URL.Path, ct)
+	}
+	if strings.Contains(r.raw, "\n") {
+		f.t.Errorf("%s %s: response is not a single line: %q", req.Method, req.URL.Path, r.raw)
+	}
+	if err := json.Unmarshal(raw, &r.body); err != nil {
+		f.t.Fatalf("%s %s: body %q is not a JSON object: %v", req.Method, req.URL.Path, raw, err)
+	}
+	return r
+}
+
+// expectError checks an XKS error answer.
+func expectError(t testing.TB, r response, status int, name string) {
+	t.Helper()
+	if r.status != status || r.str("errorName") != name {
+		t.Errorf("got %d %s, want %d %s", r.status, r.raw, status, name)
+	}
+	if msg := r.str("errorMessage"); len(msg) >= 512 {
+		t.Errorf("errorMessage of %d characters", len(msg))
+	}
+}
+
+// writeCert writes a self-signed certificate for localhost. caddytest
+// rewrites *.crt/*.key paths, so the files are .pem.
+func writeCert(t testing.TB, dir string) (certFile, keyFile string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "localhost"},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return certFile, keyFile
+}
+
+// Request bodies.
+const (
+	healthBody = `{"requestMetadata":{"kmsRequestId":"req-health","kmsOperation":"KmsHealthCheck"}}`
+	metaBody   = `{"requestMetadata":{"awsPrincipalArn":"arn:aws:iam::111122223333:user/Alice","kmsOperation":"CreateKey","kmsRequestId":"req-meta"}}`
+	cryptoMeta = `"requestMetadata":{"awsPrincipalArn":"arn:aws:iam::111122223333:user/Alice","kmsKeyArn":"arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab","kmsOperation":"Encrypt","kmsRequestId":"req-crypto","kmsViaService":"ebs"}`
+)
+
+func encryptBody(plaintext, aad []byte, cdiv bool) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, `{%s,"plaintext":"%s","encryptionAlgorithm":"AES_GCM"`, cryptoMeta, base64.StdEncoding.EncodeToString(plaintext))
+	if aad != nil {
+		fmt.Fprintf(&b, `,"additionalAuthenticatedData":"%s"`, base64.StdEncoding.EncodeToString(aad))
+	}
+	if cdiv {
+		b.WriteString(`,"ciphertextDataIntegrityValueAlgorithm":"SHA_256"`)
+	}
+	b.WriteString("}")
+	return b.String()
+}
+
+// sealed is an Encrypt answer, to be decrypted.
+type sealed struct{ ciphertext, iv, tag, metadata []byte }
+
+func decryptBody(s sealed, aad []byte) string {
+	var b strings.Builder
+	enc := base64.StdEncoding.EncodeToString
+	fmt.Fprintf(&b, `{%s,"ciphertext":"%s","initializationVector":"%s","authenticationTag":"%s","encryptionAlgorithm":"AES_GCM"`,
+		cryptoMeta, enc(s.ciphertext), enc(s.iv), enc(s.tag))
+	if s.metadata != nil {
+		fmt.Fprintf(&b, `,"ciphertextMetadata":"%s"`, enc(s.metadata))
+	}
+	if aad != nil {
+		fmt.Fprintf(&b, `,"additionalAuthenticatedData":"%s"`, enc(aad))
+	}
+	b.WriteString("}")
+	return b.String()
+}
+
+func (f *fixture) encrypt(c credential, ks, key string, plaintext, aad []byte) sealed {
+	f.t.Helper()
+	r := f.call(c, ks+"/kms/xks/v1/keys/"+key+"/encrypt", encryptBody(plaintext, aad, false))
+	if r.status != http.StatusOK {
+		f.t.Fatalf("encrypt: %d %s", r.status, r.raw)
+	}
+	s := sealed{ciphertext: r.bytes(f.t, "ciphertext"), iv: r.bytes(f.t, "initializationVector"), tag: r.bytes(f.t, "authenticationTag")}
+	if r.str("ciphertextMetadata") != "" {
+		s.metadata = r.bytes(f.t, "ciphertextMetadata")
+	}
+	return s
+}
