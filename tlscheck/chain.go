@@ -214,7 +214,7 @@ func untrustedRootFix(roots []string) string {
 func knownRootFix(subject string) (string, bool) {
 	switch {
 	case strings.Contains(subject, "CN=ISRG Root X2"):
-		return "KMS trusts ISRG Root X1 but not ISRG Root X2: use Let's Encrypt's default chain (remove a preferred_chains setting that picks ISRG Root X2, " +
+		return "KMS trusts ISRG Root X1 but not ISRG Root X2: use Let's Encrypt's default chain (remove preferred_chains smallest or a preferred_chains that picks ISRG Root X2, " +
 			`or set preferred_chains { root_common_name "ISRG Root X1" }), or an RSA key (key_type rsa2048)`, true
 	case strings.Contains(subject, "O=ISRG"):
 		return "KMS's list names ISRG Root X1 but not Let's Encrypt's newer roots: " +

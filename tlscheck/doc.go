@@ -1,5 +1,7 @@
 // Package tlscheck holds the TLS rules of the XKS proxy specification that
-// Caddy does not enforce by itself.
+// Caddy does not enforce by itself: the subject name of AWS KMS's client
+// certificate for mutual TLS, and what KMS demands of the proxy's server
+// certificate.
 //
 // # Mutual TLS
 //
@@ -29,5 +31,63 @@
 // The verifier refuses every client whose chain Caddy did not verify, so a
 // client_auth mode that skips verification (request, require) turns mTLS
 // into "no client gets in" rather than "any certificate with the right
-// name gets in".
+// name gets in". It reads the CN only, not the subject alternative names,
+// because that is the name the specification gives.
+//
+// # The server certificate
+//
+// KMS accepts an XKS proxy's server certificate only if its chain ends in
+// one of the roots of the specification's TrustedCertificateAuthorities list
+// (a November 2022 snapshot, embedded here; see KMSTrustedRoots), its
+// subject common name (CN) is the proxy's hostname or a wildcard for it
+// (the subject alternative names alone are not enough), and it is not
+// expired. CheckChain checks a chain against these rules and says what to
+// change; Preflight runs it on every chain Caddy serves for the proxy's
+// hostnames, when the configuration starts and after each renewal, and logs
+// a warning for each problem.
+//
+// What that means for the certificate issuers Caddy uses, by its default
+// chains and the 2022 list:
+//
+//   - Let's Encrypt, RSA key (key_type rsa2048 or rsa4096): the leaf is
+//     issued by an RSA intermediate (R10 to R14) signed by ISRG Root X1,
+//     which is listed. Accepted.
+//   - Let's Encrypt, ECDSA key (Caddy's default, p256): the ECDSA
+//     intermediates (E5 to E9) exist twice, issued by ISRG Root X2 and
+//     cross-signed by ISRG Root X1. Since June 2024 the default chain uses
+//     the one from ISRG Root X1, which is accepted. The alternate chain ends
+//     in ISRG Root X2, which is not listed: KMS refuses it. Caddy picks the
+//     alternate chain with preferred_chains { root_common_name "ISRG Root X2" }
+//     and, since the X2 chain is the smaller one, with preferred_chains
+//     smallest; leave preferred_chains unset, or set
+//     preferred_chains { root_common_name "ISRG Root X1" }, or use an RSA key.
+//   - Let's Encrypt profiles: the default classic profile puts the first
+//     name in the CN. The tlsserver and shortlived profiles issue
+//     certificates without a CN, which KMS refuses; do not select them
+//     (issuer acme { profile ... }).
+//   - Let's Encrypt's newer roots, generated in 2025 (subject O=ISRG, for
+//     example CN=Root YE), are not in the 2022 list. A renewal whose chain
+//     moves to them is reported by the preflight.
+//   - ZeroSSL (Caddy's second default issuer when an email is set): its
+//     chains have ended in USERTrust RSA Certification Authority or USERTrust
+//     ECC Certification Authority (Sectigo), both listed.
+//   - Google Trust Services (ACME with external account binding): GTS Root
+//     R1 to R4 are listed, and so is GlobalSign Root CA, which has
+//     cross-signed GTS roots.
+//   - Amazon Trust Services (Amazon Root CA 1 to 4, Starfield), DigiCert,
+//     GlobalSign, Entrust and most other public CAs are listed; a
+//     certificate from them is loaded with tls <cert_file> <key_file>.
+//   - Caddy's internal CA (tls internal, local_certs) is never accepted: its
+//     root is private and its leaves have no CN.
+//
+// The CN holds at most 64 characters, so a proxy hostname longer than that
+// can only be matched by a wildcard CN. A wildcard CN matches one label
+// (*.xks.example.com covers proxy.xks.example.com, not
+// a.proxy.xks.example.com); KMS's XksProxyCertificateDaysToExpire metric is
+// empty for a wildcard CN.
+//
+// The list can be out of date in both directions: KMS's real trust store
+// may have gained roots since 2022, or dropped some. A chain the preflight
+// flags may therefore still work, and the connection test in the KMS
+// console is the final word.
 package tlscheck
