@@ -74,6 +74,9 @@ type fixture struct {
 	ks1     []credential // credentials of /ks1, in config order
 	ks2     credential
 	logFile string
+
+	module   string // the PKCS#11 module Caddy loads: SoftHSM2, or a fault shim in front of it
+	hsmExtra string // more lines for the pkcs11 block
 }
 
 // Keys of the test token.
@@ -92,10 +95,18 @@ const (
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
+	return newFixtureWith(t, func(*fixture) {})
+}
+
+// newFixtureWith is newFixture with changes made before the first load,
+// such as another module or pool settings.
+func newFixtureWith(t *testing.T, change func(*fixture)) *fixture {
+	t.Helper()
 	if !hsmtest.Available() {
 		t.Skip("SoftHSM2 is not installed")
 	}
 	f := &fixture{t: t, token: hsmtest.NewToken(t), dir: t.TempDir()}
+	f.module = f.token.Module
 	f.token.CreateKey(t, keyBoth)
 	f.token.CreateKey(t, keyEncOnly, hsmtest.Usage(pkcs11.CKA_DECRYPT, false))
 	f.token.CreateKey(t, keyDecOnly, hsmtest.Usage(pkcs11.CKA_ENCRYPT, false))
@@ -111,6 +122,7 @@ func newFixture(t *testing.T) *fixture {
 	f.logFile = filepath.Join(f.dir, "caddy.log")
 	t.Setenv("XKS_TEST_PIN", f.token.PIN)
 	f.tester = caddytest.NewTester(t)
+	change(f)
 	f.load(1)
 	return f
 }
@@ -144,6 +156,7 @@ func (f *fixture) load(fleetSize int) {
 			token %[7]s
 			pin {env.XKS_TEST_PIN}
 			iv caller
+%[18]s
 		}
 	}
 }
@@ -175,9 +188,9 @@ localhost:%[3]s {
 	}
 }
 `, adminAddr, httpPort, httpsPort, filepath.Join(f.dir, "storage"), f.logFile,
-		f.token.Module, f.token.Label, f.cert, f.key, region, creds.String(),
+		f.module, f.token.Label, f.cert, f.key, region, creds.String(),
 		strings.Join([]string{keyBoth, keyEncOnly, keyDecOnly, keyNone, keyAES128, keyClear, keyMissing, keyOff}, " "),
-		fleetSize, f.ks2.akid, keyOtherKS, keyClear, keyOff)
+		fleetSize, f.ks2.akid, keyOtherKS, keyClear, keyOff, f.hsmExtra)
 	f.tester.InitServer(cfg, "caddyfile")
 }
 

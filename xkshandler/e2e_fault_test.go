@@ -1,0 +1,82 @@
+package xkshandler_test
+
+import (
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-xks/caddy-xks/internal/faultshim"
+)
+
+// The fault tests put a PKCS#11 shim between Caddy and SoftHSM2 that fails
+// or stalls chosen calls: SoftHSM2 itself cannot produce device errors or
+// hang, which is exactly what these tests need.
+
+func newFaultFixture(t *testing.T, hsmExtra string) (*fixture, *faultshim.Shim) {
+	t.Helper()
+	var shim *faultshim.Shim
+	f := newFixtureWith(t, func(f *fixture) {
+		shim = faultshim.New(t, f.token.Module)
+		f.module = shim.Path
+		f.hsmExtra = hsmExtra
+	})
+	return f, shim
+}
+
+func TestHungHSMIsDependencyTimeout(t *testing.T) {
+	f, shim := newFaultFixture(t, "\t\t\tcall_timeout 100ms")
+	shim.Set("C_Encrypt=sleep:1000")
+	start := time.Now()
+	r := f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encryptBody([]byte("x"), nil, false))
+	expectError(t, r, http.StatusServiceUnavailable, "DependencyTimeoutException")
+	if d := time.Since(start); d > 600*time.Millisecond {
+		t.Errorf("the answer took %s: the hung call held the request", d)
+	}
+	shim.Set()
+	// Metadata needs no C_Encrypt and is served while the hung call ends.
+	if r := f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/metadata", metaBody); r.status != http.StatusOK {
+		t.Errorf("metadata beside a hung call: %d %s", r.status, r.raw)
+	}
+}
+
+func TestExhaustedSessionsAreThrottling(t *testing.T) {
+	f, shim := newFaultFixture(t, "\t\t\tmax_sessions 1\n\t\t\tsession_wait 20ms\n\t\t\tcall_timeout 2s")
+	shim.Set("C_Encrypt=sleep:600")
+	var wg sync.WaitGroup
+	var slow response
+	wg.Go(func() {
+		slow = f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encryptBody([]byte("x"), nil, false))
+	})
+	time.Sleep(200 * time.Millisecond) // the slow call holds the only session
+	r := f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/metadata", metaBody)
+	expectError(t, r, http.StatusTooManyRequests, "ThrottlingException")
+	wg.Wait()
+	if slow.status != http.StatusOK {
+		t.Errorf("the slow call: %d %s", slow.status, slow.raw)
+	}
+}
+
+func TestDeviceErrorIsInternalThenRecovers(t *testing.T) {
+	f, shim := newFaultFixture(t, "\t\t\thealth_ttl 1ms")
+	shim.Set("C_EncryptInit=0x30") // CKR_DEVICE_ERROR
+	r := f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encryptBody([]byte("x"), nil, false))
+	expectError(t, r, http.StatusInternalServerError, "InternalException")
+	h := f.call(f.ks1[0], "/ks1/kms/xks/v1/health", healthBody)
+	if h.status != http.StatusOK || !strings.Contains(h.raw, `"healthStatus":"UNAVAILABLE"`) {
+		t.Errorf("health while the HSM fails: %d %s", h.status, h.raw)
+	}
+	shim.Set()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r := f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encryptBody([]byte("x"), nil, false))
+		if r.status == http.StatusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no recovery after the HSM came back: %d %s", r.status, r.raw)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
