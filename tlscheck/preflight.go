@@ -6,6 +6,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -43,26 +44,64 @@ type Report struct {
 // which must happen before the configuration starts, and needs nothing in
 // the user's configuration. The subscriptions end with the configuration.
 //
+// hostnames may be empty and grow later with Watcher.Watch, for a module
+// that learns its names from the requests it serves (their TLS server name).
+//
 // onReport, if not nil, is called with the outcome of every check, for
 // example to export the leaf's expiry as a metric. It is called from Caddy's
-// certificate management goroutines and must not block.
-func Preflight(ctx caddy.Context, hostnames []string, logger *zap.Logger, onReport func(Report)) error {
-	if len(hostnames) == 0 {
-		return errors.New("tlscheck: preflight needs at least one hostname")
-	}
+// certificate management goroutines (and from Watch) and must not block.
+func Preflight(ctx caddy.Context, hostnames []string, logger *zap.Logger, onReport func(Report)) (*Watcher, error) {
 	appIface, err := ctx.App("events")
 	if err != nil {
-		return fmt.Errorf("tlscheck: getting the events app: %w", err)
+		return nil, fmt.Errorf("tlscheck: getting the events app: %w", err)
 	}
 	events := appIface.(*caddyevents.App)
 	p := newPreflight(hostnames, logger, onReport)
 	p.storage = ctx.Storage()
 	for _, name := range preflightEvents {
 		if err := events.On(name, p); err != nil {
-			return fmt.Errorf("tlscheck: subscribing to %s events: %w", name, err)
+			return nil, fmt.Errorf("tlscheck: subscribing to %s events: %w", name, err)
 		}
 	}
-	return nil
+	return &Watcher{p: p}, nil
+}
+
+// Watcher adds hostnames to a running preflight.
+type Watcher struct {
+	p    *preflight
+	seen sync.Map // hostname as given -> struct{}: the fast path of Watch
+}
+
+// Watch checks the chains served for hostname now, if it is new, and after
+// every renewal from then on. It is cheap for a hostname already watched,
+// so it may be called on every request.
+func (w *Watcher) Watch(hostname string) {
+	if _, ok := w.seen.Load(hostname); ok {
+		return
+	}
+	w.seen.Store(hostname, struct{}{})
+	host := strings.TrimSuffix(strings.ToLower(hostname), ".")
+	if host == "" {
+		return
+	}
+	w.p.mu.Lock()
+	known := slices.Contains(w.p.hostnames, host)
+	if !known {
+		w.p.hostnames = append(w.p.hostnames, host)
+	}
+	w.p.mu.Unlock()
+	if !known {
+		for _, chain := range w.p.cached(host) {
+			w.p.check(host, chain)
+		}
+	}
+}
+
+// names returns the hostnames watched so far.
+func (p *preflight) names() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.hostnames)
 }
 
 // preflightEvents are the events after which the served chains may have
@@ -117,7 +156,7 @@ func (p *preflight) Handle(ctx context.Context, e caddy.Event) error {
 		p.logger.Warn("cannot check an obtained certificate for AWS KMS", zap.String("path", path), zap.Error(err))
 		return nil
 	}
-	for _, host := range p.hostnames {
+	for _, host := range p.names() {
 		// The event is for any certificate Caddy manages; check only
 		// those meant for the proxy.
 		if chain[0].VerifyHostname(host) == nil || commonNameMatches(chain[0].Subject.CommonName, host) {
@@ -128,7 +167,7 @@ func (p *preflight) Handle(ctx context.Context, e caddy.Event) error {
 }
 
 func (p *preflight) checkCached() {
-	for _, host := range p.hostnames {
+	for _, host := range p.names() {
 		for _, chain := range p.cached(host) {
 			p.check(host, chain)
 		}

@@ -32,12 +32,13 @@ func (*preflightProbe) CaddyModule() caddy.ModuleInfo {
 }
 
 func (p *preflightProbe) Provision(ctx caddy.Context) error {
-	return Preflight(ctx, p.Hostnames, ctx.Logger(), func(r Report) {
+	_, err := Preflight(ctx, p.Hostnames, ctx.Logger(), func(r Report) {
 		select {
 		case probeReports <- r:
 		default: // a report must never block Caddy
 		}
 	})
+	return err
 }
 
 func (p *preflightProbe) ServeHTTP(w http.ResponseWriter, _ *http.Request, _ caddyhttp.Handler) error {

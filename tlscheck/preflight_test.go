@@ -148,11 +148,19 @@ func TestPreflightAfterRenewal(t *testing.T) {
 	}
 }
 
-func TestPreflightNeedsHostnames(t *testing.T) {
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	defer cancel()
-	if err := Preflight(ctx, nil, zap.NewNop(), nil); err == nil {
-		t.Fatal("no error without hostnames")
+func TestWatchAddsHostnames(t *testing.T) {
+	f := newPreflightFixture(t)
+	f.cache[proxyHost] = [][]*x509.Certificate{f.goodChain(t)}
+	w := &Watcher{p: newPreflight(nil, f.preflight.logger, f.preflight.onReport)}
+	w.p.cached, w.p.opts = f.cached, f.opts
+	w.Watch("XKS.example.com")
+	w.Watch("xks.example.com.")
+	w.Watch("XKS.example.com")
+	if got := w.p.names(); len(got) != 1 || got[0] != "xks.example.com" {
+		t.Fatalf("watched names %v", got)
+	}
+	if len(f.reports) != 1 {
+		t.Fatalf("%d reports after watching a served name, want 1", len(f.reports))
 	}
 }
 
