@@ -17,8 +17,10 @@ deps:
 build:
 	$(GO) build -o bin/caddy ./cmd/caddy
 
-## caddy: build bin/caddy from the xcaddy manifest (xcaddy.json)
-caddy:
+## caddy: build bin/caddy from the xcaddy manifest (xcaddy.json), when a source changed
+caddy: bin/caddy
+
+bin/caddy: xcaddy.json go.mod go.sum $(shell git ls-files '*.go' 2>/dev/null)
 	$(XCADDY_ENV) $(GO) -C tools/xcaddyjson run . -f ../../xcaddy.json
 
 ## test: everything CI runs: formatting, vet, unit/integration/e2e tests under -race, bounded fuzzing

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The demo behind `make demo`: a SoftHSM2 token under .demo/ with four AES-256
+# keys, fresh SigV4 credentials, the KMS console's proxy configuration file,
+# and Caddy in the foreground serving the external key store at
+# https://localhost:${XKS_DEMO_PORT:-8443}/demo/kms/xks/v1 (region us-east-1)
+# with a certificate from Caddy's local CA.
+#
+# It runs Caddyfile.example itself; the variables below are the only
+# differences from production. Running it again reuses the token and keys.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+demo=$root/.demo
+caddy=$root/bin/caddy
+port=${XKS_DEMO_PORT:-8443}
+region=us-east-1
+uri_path=/demo/kms/xks/v1
+token=xks-demo
+
+[ -x "$caddy" ] || { echo "bin/caddy is missing: run 'make demo' (or 'make caddy') first" >&2; exit 1; }
+mkdir -p "$demo/tokens" "$demo/storage"
+chmod 700 "$demo"
+
+# SoftHSM2 reads its configuration from SOFTHSM2_CONF when the library is
+# initialized; the token lives under .demo/tokens.
+export SOFTHSM2_CONF=$demo/softhsm2.conf
+cat >"$SOFTHSM2_CONF" <<EOF
+directories.tokendir = $demo/tokens
+objectstore.backend = file
+log.level = ERROR
+slots.removable = false
+EOF
+
+umask 077
+if [ ! -s "$demo/pin" ]; then
+	head -c 12 /dev/urandom | base64 | tr -d '/+=' >"$demo/pin"
+fi
+if ! softhsm2-util --show-slots 2>/dev/null | grep -q "Label: *$token\$"; then
+	echo "creating SoftHSM2 token $token"
+	softhsm2-util --init-token --free --label "$token" --pin "$(cat "$demo/pin")" \
+		--so-pin "$(head -c 12 /dev/urandom | base64 | tr -d '/+=')" >/dev/null
+fi
+
+# Fresh credentials on every run: two, as in production during a rotation.
+# The secrets go straight to files; only the access key ids are printed.
+akid1=$("$caddy" xks credential --secret-file "$demo/sigv4-secret-1")
+akid2=$("$caddy" xks credential --secret-file "$demo/sigv4-secret-2")
+
+export XKS_ADMIN="unix/$demo/admin.sock"
+export XKS_HTTPS_PORT=$port
+export XKS_HTTP_PORT=${XKS_DEMO_HTTP_PORT:-$((port + 1))}
+export XKS_STORAGE=$demo/storage
+export XKS_HSM_MODULE=${XKS_HSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+export XKS_HSM_TOKEN=$token
+export XKS_HSM_PIN_FILE=$demo/pin
+export XKS_HSM_IV=auto
+export XKS_HSM_PRIVATE_KEYS=true
+export XKS_FQDN=localhost
+export XKS_TLS=internal
+export XKS_URI_PATH=$uri_path
+export XKS_REGION=$region
+export XKS_AKID_1=$akid1 XKS_SECRET_FILE_1=$demo/sigv4-secret-1
+export XKS_AKID_2=$akid2 XKS_SECRET_FILE_2=$demo/sigv4-secret-2
+export XKS_KEYS="demo-key demo-encrypt-only demo-decrypt-only demo-no-usage"
+export XKS_FLEET_SIZE=1
+config=(--config "$root/Caddyfile.example" --adapter caddyfile)
+
+# The four demo keys: one for normal use, and three whose usage is limited,
+# for conformance tests of InvalidKeyUsageException.
+existing=$("$caddy" xks keys "${config[@]}" --backend primary --labels)
+for spec in demo-key:encrypt,decrypt demo-encrypt-only:encrypt demo-decrypt-only:decrypt demo-no-usage:none; do
+	label=${spec%%:*}
+	if ! grep -qx "$label" <<<"$existing"; then
+		"$caddy" xks keygen "${config[@]}" --backend primary --label "$label" --usage "${spec#*:}"
+	fi
+done
+
+"$caddy" xks proxy-config "${config[@]}" --key-store "$uri_path" --access-key-id "$akid1" --output "$demo/proxy-config.json"
+
+ca=$demo/storage/pki/authorities/local/root.crt
+cat <<EOF
+
+caddy-xks demo
+  key store:   https://localhost:$port$uri_path  (region $region)
+  keys:        $XKS_KEYS
+  credentials: $demo/proxy-config.json  (the KMS console's import format)
+  local CA:    $ca  (written once Caddy has started)
+
+Try it from another terminal:
+
+  curl --cacert $ca \\
+    --aws-sigv4 "aws:amz:$region:kms-xks-proxy" --user "$akid1:\$(cat $demo/sigv4-secret-1)" \\
+    -H 'Content-Type: application/json' \\
+    -d '{"requestMetadata":{"kmsRequestId":"demo-1","kmsOperation":"KmsHealthCheck"}}' \\
+    https://localhost:$port$uri_path/health
+
+EOF
+
+exec "$caddy" run "${config[@]}"

@@ -1,0 +1,290 @@
+package xkscmd
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"os"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"text/tabwriter"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+)
+
+// benchOp is one kind of request in the load's mix.
+type benchOp struct {
+	name   string
+	weight int
+	path   string
+	body   []byte
+}
+
+// parseMix reads --mix, e.g. "encrypt=3,decrypt=1".
+func parseMix(s string) (map[string]int, error) {
+	mix := make(map[string]int)
+	for _, part := range strings.Split(s, ",") {
+		name, w, found := strings.Cut(strings.TrimSpace(part), "=")
+		n := 1
+		if found {
+			var err error
+			if n, err = strconv.Atoi(w); err != nil || n < 0 {
+				return nil, fmt.Errorf("--mix %q: weight of %s must be a whole number", s, name)
+			}
+		}
+		switch name {
+		case "encrypt", "decrypt", "metadata", "health":
+			mix[name] = n
+		default:
+			return nil, fmt.Errorf("--mix %q: unknown operation %q (encrypt, decrypt, metadata, health)", s, name)
+		}
+	}
+	return mix, nil
+}
+
+const benchMetadata = `"requestMetadata":{"awsPrincipalArn":"arn:aws:iam::111122223333:role/caddy-xks-bench","kmsKeyArn":"arn:aws:kms:us-east-1:111122223333:key/caddy-xks-bench","kmsOperation":"Encrypt","kmsRequestId":"caddy-xks-bench"}`
+
+// benchOps builds the mix's requests. Decrypt needs a ciphertext, which is
+// made with one Encrypt first.
+func benchOps(ctx context.Context, c *xksClient, key string, mix map[string]int, plaintextLen int, raw bool) ([]benchOp, error) {
+	pt := make([]byte, plaintextLen)
+	if _, err := rand.Read(pt); err != nil {
+		return nil, err
+	}
+	enc := base64.StdEncoding.EncodeToString
+	encryptBody := []byte(fmt.Sprintf(`{%s,"plaintext":"%s","encryptionAlgorithm":"AES_GCM"}`, benchMetadata, enc(pt)))
+	if raw {
+		// A route that is not the XKS API: the same signed Encrypt request,
+		// sent to the URL as given, for a baseline of TLS and HTTP alone.
+		return []benchOp{{name: "raw", weight: 1, body: encryptBody}}, nil
+	}
+	keyPath := "/keys/" + key + "/"
+	var ops []benchOp
+	for _, name := range []string{"encrypt", "decrypt", "metadata", "health"} {
+		w := mix[name]
+		if w == 0 {
+			continue
+		}
+		op := benchOp{name: name, weight: w}
+		switch name {
+		case "encrypt":
+			op.path, op.body = keyPath+"encrypt", encryptBody
+		case "metadata":
+			op.path, op.body = keyPath+"metadata", []byte(`{`+benchMetadata+`}`)
+		case "health":
+			op.path, op.body = "/health", []byte(`{"requestMetadata":{"kmsRequestId":"caddy-xks-bench","kmsOperation":"KmsHealthCheck"}}`)
+		case "decrypt":
+			r, err := c.call(ctx, http.MethodPost, keyPath+"encrypt", encryptBody, nil)
+			if err != nil {
+				return nil, fmt.Errorf("making a ciphertext to decrypt: %w", err)
+			}
+			if r.status != http.StatusOK {
+				return nil, fmt.Errorf("making a ciphertext to decrypt: %s: %s", r.errorName(), r.body)
+			}
+			var s map[string]string
+			if err := json.Unmarshal(r.body, &s); err != nil {
+				return nil, err
+			}
+			op.path = keyPath + "decrypt"
+			op.body = []byte(fmt.Sprintf(`{%s,"ciphertext":%q,"ciphertextMetadata":%q,"initializationVector":%q,"authenticationTag":%q,"encryptionAlgorithm":"AES_GCM"}`,
+				benchMetadata, s["ciphertext"], s["ciphertextMetadata"], s["initializationVector"], s["authenticationTag"]))
+		}
+		ops = append(ops, op)
+	}
+	if len(ops) == 0 {
+		return nil, errors.New("--mix has no operation with a weight above 0")
+	}
+	return ops, nil
+}
+
+// benchStats collects the answers of a load run.
+type benchStats struct {
+	mu        sync.Mutex
+	latencies []time.Duration
+	errors    map[string]int
+	ok, sent  atomic.Int64
+}
+
+func (s *benchStats) record(r result, err error, latency time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case err != nil:
+		s.errors["transport: "+shortError(err)]++
+	case r.status != http.StatusOK:
+		s.errors[r.errorName()]++
+	default:
+		s.ok.Add(1)
+		s.latencies = append(s.latencies, latency)
+	}
+}
+
+func shortError(err error) string {
+	msg := err.Error()
+	if i := strings.LastIndex(msg, ": "); i >= 0 {
+		msg = msg[i+2:]
+	}
+	return msg
+}
+
+// percentile of sorted latencies, nearest rank.
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(math.Ceil(p/100*float64(len(sorted)))) - 1
+	return sorted[max(i, 0)]
+}
+
+// runLoad sends the mix for the duration: at a fixed rate (latency counted
+// from when each request was due, so a stalled server cannot hide its
+// queue) or, with rate 0, as fast as concurrency allows.
+func runLoad(ctx context.Context, c *xksClient, ops []benchOp, rate float64, concurrency int, duration time.Duration, progress io.Writer) *benchStats {
+	stats := &benchStats{errors: make(map[string]int)}
+	var schedule []int // ops indexes by weight, cycled through
+	for i, op := range ops {
+		for range op.weight {
+			schedule = append(schedule, i)
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, duration)
+	defer cancel()
+	due := make(chan time.Time, concurrency)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range concurrency {
+		wg.Go(func() {
+			for at := range due {
+				op := ops[schedule[int(next.Add(1)-1)%len(schedule)]]
+				r, err := c.call(context.Background(), http.MethodPost, op.path, op.body, nil)
+				stats.record(r, err, time.Since(at))
+			}
+		})
+	}
+	start := time.Now()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-tick.C:
+				elapsed := now.Sub(start).Seconds()
+				fmt.Fprintf(progress, "  %4.0fs  sent %d  ok %d  %.0f req/s\n", elapsed, stats.sent.Load(), stats.ok.Load(), float64(stats.ok.Load())/elapsed)
+			}
+		}
+	}()
+	if rate > 0 {
+		interval := time.Duration(float64(time.Second) / rate)
+		for n := 0; ; n++ {
+			at := start.Add(time.Duration(n) * interval)
+			if d := time.Until(at); d > 0 {
+				select {
+				case <-ctx.Done():
+				case <-time.After(d):
+				}
+			}
+			if ctx.Err() != nil {
+				break
+			}
+			select {
+			case due <- at:
+				stats.sent.Add(1)
+			case <-ctx.Done():
+			}
+		}
+	} else {
+		for ctx.Err() == nil {
+			select {
+			case due <- time.Now():
+				stats.sent.Add(1)
+			case <-ctx.Done():
+			}
+		}
+	}
+	close(due)
+	wg.Wait()
+	<-done
+	return stats
+}
+
+func cmdBench(fl caddycmd.Flags) (int, error) {
+	target := fl.Arg(0)
+	if target == "" {
+		return caddy.ExitCodeFailedStartup, errors.New("usage: caddy xks bench <key store URL> (see --help)")
+	}
+	concurrency := fl.Int("concurrency")
+	if concurrency < 1 {
+		return caddy.ExitCodeFailedStartup, errors.New("--concurrency must be at least 1")
+	}
+	duration := fl.Duration("duration")
+	if duration <= 0 || duration > time.Hour {
+		return caddy.ExitCodeFailedStartup, errors.New("--duration must be between 0 and 1h")
+	}
+	mix, err := parseMix(fl.String("mix"))
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	c, err := clientFromFlags(fl, target, concurrency)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	ctx := context.Background()
+	ops, err := benchOps(ctx, c, fl.String("key"), mix, fl.Int("plaintext"), fl.Bool("raw"))
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	rate := fl.Float64("rate")
+	mode := "as fast as possible"
+	if rate > 0 {
+		mode = fmt.Sprintf("at %.0f req/s", rate)
+	}
+	fmt.Fprintf(os.Stderr, "%s: %s for %s, %d concurrent\n", c.base, mode, duration, concurrency)
+	stats := runLoad(ctx, c, ops, rate, concurrency, duration, os.Stderr)
+	printBench(os.Stdout, stats, duration)
+	if len(stats.errors) > 0 {
+		return caddy.ExitCodeFailedStartup, errors.New("some requests failed (see the errors above)")
+	}
+	return caddy.ExitCodeSuccess, nil
+}
+
+func printBench(w io.Writer, s *benchStats, duration time.Duration) {
+	slices.Sort(s.latencies)
+	failed := 0
+	for _, n := range s.errors {
+		failed += n
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "requests\t%d ok, %d failed\n", s.ok.Load(), failed)
+	fmt.Fprintf(tw, "throughput\t%.0f req/s\n", float64(s.ok.Load())/duration.Seconds())
+	for _, p := range []float64{50, 90, 99} {
+		fmt.Fprintf(tw, "p%.0f\t%s\n", p, percentile(s.latencies, p).Round(time.Microsecond))
+	}
+	if n := len(s.latencies); n > 0 {
+		fmt.Fprintf(tw, "max\t%s\n", s.latencies[n-1].Round(time.Microsecond))
+	}
+	names := make([]string, 0, len(s.errors))
+	for name := range s.errors {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		fmt.Fprintf(tw, "error\t%s: %d\n", name, s.errors[name])
+	}
+	tw.Flush()
+}

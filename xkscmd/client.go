@@ -1,0 +1,132 @@
+package xkscmd
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+)
+
+// xksClient calls a running proxy as KMS does: POST, JSON, SigV4 with the
+// service kms-xks-proxy, over TLS verified against the system roots (or a
+// CA given for local use).
+type xksClient struct {
+	base       string // https://host[:port]<uri path>, without a trailing slash
+	region     string
+	credential aws.Credentials
+	http       *http.Client
+	signer     *v4.Signer
+	now        func() time.Time
+}
+
+// clientFromFlags builds a client from --proxy-config (the console file,
+// which names the key store path and a credential) or from
+// --access-key-id and --secret-file; --cacert trusts a local CA.
+func clientFromFlags(fl caddycmd.Flags, target string, concurrency int) (*xksClient, error) {
+	c := &xksClient{region: fl.String("region"), signer: v4.NewSigner(), now: time.Now}
+	base := strings.TrimSuffix(target, "/")
+	if file := fl.String("proxy-config"); file != "" {
+		raw, err := os.ReadFile(file)
+		if err != nil {
+			return nil, err
+		}
+		var pc consoleProxyConfig
+		if err := json.Unmarshal(raw, &pc); err != nil {
+			return nil, fmt.Errorf("%s: %w", file, err)
+		}
+		c.credential = aws.Credentials{AccessKeyID: pc.XksProxyAuthenticationCredential.AccessKeyID, SecretAccessKey: pc.XksProxyAuthenticationCredential.RawSecretAccessKey}
+		if !strings.HasSuffix(base, pc.XksProxyURIPath) {
+			base += pc.XksProxyURIPath
+		}
+	} else {
+		secret, err := os.ReadFile(fl.String("secret-file"))
+		if err != nil {
+			return nil, fmt.Errorf("reading the secret access key (--secret-file or --proxy-config): %w", err)
+		}
+		c.credential = aws.Credentials{AccessKeyID: fl.String("access-key-id"), SecretAccessKey: strings.TrimSpace(string(secret))}
+	}
+	if c.credential.AccessKeyID == "" {
+		return nil, fmt.Errorf("no credential: give --proxy-config, or --access-key-id and --secret-file")
+	}
+	c.base = base
+	tlsConfig := &tls.Config{MinVersion: tls.VersionTLS12}
+	if file := fl.String("cacert"); file != "" {
+		pem, err := os.ReadFile(file)
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("%s holds no PEM certificate", file)
+		}
+		tlsConfig.RootCAs = pool
+	}
+	c.http = &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{
+			TLSClientConfig:     tlsConfig,
+			ForceAttemptHTTP2:   true,
+			MaxIdleConnsPerHost: concurrency,
+			IdleConnTimeout:     90 * time.Second,
+		},
+	}
+	return c, nil
+}
+
+// result is one answer: its status, body and how long it took.
+type result struct {
+	status  int
+	body    []byte
+	latency time.Duration
+}
+
+// errorName is the XKS errorName of a failed answer, or a transport error.
+func (r result) errorName() string {
+	var e struct {
+		ErrorName string `json:"errorName"`
+	}
+	if json.Unmarshal(r.body, &e) == nil && e.ErrorName != "" {
+		return e.ErrorName
+	}
+	return fmt.Sprintf("HTTP %d", r.status)
+}
+
+// call signs and sends one request to base+path (path may be empty).
+func (c *xksClient) call(ctx context.Context, method, path string, body []byte, tweak func(*http.Request)) (result, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, bytes.NewReader(body))
+	if err != nil {
+		return result{}, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	sum := sha256.Sum256(body)
+	if err := c.signer.SignHTTP(ctx, c.credential, req, hex.EncodeToString(sum[:]), "kms-xks-proxy", c.region, c.now()); err != nil {
+		return result{}, err
+	}
+	if tweak != nil {
+		tweak(req)
+	}
+	start := time.Now()
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return result{}, err
+	}
+	defer resp.Body.Close()
+	out, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return result{}, err
+	}
+	return result{status: resp.StatusCode, body: out, latency: time.Since(start)}, nil
+}

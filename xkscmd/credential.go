@@ -1,0 +1,125 @@
+package xkscmd
+
+import (
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"os"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+
+	"github.com/caddy-xks/caddy-xks/sigv4auth"
+)
+
+// newCredential makes a SigV4 credential by KMS's rules for external key
+// stores: an access key id of 24 characters of A-Z and 2-7 (Base32 of 120
+// random bits, unrelated to the secret) and a secret access key of 44
+// characters of A-Z, a-z, 0-9, + and / (Base64 of 264 random bits).
+func newCredential() (sigv4auth.Credential, error) {
+	var idBytes [15]byte
+	var secretBytes [33]byte
+	if _, err := rand.Read(idBytes[:]); err != nil {
+		return sigv4auth.Credential{}, err
+	}
+	if _, err := rand.Read(secretBytes[:]); err != nil {
+		return sigv4auth.Credential{}, err
+	}
+	c := sigv4auth.Credential{
+		AccessKeyID:     base32.StdEncoding.EncodeToString(idBytes[:]),
+		SecretAccessKey: base64.StdEncoding.EncodeToString(secretBytes[:]),
+	}
+	// The lengths above always satisfy the rules; checking costs nothing
+	// and keeps this function honest if they are ever changed.
+	return c, sigv4auth.ValidateCredential(c)
+}
+
+func cmdCredential(fl caddycmd.Flags) (int, error) {
+	c, err := newCredential()
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if file := fl.String("secret-file"); file != "" {
+		if err := writeSecretFile(file, []byte(c.SecretAccessKey+"\n")); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		fmt.Println(c.AccessKeyID)
+		return caddy.ExitCodeSuccess, nil
+	}
+	fmt.Printf("access_key_id     %s\nsecret_access_key %s\n", c.AccessKeyID, c.SecretAccessKey)
+	return caddy.ExitCodeSuccess, nil
+}
+
+// writeSecretFile writes data readable by the owner only.
+func writeSecretFile(path string, data []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Chmod(0o600); err != nil { // an existing file keeps its mode otherwise
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// consoleProxyConfig is the file the KMS console imports when an external
+// key store is created or edited.
+type consoleProxyConfig struct {
+	XksProxyURIPath                  string            `json:"XksProxyUriPath"`
+	XksProxyAuthenticationCredential consoleCredential `json:"XksProxyAuthenticationCredential"`
+}
+
+type consoleCredential struct {
+	AccessKeyID        string `json:"AccessKeyId"`
+	RawSecretAccessKey string `json:"RawSecretAccessKey"`
+}
+
+func cmdProxyConfig(fl caddycmd.Flags) (int, error) {
+	pc, err := loadProxyConfig(fl.String("config"), fl.String("adapter"))
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	ks, err := pc.keyStore(fl.String("key-store"))
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	repl := caddy.NewReplacer()
+	want := fl.String("access-key-id")
+	for _, c := range ks.Credentials {
+		akid, err := repl.ReplaceOrErr(c.AccessKeyID, true, true)
+		if err != nil {
+			return caddy.ExitCodeFailedStartup, fmt.Errorf("access key id %s: %w", c.AccessKeyID, err)
+		}
+		if want != "" && akid != want {
+			continue
+		}
+		secret, err := repl.ReplaceOrErr(c.SecretAccessKey, true, true)
+		if err != nil {
+			return caddy.ExitCodeFailedStartup, fmt.Errorf("secret access key of %s: %w", akid, err)
+		}
+		out, err := json.MarshalIndent(consoleProxyConfig{
+			XksProxyURIPath:                  ks.URIPath,
+			XksProxyAuthenticationCredential: consoleCredential{AccessKeyID: akid, RawSecretAccessKey: secret},
+		}, "", "  ")
+		if err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		out = append(out, '\n')
+		if file := fl.String("output"); file != "" {
+			if err := writeSecretFile(file, out); err != nil {
+				return caddy.ExitCodeFailedStartup, err
+			}
+			return caddy.ExitCodeSuccess, nil
+		}
+		_, err = os.Stdout.Write(out)
+		return caddy.ExitCodeSuccess, err
+	}
+	return caddy.ExitCodeFailedStartup, fmt.Errorf("key store %s has no credential %q", ks.URIPath, want)
+}
