@@ -8,6 +8,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddytest"
+
+	_ "github.com/caddy-xks/caddy-xks/tlscheck" // the xks_subject client-auth verifier
 )
 
 // TestCaddyfileAdapt runs every testdata/caddyfile_adapt/*.caddyfiletest:

@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
+	"github.com/caddy-xks/caddy-xks/authz"
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/xkshandler"
 )
@@ -165,6 +166,8 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 //
 //	xks [<matcher>] {
 //		max_request_body <bytes>
+//		ready_path       <path>
+//		hostnames        <name>...
 //		key_store <uri path> {
 //			hsm                 <backend> [<backend>...]
 //			region              <aws region>
@@ -175,6 +178,13 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 //			aad_framing         spec|aws_sample
 //			fleet_size          <n>
 //			max_clock_skew      <duration>
+//			deadline            <duration>
+//			rate_limit          <requests per second> [<burst>]
+//			max_concurrent      <n>
+//			authorize {
+//				deny  <rule name> <CEL expression>
+//				allow <rule name> <CEL expression>
+//			}
 //		}
 //	}
 //
@@ -199,6 +209,16 @@ func parseXKS(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 				return nil, h.Errf("max_request_body %q: %v", val, err)
 			}
 			handler.MaxRequestBody = n
+		case "ready_path":
+			if !h.AllArgs(&handler.ReadyPath) {
+				return nil, h.ArgErr()
+			}
+		case "hostnames":
+			names := h.RemainingArgs()
+			if len(names) == 0 {
+				return nil, h.ArgErr()
+			}
+			handler.Hostnames = append(handler.Hostnames, names...)
 		case "key_store":
 			ks, err := parseKeyStore(h.Dispenser)
 			if err != nil {
@@ -231,6 +251,38 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 		opt := d.Val()
 		args := d.RemainingArgs()
 		switch opt {
+		case "authorize":
+			if len(args) != 0 {
+				return nil, d.ArgErr()
+			}
+			rules, err := parseAuthorize(d)
+			if err != nil {
+				return nil, err
+			}
+			ks.Authorize = append(ks.Authorize, rules...)
+		case "rate_limit":
+			if len(args) < 1 || len(args) > 2 {
+				return nil, d.Err("rate_limit takes requests per second and an optional burst")
+			}
+			r, err := strconv.ParseFloat(args[0], 64)
+			if err != nil {
+				return nil, d.Errf("rate_limit %q: %v", args[0], err)
+			}
+			ks.RateLimit = r
+			if len(args) == 2 {
+				if ks.RateBurst, err = strconv.Atoi(args[1]); err != nil {
+					return nil, d.Errf("rate_limit burst %q: %v", args[1], err)
+				}
+			}
+		case "max_concurrent":
+			if len(args) != 1 {
+				return nil, d.ArgErr()
+			}
+			n, err := strconv.Atoi(args[0])
+			if err != nil {
+				return nil, d.Errf("max_concurrent %q: %v", args[0], err)
+			}
+			ks.MaxConcurrent = n
 		case "hsm":
 			if len(args) == 0 {
 				return nil, d.ArgErr()
@@ -251,7 +303,7 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 				return nil, d.Err("credential takes an access key id and a secret placeholder")
 			}
 			ks.Credentials = append(ks.Credentials, xkshandler.Credential{AccessKeyID: args[0], SecretAccessKey: args[1]})
-		case "region", "ciphertext_metadata", "aad_framing", "fleet_size", "max_clock_skew":
+		case "region", "ciphertext_metadata", "aad_framing", "fleet_size", "max_clock_skew", "deadline":
 			if len(args) != 1 {
 				return nil, d.ArgErr()
 			}
@@ -269,16 +321,41 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 					return nil, d.Errf("fleet_size %q: %v", val, err)
 				}
 				ks.FleetSize = n
-			case "max_clock_skew":
+			case "max_clock_skew", "deadline":
 				dur, err := caddy.ParseDuration(val)
 				if err != nil {
-					return nil, d.Errf("max_clock_skew %q: %v", val, err)
+					return nil, d.Errf("%s %q: %v", opt, val, err)
 				}
-				ks.MaxClockSkew = caddy.Duration(dur)
+				if opt == "deadline" {
+					ks.Deadline = caddy.Duration(dur)
+				} else {
+					ks.MaxClockSkew = caddy.Duration(dur)
+				}
 			}
 		default:
 			return nil, d.Errf("unrecognized key_store option %q", opt)
 		}
 	}
 	return ks, nil
+}
+
+// parseAuthorize reads an authorize block: one rule per line,
+//
+//	allow|deny <name> <CEL expression>
+//
+// with the expression as one token (quote it with backticks).
+func parseAuthorize(d *caddyfile.Dispenser) ([]authz.Rule, error) {
+	var rules []authz.Rule
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		effect := d.Val()
+		if effect != authz.EffectAllow && effect != authz.EffectDeny {
+			return nil, d.Errf("authorize rule effect %q: want allow or deny", effect)
+		}
+		var name, expr string
+		if !d.AllArgs(&name, &expr) {
+			return nil, d.Errf("authorize: %s takes a rule name and one CEL expression (quote it with backticks)", effect)
+		}
+		rules = append(rules, authz.Rule{Name: name, Effect: effect, Expression: expr})
+	}
+	return rules, nil
 }

@@ -7,6 +7,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
+
+	"github.com/caddy-xks/caddy-xks/internal/placeholder"
 )
 
 func init() {
@@ -66,6 +68,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		a.backends[name] = b
 	}
+	// Each config has its own registry; the collector reads this app's
+	// backends, so the metrics follow reloads without state of their own.
+	if err := ctx.GetMetricsRegistry().Register(backendCollector{app: a}); err != nil {
+		return fmt.Errorf("hsm: registering metrics: %w", err)
+	}
 	return nil
 }
 
@@ -79,6 +86,9 @@ func (a *App) Validate() error {
 		}
 		if err := cfg.Validate(); err != nil {
 			errs = append(errs, fmt.Errorf("hsm backend %q: %w", name, err))
+		}
+		if cfg.PIN != "" && !placeholder.IsSecretReference(cfg.PIN) {
+			errs = append(errs, fmt.Errorf("hsm backend %q: pin must be an {env.*} or {file.*} placeholder, so that it never appears in the config", name))
 		}
 	}
 	return errors.Join(errs...)

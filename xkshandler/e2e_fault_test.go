@@ -43,6 +43,8 @@ func TestHungHSMIsDependencyTimeout(t *testing.T) {
 
 func TestExhaustedSessionsAreThrottling(t *testing.T) {
 	f, shim := newFaultFixture(t, "\t\t\tmax_sessions 1\n\t\t\tsession_wait 20ms\n\t\t\tcall_timeout 2s")
+	f.ks1Extra = "\t\t\tdeadline 2s\n"
+	f.load(2)
 	shim.Set("C_Encrypt=sleep:600")
 	var wg sync.WaitGroup
 	var slow response

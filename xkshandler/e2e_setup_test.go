@@ -21,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -77,6 +78,11 @@ type fixture struct {
 
 	module   string // the PKCS#11 module Caddy loads: SoftHSM2, or a fault shim in front of it
 	hsmExtra string // more lines for the pkcs11 block
+	ks1Extra string // more lines for the /ks1 key_store block
+	xksExtra string // more lines for the xks block
+
+	mu        sync.Mutex
+	sensitive [][]byte // plaintexts and AADs sent or received, to look for in the log
 }
 
 // Keys of the test token.
@@ -124,12 +130,66 @@ func newFixtureWith(t *testing.T, change func(*fixture)) *fixture {
 	f.tester = caddytest.NewTester(t)
 	change(f)
 	f.load(1)
+	t.Cleanup(f.checkLog)
 	return f
+}
+
+// checkLog fails the test if the proxy's log holds a secret, the PIN, or a
+// plaintext or AAD (raw, Base64 or hex) that the test sent or received.
+// Values under 12 bytes are skipped: they could match by chance.
+func (f *fixture) checkLog() {
+	logs, err := os.ReadFile(f.logFile)
+	if err != nil {
+		f.t.Errorf("reading the proxy's log: %v", err)
+		return
+	}
+	values := map[string][]byte{"HSM PIN": []byte(f.token.PIN), "ks2 secret": []byte(f.ks2.secret)}
+	for i, c := range f.ks1 {
+		values[fmt.Sprintf("ks1 secret %d", i)] = []byte(c.secret)
+	}
+	f.mu.Lock()
+	for i, v := range f.sensitive {
+		if len(v) >= 12 {
+			values[fmt.Sprintf("plaintext or AAD %d", i)] = v
+		}
+	}
+	f.mu.Unlock()
+	for name, v := range values {
+		for _, form := range []string{string(v), base64.StdEncoding.EncodeToString(v), hex.EncodeToString(v)} {
+			if strings.Contains(string(logs), form) {
+				f.t.Errorf("the proxy's log holds the %s", name)
+				break
+			}
+		}
+	}
+}
+
+// remember records the plaintext and AAD fields of a request or response.
+func (f *fixture) remember(body []byte) {
+	var fields map[string]any
+	if json.Unmarshal(body, &fields) != nil {
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, name := range []string{"plaintext", "additionalAuthenticatedData"} {
+		if v, ok := fields[name].(string); ok {
+			if b, err := base64.StdEncoding.DecodeString(v); err == nil {
+				f.sensitive = append(f.sensitive, b)
+			}
+		}
+	}
 }
 
 // load (re)loads the proxy's config with the fixture's current credentials;
 // fleetSize is reported in health, and changing it makes a reload real.
 func (f *fixture) load(fleetSize int) {
+	f.t.Helper()
+	f.tester.InitServer(f.config(fleetSize), "caddyfile")
+}
+
+// config is the proxy's Caddyfile for the fixture's current settings.
+func (f *fixture) config(fleetSize int) string {
 	f.t.Helper()
 	var creds strings.Builder
 	for i, c := range f.ks1 {
@@ -138,7 +198,7 @@ func (f *fixture) load(fleetSize int) {
 		fmt.Fprintf(&creds, "\t\t\tcredential %s {env.%s}\n", c.akid, env)
 	}
 	f.t.Setenv("XKS_TEST_SECRET_2", f.ks2.secret)
-	cfg := fmt.Sprintf(`{
+	return fmt.Sprintf(`{
 	admin %[1]s
 	http_port %[2]s
 	https_port %[3]s
@@ -164,6 +224,7 @@ func (f *fixture) load(fleetSize int) {
 localhost:%[3]s {
 	tls %[8]s %[9]s
 	xks {
+%[20]s
 		key_store /ks1 {
 			hsm main
 			region %[10]s
@@ -171,6 +232,7 @@ localhost:%[3]s {
 			disable %[17]s
 			ciphertext_metadata dGVzdC12MQ==
 			fleet_size %[13]d
+%[19]s
 		}
 		key_store /ks2/kms/xks/v1 {
 			hsm main
@@ -190,8 +252,7 @@ localhost:%[3]s {
 `, adminAddr, httpPort, httpsPort, filepath.Join(f.dir, "storage"), f.logFile,
 		f.module, f.token.Label, f.cert, f.key, region, creds.String(),
 		strings.Join([]string{keyBoth, keyEncOnly, keyDecOnly, keyNone, keyAES128, keyClear, keyMissing, keyOff}, " "),
-		fleetSize, f.ks2.akid, keyOtherKS, keyClear, keyOff, f.hsmExtra)
-	f.tester.InitServer(cfg, "caddyfile")
+		fleetSize, f.ks2.akid, keyOtherKS, keyClear, keyOff, f.hsmExtra, f.ks1Extra, f.xksExtra)
 }
 
 // response is an XKS answer: the status and the decoded JSON body.
@@ -231,6 +292,7 @@ func (f *fixture) send(c credential, method, path, body, signRegion string, at t
 	if err := signRequest(req, c, body, signRegion, at); err != nil {
 		f.t.Fatal(err)
 	}
+	f.remember([]byte(body))
 	return f.do(req)
 }
 
@@ -253,6 +315,7 @@ func (f *fixture) do(req *http.Request) response {
 		f.t.Fatal(err)
 	}
 	r := response{status: resp.StatusCode, raw: string(raw)}
+	f.remember(raw)
 	if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
 		f.t.Errorf("%s %s: Content-Type %q", req.Method, req.URL.Path, ct)
 	}

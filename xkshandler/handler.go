@@ -1,6 +1,7 @@
 package xkshandler
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,6 +18,8 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-xks/caddy-xks/hsm"
+	"github.com/caddy-xks/caddy-xks/sigv4auth"
+	"github.com/caddy-xks/caddy-xks/tlscheck"
 )
 
 func init() {
@@ -41,9 +44,24 @@ type Handler struct {
 	// authenticated. Default: 65536.
 	MaxRequestBody int64 `json:"max_request_body,omitempty"`
 
-	stores map[string]*KeyStore // by URI path
-	logger *zap.Logger
-	audit  *zap.Logger
+	// ReadyPath is a path answered without authentication, for load
+	// balancers: 200 when every key store has an HSM backend that is not
+	// UNAVAILABLE, 503 otherwise, with no detail either way. It must lie
+	// outside the key stores' URI paths. Default: none.
+	ReadyPath string `json:"ready_path,omitempty"`
+
+	// Hostnames are the names KMS connects to, whose server certificate is
+	// checked against what KMS accepts (trusted root, subject CN) at start
+	// and after each renewal. Names seen in requests' TLS server name are
+	// checked too, so this is only needed to check before KMS first
+	// connects. Default: none.
+	Hostnames []string `json:"hostnames,omitempty"`
+
+	stores    map[string]*KeyStore // by URI path
+	backends  []*hsm.Backend       // of every key store, for readiness
+	logger    *zap.Logger
+	audit     *zap.Logger
+	preflight *tlscheck.Watcher
 }
 
 // CaddyModule returns the Caddy module information.
@@ -76,6 +94,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return err
 		}
 		h.stores[ks.URIPath] = ks
+		h.backends = append(h.backends, ks.backends...)
+	}
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("xks: registering metrics: %w", err)
+	}
+	h.preflight, err = tlscheck.Preflight(ctx, h.Hostnames, h.logger.Named("certificate"), func(r tlscheck.Report) {
+		metrics.certExpiry.WithLabelValues(r.Hostname).Set(float64(r.NotAfter.Unix()))
+	})
+	if err != nil {
+		return fmt.Errorf("xks: %w", err)
 	}
 	return nil
 }
@@ -97,6 +125,11 @@ func (h *Handler) Validate() error {
 	}
 	if h.MaxRequestBody < 0 {
 		return errors.New("xks: max_request_body must be positive")
+	}
+	if h.ReadyPath != "" {
+		if !strings.HasPrefix(h.ReadyPath, "/") || strings.Contains(h.ReadyPath, APIPathSuffix+"/") {
+			return fmt.Errorf("xks: ready_path %q must be a path outside the XKS API", h.ReadyPath)
+		}
 	}
 	return nil
 }
@@ -153,7 +186,9 @@ type exchange struct {
 	keyID    string
 	akid     string
 	meta     *requestMetadata
+	rule     string // the authorization rule that decided, if any
 	hsmTime  time.Duration
+	elapsed  time.Duration
 	err      *xksError
 	response any
 }
@@ -163,15 +198,50 @@ type exchange struct {
 // KMS cannot interpret.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	x := exchange{start: time.Now()}
-	h.serve(&x, r)
+	if r.TLS != nil {
+		h.preflight.Watch(r.TLS.ServerName)
+	}
+	path := rawPath(r)
+	if h.ReadyPath != "" && path == h.ReadyPath {
+		h.ready(w, r)
+		return nil
+	}
+	h.serve(&x, r, path)
 	h.respond(w, &x)
+	x.elapsed = time.Since(x.start)
 	h.log(&x)
+	x.observe()
 	return nil
 }
 
-func (h *Handler) serve(x *exchange, r *http.Request) {
+// ready answers a load balancer's probe: is every key store able to serve?
+// Health results are cached by the backends, so probes cost no HSM work.
+func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
+	status := http.StatusOK
+	for _, ks := range h.KeyStores {
+		up := false
+		for _, b := range ks.backends {
+			if b.Health(r.Context()).Status != hsm.HealthUnavailable {
+				up = true
+				break
+			}
+		}
+		if !up {
+			status = http.StatusServiceUnavailable
+			break
+		}
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	if r.Method != http.MethodHead {
+		_, _ = io.WriteString(w, http.StatusText(status)+"\n")
+	}
+}
+
+func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 	var ok bool
-	x.ks, x.op, x.keyID, ok = h.route(rawPath(r))
+	x.ks, x.op, x.keyID, ok = h.route(path)
 	if !ok {
 		x.err = newError(InvalidURIPathException, "the URI path is not an XKS API path of this proxy")
 		return
@@ -185,12 +255,16 @@ func (h *Handler) serve(x *exchange, r *http.Request) {
 		x.err = xerr
 		return
 	}
-	// The access key id is logged even when verification fails: it says
-	// which credential a failing client claims to hold.
+	// A configured access key id is logged even when verification fails:
+	// it says which credential a failing client claims to hold.
 	var err error
 	x.akid, err = x.ks.verifier.VerifyHTTP(r, body)
 	if err != nil {
 		x.err = &xksError{name: AuthenticationFailedException, message: "the request signature could not be verified", cause: err}
+		var verr *sigv4auth.Error
+		if errors.As(err, &verr) {
+			x.akid = verr.AccessKeyID
+		}
 		return
 	}
 	req, xerr := decodeRequest(x.op, body)
@@ -203,12 +277,29 @@ func (h *Handler) serve(x *exchange, r *http.Request) {
 		x.err = newError(KeyNotFoundException, "the external key is not configured for this key store")
 		return
 	}
+	if x.op != opHealth {
+		d := x.ks.authorize(x)
+		x.rule = d.Rule
+		if !d.Allowed {
+			x.err = &xksError{name: AccessDeniedException, message: "the request is not authorized by the key store's policy", cause: errors.New(d.Reason)}
+			return
+		}
+	}
 	if (x.op == opEncrypt || x.op == opDecrypt) && x.ks.disabled[x.keyID] {
 		x.err = newError(InvalidStateException, "the external key is disabled in this key store's configuration")
 		return
 	}
+	if x.op != opHealth {
+		release, xerr := x.ks.admit()
+		if xerr != nil {
+			x.err = xerr
+			return
+		}
+		defer release()
+	}
 
-	ctx := r.Context()
+	ctx, cancel := context.WithDeadline(r.Context(), x.start.Add(time.Duration(x.ks.Deadline)))
+	defer cancel()
 	hsmStart := time.Now()
 	switch x.op {
 	case opHealth:
@@ -307,10 +398,13 @@ func (h *Handler) log(x *exchange) {
 			zap.String("aws_source_vpce", m.AWSSourceVPCE),
 		)
 	}
+	if x.rule != "" {
+		fields = append(fields, zap.String("authz_rule", x.rule))
+	}
 	if x.err != nil && x.err.cause != nil {
 		fields = append(fields, zap.String("reason", x.err.cause.Error()))
 	}
-	fields = append(fields, zap.Duration("hsm_time", x.hsmTime), zap.Duration("total_time", time.Since(x.start)))
+	fields = append(fields, zap.Duration("hsm_time", x.hsmTime), zap.Duration("total_time", x.elapsed))
 	ce.Write(fields...)
 }
 

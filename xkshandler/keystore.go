@@ -11,8 +11,11 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"golang.org/x/time/rate"
 
+	"github.com/caddy-xks/caddy-xks/authz"
 	"github.com/caddy-xks/caddy-xks/hsm"
+	"github.com/caddy-xks/caddy-xks/internal/placeholder"
 	"github.com/caddy-xks/caddy-xks/sigv4auth"
 )
 
@@ -93,10 +96,42 @@ type KeyStore struct {
 	// proxy's clock, either way. Default: 5m, the spec's value.
 	MaxClockSkew caddy.Duration `json:"max_clock_skew,omitempty"`
 
+	// Authorize is the key store's secondary authorization policy: named
+	// CEL rules over the request's metadata, operation, key and credential
+	// (see package authz). A denied request gets AccessDeniedException and
+	// the log names the rule. GetHealthStatus is never subject to it.
+	// Default: no rules, every authenticated request is allowed.
+	Authorize []authz.Rule `json:"authorize,omitempty"`
+
+	// RateLimit is the key store's request quota in requests per second,
+	// a token bucket refilled at this rate; past it, requests get
+	// ThrottlingException before the HSM is asked. KMS's own default quota
+	// per external key store is 1800. Default: 0, no quota.
+	RateLimit float64 `json:"rate_limit,omitempty"`
+
+	// RateBurst is the token bucket's size: how many requests may arrive
+	// at once above the rate. Default: one second's worth of rate_limit.
+	RateBurst int `json:"rate_burst,omitempty"`
+
+	// MaxConcurrent bounds the requests of this key store doing HSM work at
+	// once; past it, requests get ThrottlingException at once. Default: 0,
+	// bounded only by the HSM backend's session pool.
+	MaxConcurrent int `json:"max_concurrent,omitempty"`
+
+	// Deadline bounds each request, from its arrival to the HSM's answer;
+	// past it the request gets DependencyTimeoutException (HSM work it
+	// started is abandoned, counted, and its session closed when the HSM
+	// returns). KMS waits 250 ms for an answer, network included.
+	// Default: 200ms.
+	Deadline caddy.Duration `json:"deadline,omitempty"`
+
 	verifier *sigv4auth.Verifier
 	backends []*hsm.Backend
 	keys     map[string]bool // nil: every key allowed
 	disabled map[string]bool
+	policy   *authz.Policy
+	limiter  *rate.Limiter // nil: no quota
+	slots    chan struct{} // nil: no bound on concurrent HSM work
 	metadata []byte
 	framing  aadFraming
 }
@@ -128,7 +163,7 @@ func (ks *KeyStore) validate() error {
 		return fmt.Errorf("key store %s: at least one credential is required", ks.URIPath)
 	}
 	for _, c := range ks.Credentials {
-		if !isSecretPlaceholder(c.SecretAccessKey) {
+		if !placeholder.IsSecretReference(c.SecretAccessKey) {
 			return fmt.Errorf("key store %s: the secret access key of %s must be an {env.*} or {file.*} placeholder, so that it never appears in the config", ks.URIPath, c.AccessKeyID)
 		}
 	}
@@ -154,16 +189,10 @@ func (ks *KeyStore) validate() error {
 	if ks.FleetSize < 0 {
 		return fmt.Errorf("key store %s: fleet_size must be positive", ks.URIPath)
 	}
-	return nil
-}
-
-// isSecretPlaceholder reports whether s is exactly one runtime placeholder
-// of the env or file provider.
-func isSecretPlaceholder(s string) bool {
-	if !strings.HasPrefix(s, "{") || !strings.HasSuffix(s, "}") || strings.Count(s, "{") != 1 {
-		return false
+	if ks.RateLimit < 0 || ks.RateBurst < 0 || ks.MaxConcurrent < 0 || ks.Deadline < 0 {
+		return fmt.Errorf("key store %s: rate_limit, rate_burst, max_concurrent and deadline must not be negative", ks.URIPath)
 	}
-	return strings.HasPrefix(s, "{env.") || strings.HasPrefix(s, "{file.")
+	return nil
 }
 
 // provision resolves secrets and builds the key store's runtime state.
@@ -185,7 +214,8 @@ func (ks *KeyStore) provision(app *hsm.App) error {
 		}
 		creds = append(creds, sigv4auth.Credential{AccessKeyID: akid, SecretAccessKey: secret})
 	}
-	verifier, err := sigv4auth.NewVerifier(sigv4auth.Config{
+	var err error
+	ks.verifier, err = sigv4auth.NewVerifier(sigv4auth.Config{
 		Region:      ks.Region,
 		Credentials: creds,
 		MaxSkew:     time.Duration(ks.MaxClockSkew),
@@ -193,7 +223,6 @@ func (ks *KeyStore) provision(app *hsm.App) error {
 	if err != nil {
 		return fmt.Errorf("key store %s: %w", ks.URIPath, err)
 	}
-	ks.verifier = verifier
 
 	ks.backends = ks.backends[:0]
 	for _, name := range ks.HSM {
@@ -228,7 +257,62 @@ func (ks *KeyStore) provision(app *hsm.App) error {
 	if ks.FleetSize == 0 {
 		ks.FleetSize = 1
 	}
+	if ks.policy, err = authz.Compile(ks.Authorize); err != nil {
+		return fmt.Errorf("key store %s: authorize: %w", ks.URIPath, err)
+	}
+	if ks.RateLimit > 0 {
+		burst := ks.RateBurst
+		if burst == 0 {
+			burst = max(int(ks.RateLimit), 1)
+		}
+		ks.limiter = rate.NewLimiter(rate.Limit(ks.RateLimit), burst)
+	}
+	if ks.MaxConcurrent > 0 {
+		ks.slots = make(chan struct{}, ks.MaxConcurrent)
+	}
+	if ks.Deadline == 0 {
+		ks.Deadline = caddy.Duration(defaultDeadline)
+	}
 	return nil
+}
+
+// defaultDeadline leaves KMS's 250 ms for the network and TLS.
+const defaultDeadline = 200 * time.Millisecond
+
+// admit takes a place for one request's HSM work, or says why not: the
+// quota or the bound on concurrent work. release must be called when the
+// work is done.
+func (ks *KeyStore) admit() (release func(), xerr *xksError) {
+	if ks.limiter != nil && !ks.limiter.Allow() {
+		return nil, newError(ThrottlingException, "the key store's request quota is exceeded")
+	}
+	if ks.slots == nil {
+		return func() {}, nil
+	}
+	select {
+	case ks.slots <- struct{}{}:
+		return func() { <-ks.slots }, nil
+	default:
+		return nil, newError(ThrottlingException, "too many requests of this key store are in the HSM")
+	}
+}
+
+// authorize runs the secondary authorization policy.
+func (ks *KeyStore) authorize(x *exchange) authz.Decision {
+	m := x.meta
+	return ks.policy.Evaluate(&authz.Input{
+		Operation:       x.op.String(),
+		KeyStore:        ks.URIPath,
+		ExternalKeyID:   x.keyID,
+		AccessKeyID:     x.akid,
+		AWSPrincipalARN: m.AWSPrincipalARN,
+		KMSOperation:    m.KMSOperation,
+		KMSKeyARN:       m.KMSKeyARN,
+		KMSViaService:   m.KMSViaService,
+		AWSSourceVPC:    m.AWSSourceVPC,
+		AWSSourceVPCE:   m.AWSSourceVPCE,
+		KMSRequestID:    m.KMSRequestID,
+	})
 }
 
 func (ks *KeyStore) allows(keyID string) bool {

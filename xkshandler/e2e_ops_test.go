@@ -1,0 +1,319 @@
+package xkshandler_test
+
+import (
+	"io"
+	"net/http"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// TestSecondaryAuthorization runs a CEL policy through the Caddyfile: one
+// row per rule of the policy, as KMS would send the requests.
+func TestSecondaryAuthorization(t *testing.T) {
+	f := newFixtureWith(t, func(f *fixture) {
+		f.ks1Extra = "\t\t\tauthorize {\n" +
+			"\t\t\t\tdeny no-ebs-encrypt `operation == \"Encrypt\" && via_service == \"ebs\"`\n" +
+			"\t\t\t\tdeny blocked-user `principal == \"arn:aws:iam::111122223333:user/Mallory\"`\n" +
+			"\t\t\t\tallow app-account `glob(principal, \"arn:aws:iam::111122223333:*\")`\n" +
+			"\t\t\t\tallow partner `account_in(principal, [\"444455556666\"]) && operation == \"Decrypt\"`\n" +
+			"\t\t\t}\n"
+	})
+	meta := func(principal, op, via string) string {
+		return `"requestMetadata":{"awsPrincipalArn":"` + principal + `","kmsKeyArn":"arn:aws:kms:us-east-1:111122223333:key/k","kmsOperation":"` + op + `","kmsRequestId":"r-authz","kmsViaService":"` + via + `"}`
+	}
+	encrypt := func(principal, via string) string {
+		return `{` + meta(principal, "GenerateDataKey", via) + `,"plaintext":"AAAA","encryptionAlgorithm":"AES_GCM"}`
+	}
+	r := f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encrypt("arn:aws:iam::111122223333:role/app", ""))
+	if r.status != http.StatusOK {
+		t.Fatalf("encrypt: %d %s", r.status, r.raw)
+	}
+	s := sealed{r.bytes(t, "ciphertext"), r.bytes(t, "initializationVector"), r.bytes(t, "authenticationTag"), r.bytes(t, "ciphertextMetadata")}
+	decrypt := func(principal, kmsOp string) string {
+		b := decryptBody(s, nil)
+		return strings.Replace(b, cryptoMeta, meta(principal, kmsOp, ""), 1)
+	}
+	const path = "/ks1/kms/xks/v1/keys/" + keyBoth
+	tests := []struct {
+		name, op, body string
+		allowed        bool
+		rule           string
+	}{
+		{"principal of the allowed account", "encrypt", encrypt("arn:aws:iam::111122223333:role/app", ""), true, "app-account"},
+		{"principal denied by name", "encrypt", encrypt("arn:aws:iam::111122223333:user/Mallory", ""), false, "blocked-user"},
+		{"kmsViaService condition denies", "encrypt", encrypt("arn:aws:iam::111122223333:role/app", "ebs"), false, "no-ebs-encrypt"},
+		{"kmsViaService condition is per operation", "decrypt", decrypt("arn:aws:iam::111122223333:role/app", "Decrypt"), true, "app-account"},
+		{"wildcard account: other account refused", "encrypt", encrypt("arn:aws:iam::999999999999:role/app", ""), false, ""},
+		{"account list: partner may decrypt", "decrypt", decrypt("arn:aws:sts::444455556666:assumed-role/x/y", "Decrypt"), true, "partner"},
+		{"account list: partner may not encrypt", "encrypt", encrypt("arn:aws:sts::444455556666:assumed-role/x/y", ""), false, ""},
+		{"service principal, no rule matches", "encrypt", encrypt("ec2.amazonaws.com", ""), false, ""},
+		{"unknown kmsOperation goes to the policy", "decrypt", decrypt("arn:aws:iam::111122223333:role/app", "BulkDecrypt"), true, "app-account"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := f.call(f.ks1[0], path+"/"+tt.op, tt.body)
+			if tt.allowed {
+				if r.status != http.StatusOK {
+					t.Fatalf("denied: %d %s", r.status, r.raw)
+				}
+				return
+			}
+			expectError(t, r, http.StatusForbidden, "AccessDeniedException")
+		})
+	}
+	// Health is never subject to the policy, even signed by nobody it
+	// would allow.
+	if r := f.call(f.ks1[0], "/ks1/kms/xks/v1/health", healthBody); r.status != http.StatusOK {
+		t.Errorf("health under a policy: %d %s", r.status, r.raw)
+	}
+	// The log names the rule that denied.
+	logs, err := os.ReadFile(f.logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, rule := range []string{"blocked-user", "no-ebs-encrypt"} {
+		if !strings.Contains(string(logs), `"authz_rule":"`+rule+`"`) {
+			t.Errorf("no log line names the rule %s", rule)
+		}
+	}
+	if !strings.Contains(string(logs), "no allow rule matched") {
+		t.Error("no log line says that no allow rule matched")
+	}
+}
+
+func TestPolicyThatFailsToCompileIsAConfigError(t *testing.T) {
+	f := newFixture(t)
+	f.ks1Extra = "\t\t\tauthorize {\n\t\t\t\tallow broken `principal ==`\n\t\t\t}\n"
+	err := loadErr(f)
+	if err == nil || !strings.Contains(err.Error(), "authorize: rule") || !strings.Contains(err.Error(), "broken") {
+		t.Fatalf("loading a policy with a syntax error: %v", err)
+	}
+}
+
+// loadErr loads the fixture's config through the admin API and returns the
+// error the load failed with, if any. The running config stays.
+func loadErr(f *fixture) error {
+	f.t.Helper()
+	defer func() { f.ks1Extra = "" }()
+	cfg := f.config(1)
+	req, err := http.NewRequest(http.MethodPost, "http://"+adminAddr+"/load", strings.NewReader(cfg))
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "text/caddyfile")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode == http.StatusOK {
+		return nil
+	}
+	return &loadError{string(body)}
+}
+
+type loadError struct{ msg string }
+
+func (e *loadError) Error() string { return e.msg }
+
+func TestRateLimitIsThrottlingWithoutTheHSM(t *testing.T) {
+	f, shim := newFaultFixture(t, "")
+	f.ks1Extra = "\t\t\trate_limit 1 5\n"
+	f.load(2)
+	before := shim.Calls("C_EncryptInit")
+	var throttled, ok int
+	for range 8 {
+		r := f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encryptBody([]byte("x"), nil, false))
+		switch {
+		case r.status == http.StatusOK:
+			ok++
+		case r.str("errorName") == "ThrottlingException" && r.status == http.StatusTooManyRequests:
+			throttled++
+		default:
+			t.Fatalf("unexpected answer %d %s", r.status, r.raw)
+		}
+	}
+	if ok > 6 || throttled < 2 {
+		t.Fatalf("%d served, %d throttled with a burst of 5 at 1/s", ok, throttled)
+	}
+	if got := shim.Calls("C_EncryptInit") - before; got != ok {
+		t.Fatalf("the HSM saw %d encryptions for %d served requests: throttled ones reached it", got, ok)
+	}
+	// Health is not counted against the quota.
+	if r := f.call(f.ks1[0], "/ks1/kms/xks/v1/health", healthBody); r.status != http.StatusOK {
+		t.Errorf("health when the quota is spent: %d %s", r.status, r.raw)
+	}
+}
+
+func TestMaxConcurrentIsThrottling(t *testing.T) {
+	f, shim := newFaultFixture(t, "\t\t\tcall_timeout 2s")
+	f.ks1Extra = "\t\t\tmax_concurrent 1\n\t\t\tdeadline 2s\n"
+	f.load(2)
+	shim.Set("C_Encrypt=sleep:500")
+	var wg sync.WaitGroup
+	var slow response
+	wg.Go(func() {
+		slow = f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encryptBody([]byte("x"), nil, false))
+	})
+	time.Sleep(150 * time.Millisecond)
+	start := time.Now()
+	r := f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/metadata", metaBody)
+	expectError(t, r, http.StatusTooManyRequests, "ThrottlingException")
+	if d := time.Since(start); d > 100*time.Millisecond {
+		t.Errorf("throttling took %s; it must not wait", d)
+	}
+	wg.Wait()
+	if slow.status != http.StatusOK {
+		t.Errorf("the slow request: %d %s", slow.status, slow.raw)
+	}
+}
+
+func TestDeadlineIsDependencyTimeout(t *testing.T) {
+	f, shim := newFaultFixture(t, "\t\t\tcall_timeout 5s")
+	f.ks1Extra = "\t\t\tdeadline 100ms\n"
+	f.load(2)
+	shim.Set("C_Encrypt=sleep:700")
+	start := time.Now()
+	r := f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encryptBody([]byte("x"), nil, false))
+	expectError(t, r, http.StatusServiceUnavailable, "DependencyTimeoutException")
+	if d := time.Since(start); d > 500*time.Millisecond {
+		t.Errorf("the answer took %s with a 100ms deadline", d)
+	}
+	// The abandoned HSM call is accounted for while it runs.
+	if m := f.metrics(); !regexp.MustCompile(`caddy_xks_hsm_stuck_calls\{backend="main"\} 1\b`).MatchString(m) {
+		t.Errorf("the abandoned call is not in the metrics:\n%s", grepLines(m, "stuck"))
+	}
+	shim.Set()
+}
+
+// metrics fetches the admin endpoint's Prometheus metrics.
+func (f *fixture) metrics() string {
+	f.t.Helper()
+	resp, err := http.Get("http://" + adminAddr + "/metrics")
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return string(b)
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, line := range strings.Split(s, "\n") {
+		if strings.Contains(line, sub) {
+			out = append(out, line)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// metricValue reads one sample's value, -1 when absent.
+func metricValue(t testing.TB, metrics, sample string) float64 {
+	t.Helper()
+	for _, line := range strings.Split(metrics, "\n") {
+		if v, ok := strings.CutPrefix(line, sample+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return f
+		}
+	}
+	return -1
+}
+
+func TestMetrics(t *testing.T) {
+	f := newFixture(t)
+	f.encrypt(f.ks1[0], "/ks1", keyBoth, []byte("x"), nil)
+	expectError(t, f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyMissing+"/metadata", metaBody), 404, "KeyNotFoundException")
+	okSample := `caddy_xks_requests_total{key_store="/ks1/kms/xks/v1",operation="Encrypt",outcome="ok"}`
+	m := f.metrics()
+	before := metricValue(t, m, okSample)
+	if before < 1 || metricValue(t, m, `caddy_xks_requests_total{key_store="/ks1/kms/xks/v1",operation="GetKeyMetadata",outcome="KeyNotFoundException"}`) < 1 {
+		t.Fatalf("request counters missing:\n%s", grepLines(m, "caddy_xks_requests_total"))
+	}
+	for _, name := range []string{
+		`caddy_xks_request_duration_seconds_count{key_store="/ks1/kms/xks/v1",operation="Encrypt"}`,
+		`caddy_xks_hsm_duration_seconds_count{key_store="/ks1/kms/xks/v1",operation="Encrypt"}`,
+		`caddy_xks_hsm_sessions_in_use{backend="main"}`,
+		`caddy_xks_hsm_sessions_idle{backend="main"}`,
+		`caddy_xks_hsm_session_waiters{backend="main"}`,
+		`caddy_xks_hsm_health{backend="main",status="ACTIVE"}`,
+	} {
+		if metricValue(t, m, name) < 0 {
+			t.Errorf("no sample %s", name)
+		}
+	}
+	if v := metricValue(t, m, `caddy_xks_hsm_health{backend="main",status="ACTIVE"}`); v != 1 {
+		t.Errorf("backend health ACTIVE = %v", v)
+	}
+	// The counters survive a reload.
+	f.load(7)
+	f.encrypt(f.ks1[0], "/ks1", keyBoth, []byte("x"), nil)
+	if after := metricValue(t, f.metrics(), okSample); after != before+1 {
+		t.Errorf("after a reload the counter is %v, want %v", after, before+1)
+	}
+}
+
+func TestReadyPath(t *testing.T) {
+	f, shim := newFaultFixture(t, "\t\t\thealth_ttl 1ms")
+	f.xksExtra = "\t\tready_path /ready\n"
+	f.load(2)
+	get := func() int {
+		resp, err := f.tester.Client.Get(origin + "/ready")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		if strings.Contains(string(body), "CKR") || strings.Contains(string(body), "SoftHSM") {
+			t.Errorf("the readiness answer tells details: %q", body)
+		}
+		return resp.StatusCode
+	}
+	if code := get(); code != http.StatusOK {
+		t.Fatalf("ready with a healthy HSM: %d", code)
+	}
+	shim.Set("C_EncryptInit=0x30")
+	time.Sleep(10 * time.Millisecond) // past the 1ms health cache
+	if code := get(); code != http.StatusServiceUnavailable {
+		t.Fatalf("ready with a failing HSM: %d; health: %s", code, f.call(f.ks1[0], "/ks1/kms/xks/v1/health", healthBody).raw)
+	}
+	shim.Set()
+}
+
+func TestCertificatePreflight(t *testing.T) {
+	f := newFixture(t)
+	if r := f.call(f.ks1[0], "/ks1/kms/xks/v1/health", healthBody); r.status != http.StatusOK {
+		t.Fatalf("health: %d %s", r.status, r.raw)
+	}
+	// The test's self-signed certificate is not from a CA KMS trusts: the
+	// preflight must say so, for the name the request used.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		logs, err := os.ReadFile(f.logFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(logs), "AWS KMS would refuse this server certificate") && strings.Contains(string(logs), `"hostname":"localhost"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no preflight warning in the log:\n%s", grepLines(string(logs), "certificate"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if v := metricValue(t, f.metrics(), `caddy_xks_certificate_expiry_timestamp_seconds{hostname="localhost"}`); v < float64(time.Now().Unix()) {
+		t.Errorf("certificate expiry metric = %v", v)
+	}
+}
