@@ -223,7 +223,7 @@ func runLoad(ctx context.Context, c *xksClient, ops []benchOp, rate float64, con
 	return stats
 }
 
-func cmdBench(fl caddycmd.Flags) (int, error) {
+func cmdBench(fl caddycmd.Flags, out io.Writer) (int, error) {
 	target := fl.Arg(0)
 	if target == "" {
 		return caddy.ExitCodeFailedStartup, errors.New("usage: caddy xks bench <key store URL> (see --help)")
@@ -256,7 +256,7 @@ func cmdBench(fl caddycmd.Flags) (int, error) {
 	}
 	fmt.Fprintf(os.Stderr, "%s: %s for %s, %d concurrent\n", c.base, mode, duration, concurrency)
 	stats := runLoad(ctx, c, ops, rate, concurrency, duration, os.Stderr)
-	printBench(os.Stdout, stats, duration)
+	printBench(out, stats, duration)
 	if len(stats.errors) > 0 {
 		return caddy.ExitCodeFailedStartup, errors.New("some requests failed (see the errors above)")
 	}

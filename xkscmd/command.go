@@ -1,39 +1,46 @@
 package xkscmd
 
 import (
+	"io"
+
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 )
 
-func init() {
-	caddycmd.RegisterCommand(caddycmd.Command{
-		Name:  "xks",
-		Short: "Operates the AWS KMS external key store proxy",
-		Long: `
-Commands for operating caddy-xks with the same config as 'caddy run':
-generate and list HSM keys, make SigV4 credentials and write the proxy
-configuration file that the AWS KMS console imports.
+// subcommand is one `caddy xks` command. Its flags are defined by a
+// function so that the registration and the tests build the very same set.
+type subcommand struct {
+	name  string
+	use   string
+	short string
+	long  string
+	flags func(*pflag.FlagSet)
+	// run writes its results to out (standard output when run by caddy).
+	run func(fl caddycmd.Flags, out io.Writer) (int, error)
+}
 
-Secrets are never taken as flags (they would show in ps and shell history):
-the HSM PIN and SigV4 secrets are read through the config's {env.*} and
-{file.*} placeholders.`,
-		CobraFunc: func(cmd *cobra.Command) {
-			clientFlags := func(c *cobra.Command) {
-				c.Flags().String("proxy-config", "", "KMS console proxy configuration file with the key store path and credential")
-				c.Flags().String("access-key-id", "", "SigV4 access key id (without --proxy-config)")
-				c.Flags().String("secret-file", "", "File holding the SigV4 secret access key (without --proxy-config)")
-				c.Flags().String("region", "us-east-1", "AWS region the key store is configured with")
-				c.Flags().String("cacert", "", "Trust this CA (PEM) for the proxy's certificate, for local use")
-			}
-			configFlags := func(c *cobra.Command) {
-				c.Flags().StringP("config", "c", "", "Configuration file (default: ./Caddyfile)")
-				c.Flags().StringP("adapter", "a", "", "Name of config adapter to apply")
-			}
+// configFlags are the flags of commands that read the proxy's config.
+func configFlags(fs *pflag.FlagSet) {
+	fs.StringP("config", "c", "", "Configuration file (default: ./Caddyfile)")
+	fs.StringP("adapter", "a", "", "Name of config adapter to apply")
+}
 
-			keygen := &cobra.Command{
-				Use:   "keygen --label <external key id> [--backend <name>] [--config <file>]",
-				Short: "Creates an AES-256 key in an HSM backend and proves it works",
-				Long: `
+// clientFlags are the flags of commands that call a running proxy.
+func clientFlags(fs *pflag.FlagSet) {
+	fs.String("proxy-config", "", "KMS console proxy configuration file with the key store path and credential")
+	fs.String("access-key-id", "", "SigV4 access key id (without --proxy-config)")
+	fs.String("secret-file", "", "File holding the SigV4 secret access key (without --proxy-config)")
+	fs.String("region", "us-east-1", "AWS region the key store is configured with")
+	fs.String("cacert", "", "Trust this CA (PEM) for the proxy's certificate, for local use")
+}
+
+var subcommands = []subcommand{
+	{
+		name:  "keygen",
+		use:   "keygen --label <external key id> [--backend <name>] [--config <file>]",
+		short: "Creates an AES-256 key in an HSM backend and proves it works",
+		long: `
 Creates a token AES-256 key labelled with the external key id, with the
 secure template: sensitive, never extractable, not modifiable, usable for
 encrypt and decrypt only (CKA_PRIVATE as the backend's private_keys says).
@@ -42,55 +49,63 @@ be AES_256 with ENCRYPT and DECRYPT) and runs an encrypt/decrypt round trip.
 
 --usage limits what the key may do (encrypt, decrypt or none); it exists to
 make keys for conformance tests and should not be used for production keys.`,
-				RunE: caddycmd.WrapCommandFuncForCobra(cmdKeygen),
-			}
-			configFlags(keygen)
-			keygen.Flags().StringP("label", "l", "", "External key id: the key's CKA_LABEL and CKA_ID (required)")
-			keygen.Flags().StringP("backend", "b", "", "HSM backend name from the config (default: the only one)")
-			keygen.Flags().String("usage", "encrypt,decrypt", "What the key may do: encrypt, decrypt, both, or none")
-
-			keys := &cobra.Command{
-				Use:   "keys [--backend <name>] [--config <file>] [--labels]",
-				Short: "Lists the AES keys in an HSM backend with their metadata",
-				RunE:  caddycmd.WrapCommandFuncForCobra(cmdKeys),
-			}
-			configFlags(keys)
-			keys.Flags().StringP("backend", "b", "", "HSM backend name from the config (default: the only one)")
-			keys.Flags().Bool("labels", false, "Print only the labels, one per line")
-
-			credential := &cobra.Command{
-				Use:   "credential [--secret-file <file>]",
-				Short: "Makes a new SigV4 credential for a key store",
-				Long: `
+		flags: func(fs *pflag.FlagSet) {
+			configFlags(fs)
+			fs.StringP("label", "l", "", "External key id: the key's CKA_LABEL and CKA_ID (required)")
+			fs.StringP("backend", "b", "", "HSM backend name from the config (default: the only one)")
+			fs.String("usage", "encrypt,decrypt", "What the key may do: encrypt, decrypt, both, or none")
+		},
+		run: cmdKeygen,
+	},
+	{
+		name:  "keys",
+		use:   "keys [--backend <name>] [--config <file>] [--labels]",
+		short: "Lists the AES keys in an HSM backend with their metadata",
+		flags: func(fs *pflag.FlagSet) {
+			configFlags(fs)
+			fs.StringP("backend", "b", "", "HSM backend name from the config (default: the only one)")
+			fs.Bool("labels", false, "Print only the labels, one per line")
+		},
+		run: cmdKeys,
+	},
+	{
+		name:  "credential",
+		use:   "credential [--secret-file <file>]",
+		short: "Makes a new SigV4 credential for a key store",
+		long: `
 Prints a new access key id (24 characters of A-Z and 2-7) and secret access
 key (44 characters of Base64, 264 bits from the system's CSPRNG) that meet
 AWS KMS's rules for external key store credentials. With --secret-file the
 secret is written to that file (mode 0600) and only the access key id is
 printed, ready for a {file.*} placeholder in the config.`,
-				RunE: caddycmd.WrapCommandFuncForCobra(cmdCredential),
-			}
-			credential.Flags().String("secret-file", "", "Write the secret access key to this file instead of printing it")
-
-			proxyConfig := &cobra.Command{
-				Use:   "proxy-config [--key-store <uri path>] [--access-key-id <id>] [--output <file>] [--config <file>]",
-				Short: "Writes the proxy configuration file the KMS console imports",
-				Long: `
+		flags: func(fs *pflag.FlagSet) {
+			fs.String("secret-file", "", "Write the secret access key to this file instead of printing it")
+		},
+		run: cmdCredential,
+	},
+	{
+		name:  "proxy-config",
+		use:   "proxy-config [--key-store <uri path>] [--access-key-id <id>] [--output <file>] [--config <file>]",
+		short: "Writes the proxy configuration file the KMS console imports",
+		long: `
 Writes, for one key store of the config, the JSON file that the AWS KMS
 console accepts when an external key store is created or edited:
 its XksProxyUriPath and one SigV4 credential (the first one, or the one
 named by --access-key-id). The file holds the raw secret: it is written with
 mode 0600; hand it only to those who administer the key store in AWS.`,
-				RunE: caddycmd.WrapCommandFuncForCobra(cmdProxyConfig),
-			}
-			configFlags(proxyConfig)
-			proxyConfig.Flags().String("key-store", "", "URI path of the key store (default: the only one)")
-			proxyConfig.Flags().String("access-key-id", "", "Credential to export (default: the key store's first)")
-			proxyConfig.Flags().StringP("output", "o", "", "Write to this file (mode 0600) instead of standard output")
-
-			bench := &cobra.Command{
-				Use:   "bench <key store URL> [--proxy-config <file>] [--rate <req/s>] [--concurrency <n>] [--duration <d>] [--mix encrypt=1,decrypt=1] [--plaintext <bytes>]",
-				Short: "Loads a running proxy with signed XKS calls and reports latency",
-				Long: `
+		flags: func(fs *pflag.FlagSet) {
+			configFlags(fs)
+			fs.String("key-store", "", "URI path of the key store (default: the only one)")
+			fs.String("access-key-id", "", "Credential to export (default: the key store's first)")
+			fs.StringP("output", "o", "", "Write to this file (mode 0600) instead of standard output")
+		},
+		run: cmdProxyConfig,
+	},
+	{
+		name:  "bench",
+		use:   "bench <key store URL> [--proxy-config <file>] [--rate <req/s>] [--concurrency <n>] [--duration <d>] [--mix encrypt=1,decrypt=1] [--plaintext <bytes>]",
+		short: "Loads a running proxy with signed XKS calls and reports latency",
+		long: `
 Sends SigV4-signed XKS calls to a running proxy, at a fixed rate (--rate,
 latency counted from when each request was due) or as fast as
 --concurrency allows (--rate 0), for --duration, with a mix of operations
@@ -104,18 +119,47 @@ https://xks.example.com/prod/kms/xks/v1; with --proxy-config (the KMS
 console file) the path and credential come from the file and the URL may be
 just https://xks.example.com. --raw sends the Encrypt request to the URL as
 given, to measure a plain route of the same server as a baseline.`,
-				RunE: caddycmd.WrapCommandFuncForCobra(cmdBench),
-			}
-			clientFlags(bench)
-			bench.Flags().String("key", "demo-key", "External key id to use")
-			bench.Flags().Float64("rate", 0, "Requests per second; 0 sends as fast as possible")
-			bench.Flags().Int("concurrency", 16, "Requests in flight at most")
-			bench.Flags().String("duration", "10s", "How long to send")
-			bench.Flags().String("mix", "encrypt=1", "Operations and their weights")
-			bench.Flags().Int("plaintext", 32, "Plaintext size in bytes")
-			bench.Flags().Bool("raw", false, "Send the Encrypt request to the URL as given (baseline)")
+		flags: func(fs *pflag.FlagSet) {
+			clientFlags(fs)
+			fs.String("key", "demo-key", "External key id to use")
+			fs.Float64("rate", 0, "Requests per second; 0 sends as fast as possible")
+			fs.Int("concurrency", 16, "Requests in flight at most")
+			fs.String("duration", "10s", "How long to send")
+			fs.String("mix", "encrypt=1", "Operations and their weights")
+			fs.Int("plaintext", 32, "Plaintext size in bytes")
+			fs.Bool("raw", false, "Send the Encrypt request to the URL as given (baseline)")
+		},
+		run: cmdBench,
+	},
+}
 
-			cmd.AddCommand(keygen, keys, credential, proxyConfig, bench)
+func init() {
+	caddycmd.RegisterCommand(caddycmd.Command{
+		Name:  "xks",
+		Short: "Operates the AWS KMS external key store proxy",
+		Long: `
+Commands for operating caddy-xks with the same config as 'caddy run':
+generate and list HSM keys, make SigV4 credentials, write the proxy
+configuration file that the AWS KMS console imports, and load a running
+proxy as KMS would call it.
+
+Secrets are never taken as flags (they would show in ps and shell history):
+the HSM PIN and SigV4 secrets are read through the config's {env.*} and
+{file.*} placeholders, or from files.`,
+		CobraFunc: func(cmd *cobra.Command) {
+			for _, sc := range subcommands {
+				c := &cobra.Command{
+					Use:   sc.use,
+					Short: sc.short,
+					Long:  sc.long,
+				}
+				c.RunE = func(c *cobra.Command, args []string) error {
+					run := func(fl caddycmd.Flags) (int, error) { return sc.run(fl, c.OutOrStdout()) }
+					return caddycmd.WrapCommandFuncForCobra(run)(c, args)
+				}
+				sc.flags(c.Flags())
+				cmd.AddCommand(c)
+			}
 		},
 	})
 }

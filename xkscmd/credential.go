@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 
 	"github.com/caddyserver/caddy/v2"
@@ -36,7 +37,7 @@ func newCredential() (sigv4auth.Credential, error) {
 	return c, sigv4auth.ValidateCredential(c)
 }
 
-func cmdCredential(fl caddycmd.Flags) (int, error) {
+func cmdCredential(fl caddycmd.Flags, out io.Writer) (int, error) {
 	c, err := newCredential()
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
@@ -45,10 +46,10 @@ func cmdCredential(fl caddycmd.Flags) (int, error) {
 		if err := writeSecretFile(file, []byte(c.SecretAccessKey+"\n")); err != nil {
 			return caddy.ExitCodeFailedStartup, err
 		}
-		fmt.Println(c.AccessKeyID)
+		fmt.Fprintln(out, c.AccessKeyID)
 		return caddy.ExitCodeSuccess, nil
 	}
-	fmt.Printf("access_key_id     %s\nsecret_access_key %s\n", c.AccessKeyID, c.SecretAccessKey)
+	fmt.Fprintf(out, "access_key_id     %s\nsecret_access_key %s\n", c.AccessKeyID, c.SecretAccessKey)
 	return caddy.ExitCodeSuccess, nil
 }
 
@@ -81,7 +82,7 @@ type consoleCredential struct {
 	RawSecretAccessKey string `json:"RawSecretAccessKey"`
 }
 
-func cmdProxyConfig(fl caddycmd.Flags) (int, error) {
+func cmdProxyConfig(fl caddycmd.Flags, w io.Writer) (int, error) {
 	pc, err := loadProxyConfig(fl.String("config"), fl.String("adapter"))
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
@@ -118,7 +119,7 @@ func cmdProxyConfig(fl caddycmd.Flags) (int, error) {
 			}
 			return caddy.ExitCodeSuccess, nil
 		}
-		_, err = os.Stdout.Write(out)
+		_, err = w.Write(out)
 		return caddy.ExitCodeSuccess, err
 	}
 	return caddy.ExitCodeFailedStartup, fmt.Errorf("key store %s has no credential %q", ks.URIPath, want)

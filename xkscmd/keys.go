@@ -6,7 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"os"
+	"io"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -58,7 +58,7 @@ func parseUsage(s string) (hsm.Usage, error) {
 	return u, nil
 }
 
-func cmdKeygen(fl caddycmd.Flags) (int, error) {
+func cmdKeygen(fl caddycmd.Flags, out io.Writer) (int, error) {
 	label := fl.String("label")
 	if label == "" {
 		return caddy.ExitCodeFailedStartup, errors.New("--label is required: it becomes the external key id")
@@ -82,7 +82,7 @@ func cmdKeygen(fl caddycmd.Flags) (int, error) {
 	if err := proveKey(ctx, b, label, usage); err != nil {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("key %q was created but failed its check: %w", label, err)
 	}
-	fmt.Printf("created key %q in backend %s: %s %s %s\n", label, b.Name(), md.KeySpec, strings.Join(md.KeyUsage, ","), md.KeyStatus)
+	fmt.Fprintf(out, "created key %q in backend %s: %s %s %s\n", label, b.Name(), md.KeySpec, strings.Join(md.KeyUsage, ","), md.KeyStatus)
 	return caddy.ExitCodeSuccess, nil
 }
 
@@ -127,7 +127,7 @@ func proveKey(ctx context.Context, b *hsm.Backend, label string, usage hsm.Usage
 	return nil
 }
 
-func cmdKeys(fl caddycmd.Flags) (int, error) {
+func cmdKeys(fl caddycmd.Flags, out io.Writer) (int, error) {
 	b, err := openBackend(fl)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
@@ -141,11 +141,11 @@ func cmdKeys(fl caddycmd.Flags) (int, error) {
 	}
 	if fl.Bool("labels") {
 		for _, k := range keys {
-			fmt.Println(k.Label)
+			fmt.Fprintln(out, k.Label)
 		}
 		return caddy.ExitCodeSuccess, nil
 	}
-	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LABEL\tKEY SPEC\tUSAGE\tSTATUS")
 	for _, k := range keys {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", k.Label, k.KeySpec, strings.Join(k.KeyUsage, ","), k.KeyStatus)
