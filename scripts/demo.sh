@@ -35,7 +35,7 @@ umask 077
 if [ ! -s "$demo/pin" ]; then
 	head -c 12 /dev/urandom | base64 | tr -d '/+=' >"$demo/pin"
 fi
-if ! softhsm2-util --show-slots 2>/dev/null | grep -q "Label: *$token\$"; then
+if ! softhsm2-util --show-slots 2>/dev/null | grep -Eq "Label: *$token *\$"; then
 	echo "creating SoftHSM2 token $token"
 	softhsm2-util --init-token --free --label "$token" --pin "$(cat "$demo/pin")" \
 		--so-pin "$(head -c 12 /dev/urandom | base64 | tr -d '/+=')" >/dev/null
@@ -96,4 +96,7 @@ Try it from another terminal:
 
 EOF
 
+# XKS_DEMO_SETUP_ONLY=1 prepares .demo/ without running the proxy (used by
+# scripts/loadtest.sh).
+[ "${XKS_DEMO_SETUP_ONLY:-}" = 1 ] && exit 0
 exec "$caddy" run "${config[@]}"
