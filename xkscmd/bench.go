@@ -3,7 +3,6 @@ package xkscmd
 import (
 	"context"
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -54,7 +53,13 @@ func parseMix(s string) (map[string]int, error) {
 	return mix, nil
 }
 
-const benchMetadata = `"requestMetadata":{"awsPrincipalArn":"arn:aws:iam::111122223333:role/caddy-xks-bench","kmsKeyArn":"arn:aws:kms:us-east-1:111122223333:key/caddy-xks-bench","kmsOperation":"Encrypt","kmsRequestId":"caddy-xks-bench"}`
+// benchMetadata is the requestMetadata of the load's calls.
+var benchMetadata = requestMetadata{
+	AWSPrincipalARN: "arn:aws:iam::111122223333:role/caddy-xks-bench",
+	KMSKeyARN:       "arn:aws:kms:us-east-1:111122223333:key/caddy-xks-bench",
+	KMSOperation:    "Encrypt",
+	KMSRequestID:    "caddy-xks-bench",
+}
 
 // benchOps builds the mix's requests. Decrypt needs a ciphertext, which is
 // made with one Encrypt first.
@@ -63,8 +68,7 @@ func benchOps(ctx context.Context, c *xksClient, key string, mix map[string]int,
 	if _, err := rand.Read(pt); err != nil {
 		return nil, err
 	}
-	enc := base64.StdEncoding.EncodeToString
-	encryptBody := []byte(fmt.Sprintf(`{%s,"plaintext":"%s","encryptionAlgorithm":"AES_GCM"}`, benchMetadata, enc(pt)))
+	encryptBody := mustJSON(encryptRequest{RequestMetadata: benchMetadata, Plaintext: pt, Algorithm: "AES_GCM"})
 	if raw {
 		// A route that is not the XKS API: the same signed Encrypt request,
 		// sent to the URL as given, for a baseline of TLS and HTTP alone.
@@ -82,9 +86,9 @@ func benchOps(ctx context.Context, c *xksClient, key string, mix map[string]int,
 		case "encrypt":
 			op.path, op.body = keyPath+"encrypt", encryptBody
 		case "metadata":
-			op.path, op.body = keyPath+"metadata", []byte(`{`+benchMetadata+`}`)
+			op.path, op.body = keyPath+"metadata", mustJSON(metadataOnlyRequest{RequestMetadata: benchMetadata})
 		case "health":
-			op.path, op.body = "/health", []byte(`{"requestMetadata":{"kmsRequestId":"caddy-xks-bench","kmsOperation":"KmsHealthCheck"}}`)
+			op.path, op.body = "/health", mustJSON(metadataOnlyRequest{RequestMetadata: requestMetadata{KMSOperation: "KmsHealthCheck", KMSRequestID: "caddy-xks-bench"}})
 		case "decrypt":
 			r, err := c.call(ctx, http.MethodPost, keyPath+"encrypt", encryptBody, nil)
 			if err != nil {
@@ -93,13 +97,12 @@ func benchOps(ctx context.Context, c *xksClient, key string, mix map[string]int,
 			if r.status != http.StatusOK {
 				return nil, fmt.Errorf("making a ciphertext to decrypt: %s: %s", r.errorName(), r.body)
 			}
-			var s map[string]string
-			if err := json.Unmarshal(r.body, &s); err != nil {
-				return nil, err
+			var sealed encryptResponse
+			if err := json.Unmarshal(r.body, &sealed); err != nil {
+				return nil, fmt.Errorf("making a ciphertext to decrypt: %w", err)
 			}
 			op.path = keyPath + "decrypt"
-			op.body = []byte(fmt.Sprintf(`{%s,"ciphertext":%q,"ciphertextMetadata":%q,"initializationVector":%q,"authenticationTag":%q,"encryptionAlgorithm":"AES_GCM"}`,
-				benchMetadata, s["ciphertext"], s["ciphertextMetadata"], s["initializationVector"], s["authenticationTag"]))
+			op.body = mustJSON(decryptRequestFor(benchMetadata, sealed, nil))
 		}
 		ops = append(ops, op)
 	}
