@@ -75,4 +75,13 @@ out=$(xks keys/demo-key/decrypt "{$meta,\"ciphertext\":\"$ciphertext\",\"ciphert
 out=$(xks keys/demo-encrypt-only/decrypt "{$meta,\"ciphertext\":\"$ciphertext\",\"initializationVector\":\"$iv\",\"authenticationTag\":\"$tag\",\"encryptionAlgorithm\":\"AES_GCM\"}")
 grep -q InvalidKeyUsageException <<<"$out" || fail "decrypt with demo-encrypt-only was not InvalidKeyUsageException: $out"
 
-echo "demo test: health ACTIVE, Encrypt/Decrypt round trip and key usage check passed"
+# Running the demo again reuses its token and keys.
+stop
+XKS_DEMO_SETUP_ONLY=1 XKS_DEMO_PORT=$port bash scripts/demo.sh >>"$log" 2>&1 || fail "second demo setup failed"
+tokens=$(SOFTHSM2_CONF=.demo/softhsm2.conf softhsm2-util --show-slots | grep -Ec 'Label: *xks-demo *$' || true)
+[ "$tokens" = 1 ] || fail "a second run left $tokens tokens labelled xks-demo"
+keys=$(SOFTHSM2_CONF=.demo/softhsm2.conf pkcs11-tool --module "${XKS_HSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}" --token-label xks-demo \
+	--login --pin "$(cat .demo/pin)" --list-objects --type secrkey 2>/dev/null | grep -c 'label:' || true)
+[ "$keys" = 4 ] || fail "a second run left $keys keys on the demo token, want 4"
+
+echo "demo test: health ACTIVE, Encrypt/Decrypt round trip, key usage check and re-run passed"
