@@ -75,6 +75,12 @@ out=$(xks keys/demo-key/decrypt "{$meta,\"ciphertext\":\"$ciphertext\",\"ciphert
 out=$(xks keys/demo-encrypt-only/decrypt "{$meta,\"ciphertext\":\"$ciphertext\",\"initializationVector\":\"$iv\",\"authenticationTag\":\"$tag\",\"encryptionAlgorithm\":\"AES_GCM\"}")
 grep -q InvalidKeyUsageException <<<"$out" || fail "decrypt with demo-encrypt-only was not InvalidKeyUsageException: $out"
 
+# The binary built from xcaddy.json carries every module of the plugin.
+modules=$(bin/caddy list-modules)
+for m in hsm http.handlers.xks tls.client_auth.verifier.xks_subject; do
+	grep -qx "$m" <<<"$modules" || fail "caddy list-modules does not show $m"
+done
+
 # Running the demo again reuses its token and keys.
 stop
 XKS_DEMO_SETUP_ONLY=1 XKS_DEMO_PORT=$port bash scripts/demo.sh >>"$log" 2>&1 || fail "second demo setup failed"
