@@ -408,15 +408,20 @@ func (h *Handler) log(x *exchange) {
 	ce.Write(fields...)
 }
 
+// Version is the caddy-xks release this source is. A build from a
+// published module version reports that version instead.
+const Version = "v0.1.0"
+
+// proxyModel is the xksProxyModel of GetHealthStatus: the product and its
+// version, and Caddy's.
 var proxyModel = sync.OnceValue(func() string {
-	version := "(devel)"
+	version := Version
 	if info, ok := debug.ReadBuildInfo(); ok {
-		if info.Main.Path == "github.com/caddy-xks/caddy-xks" {
-			version = info.Main.Version
-		}
-		for _, dep := range info.Deps {
-			if dep.Path == "github.com/caddy-xks/caddy-xks" {
-				version = dep.Version
+		for _, m := range append([]*debug.Module{&info.Main}, info.Deps...) {
+			// A local build (replaced module, or "(devel)") has no version
+			// of its own to report.
+			if m.Path == "github.com/caddy-xks/caddy-xks" && m.Replace == nil && strings.HasPrefix(m.Version, "v") && !strings.HasPrefix(m.Version, "v0.0.0-") {
+				version = m.Version
 			}
 		}
 	}
