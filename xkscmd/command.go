@@ -131,6 +131,54 @@ given, to measure a plain route of the same server as a baseline.`,
 		},
 		run: cmdBench,
 	},
+	{
+		name:  "check",
+		use:   "check <key store URL> [--proxy-config <file>] [--key <id>] [--encrypt-only-key <id>] [--samples <n>]",
+		short: "Checks a running proxy against the XKS API as KMS would call it",
+		long: `
+Calls a running proxy as AWS KMS does (SigV4-signed POSTs, TLS verified
+against the system roots or --cacert) and checks each answer against the
+XKS Proxy API specification. Each check is a row of the table it prints,
+PASS or FAIL with a short detail:
+
+  health               GetHealthStatus answers 200 with a fleet size above 0,
+                       vendor and model strings and 1 to 10 HSMs, each
+                       ACTIVE, DEGRADED or UNAVAILABLE, not all UNAVAILABLE
+  metadata             --key is AES_256, ENCRYPT and DECRYPT, ENABLED: what
+                       KMS's CreateKey requires
+  round trip           Encrypt then Decrypt without AAD, with AAD, with a
+  round trip with AAD  CDIV (recomputed as SHA-256 of AAD, ciphertext
+  CDIV                 metadata, IV, ciphertext and tag), and with a
+  largest request      4300-byte plaintext and 8192-byte AAD; the ciphertext
+                       is as long as the plaintext, the IV 12 or 16 bytes
+                       and the tag 16
+  unknown key          404 KeyNotFoundException
+  wrong secret         401 AuthenticationFailedException (signed with a
+                       random secret and the right access key id)
+  wrong URI prefix     404 InvalidUriPathException ("/invalid" inserted
+                       before /kms/xks/v1)
+  tampered ciphertext  400 InvalidCiphertextException
+  wrong AAD            400 InvalidCiphertextException
+  GET method           405 for a GET of the health URI
+  malformed body       400 ValidationException for a health request of {}
+  encrypt-only CDIV    400 InvalidKeyUsageException for a CDIV Encrypt with
+                       --encrypt-only-key (skipped without it)
+  latency              --samples Encrypt calls one after the other; fails if
+                       their p99 is 250 ms (KMS's timeout) or more
+
+It then prints the p50 and p99 latency and exits non-zero if any check
+failed. The URL and credential are given as for 'caddy xks bench': the key
+store's endpoint plus its URI path, e.g.
+https://xks.example.com/prod/kms/xks/v1, with --access-key-id and
+--secret-file, or the KMS console file with --proxy-config.`,
+		flags: func(fs *pflag.FlagSet) {
+			clientFlags(fs)
+			fs.String("key", "demo-key", "External key id to check, which must be usable by KMS")
+			fs.String("encrypt-only-key", "", "External key id of a key that can encrypt but not decrypt (default: skip that check)")
+			fs.Int("samples", 50, "Encrypt calls to measure latency with")
+		},
+		run: cmdCheck,
+	},
 }
 
 func init() {
@@ -140,8 +188,8 @@ func init() {
 		Long: `
 Commands for operating caddy-xks with the same config as 'caddy run':
 generate and list HSM keys, make SigV4 credentials, write the proxy
-configuration file that the AWS KMS console imports, and load a running
-proxy as KMS would call it.
+configuration file that the AWS KMS console imports, and check or load a
+running proxy as KMS would call it.
 
 Secrets are never taken as flags (they would show in ps and shell history):
 the HSM PIN and SigV4 secrets are read through the config's {env.*} and

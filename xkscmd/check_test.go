@@ -1,0 +1,121 @@
+package xkscmd
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// checkRows are the rows check prints with --encrypt-only-key.
+var checkRows = []string{
+	"health", "metadata", "round trip", "round trip with AAD", "CDIV", "largest request",
+	"unknown key", "wrong secret", "wrong URI prefix", "tampered ciphertext", "wrong AAD",
+	"GET method", "malformed body", "encrypt-only CDIV", "latency",
+}
+
+func TestCheckPassesAgainstACorrectProxy(t *testing.T) {
+	p := startProxy(t)
+	args := append(p.clientArgs(), "--key", keyDemo, "--encrypt-only-key", keyEncryptOnly, "--samples", "20", p.url("/good"))
+	out, err := runCommand(t, "check", args...)
+	t.Logf("caddy xks check:\n%s", out)
+	if err != nil {
+		t.Fatalf("check failed: %v", err)
+	}
+	rows := parseTable(t, out)
+	for _, name := range checkRows {
+		if rows[name].result != "PASS" {
+			t.Errorf("row %q: %+v, want PASS", name, rows[name])
+		}
+	}
+	if len(rows) != len(checkRows) {
+		t.Errorf("%d rows, want %d", len(rows), len(checkRows))
+	}
+	for _, want := range []string{"\np50 ", "\np99 "} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output has no %q line", strings.TrimSpace(want))
+		}
+	}
+}
+
+func TestCheckSkipsEncryptOnlyWithoutItsKey(t *testing.T) {
+	p := startProxy(t)
+	out, err := runCommand(t, "check", append(p.clientArgs(), "--samples", "5", p.url("/good"))...)
+	if err != nil {
+		t.Fatalf("check failed: %v\n%s", err, out)
+	}
+	if _, ok := parseTable(t, out)["encrypt-only CDIV"]; ok {
+		t.Error("the encrypt-only CDIV check ran without --encrypt-only-key")
+	}
+}
+
+// expectFailures checks that exactly the rows named fail, each with a
+// detail containing its wanted text, and that the error counts them.
+func expectFailures(t *testing.T, out string, err error, failing map[string]string) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("check passed:\n%s", out)
+	}
+	rows := parseTable(t, out)
+	for name, row := range rows {
+		want, fails := failing[name]
+		switch {
+		case fails && row.result != "FAIL":
+			t.Errorf("row %q: %+v, want FAIL", name, row)
+		case fails && !strings.Contains(row.detail, want):
+			t.Errorf("row %q: detail %q, want it to say %q", name, row.detail, want)
+		case !fails && row.result != "PASS":
+			t.Errorf("row %q: %+v, want PASS", name, row)
+		}
+	}
+	for name := range failing {
+		if _, ok := rows[name]; !ok {
+			t.Errorf("no row %q", name)
+		}
+	}
+	if msg := err.Error(); !strings.HasPrefix(msg, fmt.Sprintf("%d of ", len(failing))) {
+		t.Errorf("error %q does not count %d failed checks", msg, len(failing))
+	}
+	if t.Failed() {
+		t.Logf("caddy xks check:\n%s", out)
+	}
+}
+
+func TestCheckFailsWithAWrongSecret(t *testing.T) {
+	p := startProxy(t)
+	other, err := newCredential()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.secretFile = writeFile(t, t.TempDir(), "other-secret", other.SecretAccessKey)
+	out, err := runCommand(t, "check", append(p.clientArgs(), "--samples", "5", p.url("/good"))...)
+	// Only the checks answered before authentication, and the one that
+	// expects an authentication failure, pass.
+	auth := "401 AuthenticationFailedException"
+	expectFailures(t, out, err, map[string]string{
+		"health": auth, "metadata": auth, "round trip": auth, "round trip with AAD": auth, "CDIV": auth,
+		"largest request": auth, "unknown key": auth, "tampered ciphertext": auth, "wrong AAD": auth,
+		"malformed body": auth, "latency": auth,
+	})
+}
+
+func TestCheckFailsWithAnAES128Key(t *testing.T) {
+	p := startProxy(t)
+	out, err := runCommand(t, "check", append(p.clientArgs(), "--samples", "5", p.url("/broken"))...)
+	// KMS's CreateKey would refuse the key, and the proxy uses only
+	// AES-256 keys.
+	usage := "InvalidKeyUsageException"
+	expectFailures(t, out, err, map[string]string{
+		"metadata": "AES_128 ENCRYPT,DECRYPT ENABLED: keySpec must be AES_256", "round trip": usage, "round trip with AAD": usage,
+		"CDIV": usage, "largest request": usage, "tampered ciphertext": usage, "wrong AAD": usage, "latency": usage,
+	})
+}
+
+func TestCheckFailsWithAKeyThatCannotDecrypt(t *testing.T) {
+	p := startProxy(t)
+	out, err := runCommand(t, "check", append(p.clientArgs(), "--key", keyEncryptOnly, "--samples", "5", p.url("/good"))...)
+	noDecrypt := "InvalidKeyUsageException"
+	expectFailures(t, out, err, map[string]string{
+		"metadata": "keyUsage must contain ENCRYPT and DECRYPT", "round trip": noDecrypt, "round trip with AAD": noDecrypt,
+		"CDIV": noDecrypt, "largest request": noDecrypt, "tampered ciphertext": noDecrypt, "wrong AAD": noDecrypt,
+	})
+}

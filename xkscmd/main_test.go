@@ -1,0 +1,240 @@
+package xkscmd
+
+import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddytest"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/miekg/pkcs11"
+	"github.com/spf13/pflag"
+
+	_ "github.com/caddy-xks/caddy-xks/caddyfile"
+	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+)
+
+// The tests run each command in-process with the flag set it is registered
+// with, against SoftHSM2 tokens and, for check and bench, a real Caddy with
+// the plugin on loopback.
+
+func TestMain(m *testing.M) { os.Exit(hsmtest.Main(m)) }
+
+// runCommand runs the xks subcommand name with args, as caddy would, and
+// returns what it printed.
+func runCommand(t *testing.T, name string, args ...string) (string, error) {
+	t.Helper()
+	i := slices.IndexFunc(subcommands, func(sc subcommand) bool { return sc.name == name })
+	if i < 0 {
+		t.Fatalf("no subcommand %q", name)
+	}
+	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
+	subcommands[i].flags(fs)
+	if err := fs.Parse(args); err != nil {
+		t.Fatalf("caddy xks %s %s: %v", name, strings.Join(args, " "), err)
+	}
+	var out bytes.Buffer
+	code, err := subcommands[i].run(caddycmd.Flags{FlagSet: fs}, &out)
+	if (code == caddy.ExitCodeSuccess) != (err == nil) {
+		t.Errorf("caddy xks %s: exit code %d with error %v", name, code, err)
+	}
+	return out.String(), err
+}
+
+// writeFile writes a test file readable by the owner only.
+func writeFile(t *testing.T, dir, name, content string) string {
+	t.Helper()
+	path := filepath.Join(dir, name)
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// backendBlock is a pkcs11 backend of the hsm global option for a token,
+// its PIN read from the environment as in production.
+func backendBlock(t *testing.T, name string, tk hsmtest.Token) string {
+	t.Helper()
+	env := "XKSCMD_TEST_PIN_" + strings.ToUpper(name)
+	t.Setenv(env, tk.PIN)
+	return fmt.Sprintf("\t\tpkcs11 %s {\n\t\t\tmodule %s\n\t\t\ttoken %s\n\t\t\tpin {env.%s}\n\t\t\tiv caller\n\t\t}\n", name, tk.Module, tk.Label, env)
+}
+
+const (
+	adminPort = 2997
+	httpsPort = "9447"
+	httpPort  = "9087"
+	region    = "us-east-1"
+)
+
+// Keys of the proxy's tokens.
+const (
+	keyDemo        = "demo-key"
+	keyEncryptOnly = "demo-encrypt-only"
+)
+
+// proxy is a running caddy-xks with two key stores: /good, whose keys are
+// right, and /broken, whose demo-key is an AES-128 key.
+type proxy struct {
+	dir        string
+	cacert     string
+	akid       string
+	secretFile string
+}
+
+func (p proxy) url(keyStore string) string {
+	return "https://localhost:" + httpsPort + keyStore + "/kms/xks/v1"
+}
+
+// clientArgs are the flags that let check and bench call the key store
+// with the proxy's credential.
+func (p proxy) clientArgs() []string {
+	return []string{"--access-key-id", p.akid, "--secret-file", p.secretFile, "--cacert", p.cacert}
+}
+
+func startProxy(t *testing.T) proxy {
+	t.Helper()
+	if !hsmtest.Available() {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	good, broken := hsmtest.NewToken(t), hsmtest.NewToken(t)
+	good.CreateKey(t, keyDemo)
+	good.CreateKey(t, keyEncryptOnly, hsmtest.Usage(pkcs11.CKA_DECRYPT, false))
+	broken.CreateKey(t, keyDemo, hsmtest.Bytes(16))
+
+	p := proxy{dir: t.TempDir()}
+	cred, err := newCredential()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.akid = cred.AccessKeyID
+	p.secretFile = writeFile(t, p.dir, "secret", cred.SecretAccessKey+"\n")
+	t.Setenv("XKSCMD_TEST_SECRET", cred.SecretAccessKey)
+	var key string
+	p.cacert, key = writeCert(t, p.dir)
+
+	config := fmt.Sprintf(`{
+	admin localhost:%[1]d
+	http_port %[2]s
+	https_port %[3]s
+	persist_config off
+	skip_install_trust
+	storage file_system %[4]s
+	log {
+		output file %[5]s
+	}
+	hsm {
+%[6]s%[7]s	}
+}
+
+localhost:%[3]s {
+	tls %[8]s %[9]s
+	xks {
+		key_store /good {
+			hsm main
+			region %[10]s
+			credential %[11]s {env.XKSCMD_TEST_SECRET}
+			keys %[12]s %[13]s
+		}
+		key_store /broken {
+			hsm broken
+			region %[10]s
+			credential %[11]s {env.XKSCMD_TEST_SECRET}
+			keys %[12]s
+		}
+	}
+}
+`, adminPort, httpPort, httpsPort, filepath.Join(p.dir, "storage"), filepath.Join(p.dir, "caddy.log"),
+		backendBlock(t, "main", good), backendBlock(t, "broken", broken), p.cacert, key,
+		region, p.akid, keyDemo, keyEncryptOnly)
+	caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: adminPort}).InitServer(config, "caddyfile")
+	if t.Failed() {
+		t.FailNow()
+	}
+	return p
+}
+
+// writeCert writes a self-signed certificate for localhost, which is also
+// the CA that --cacert trusts. caddytest rewrites *.crt and *.key paths in
+// a config, so the files are .pem.
+func writeCert(t *testing.T, dir string) (certFile, keyFile string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "localhost"},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile = writeFile(t, dir, "cert.pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})))
+	keyFile = writeFile(t, dir, "key.pem", string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})))
+	return certFile, keyFile
+}
+
+// tableRow is one row of check's table.
+type tableRow struct{ result, detail string }
+
+var columnGap = regexp.MustCompile(`\s{2,}`)
+
+// parseTable reads check's table, from its CHECK RESULT DETAIL header to
+// the first blank line.
+func parseTable(t *testing.T, out string) map[string]tableRow {
+	t.Helper()
+	rows := make(map[string]tableRow)
+	in := false
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, "CHECK") {
+			in = true
+			continue
+		}
+		if !in {
+			continue
+		}
+		if strings.TrimSpace(line) == "" {
+			break
+		}
+		f := columnGap.Split(strings.TrimSpace(line), 3)
+		if len(f) < 2 {
+			t.Fatalf("row %q of:\n%s", line, out)
+		}
+		row := tableRow{result: f[1]}
+		if len(f) == 3 {
+			row.detail = f[2]
+		}
+		rows[f[0]] = row
+	}
+	if len(rows) == 0 {
+		t.Fatalf("no table in:\n%s", out)
+	}
+	return rows
+}
