@@ -1,0 +1,161 @@
+package xkscmd
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/miekg/pkcs11"
+
+	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+)
+
+// keygenConfig writes a Caddyfile whose hsm global option has one backend,
+// main, on a new token.
+func keygenConfig(t *testing.T) (hsmtest.Token, string) {
+	t.Helper()
+	if !hsmtest.Available() {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	tk := hsmtest.NewToken(t)
+	config := writeFile(t, t.TempDir(), "Caddyfile", "{\n\thsm {\n"+backendBlock(t, "main", tk)+"\t}\n}\n")
+	return tk, config
+}
+
+// keyRow is the row of `caddy xks keys` for label.
+func keyRow(t *testing.T, config, label string) string {
+	t.Helper()
+	out, err := runCommand(t, "keys", "--config", config)
+	if err != nil {
+		t.Fatalf("keys: %v", err)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if f := strings.Fields(line); len(f) > 0 && f[0] == label {
+			return strings.Join(f, " ")
+		}
+	}
+	t.Fatalf("keys lists no %q:\n%s", label, out)
+	return ""
+}
+
+func boolAttribute(t *testing.T, tk hsmtest.Token, label string, typ uint) bool {
+	t.Helper()
+	return bytes.Equal(tk.Attribute(t, label, typ), []byte{1})
+}
+
+func TestKeygenCreatesASecureKey(t *testing.T) {
+	tk, config := keygenConfig(t)
+	out, err := runCommand(t, "keygen", "--config", config, "--label", "xks-key-1")
+	if err != nil {
+		t.Fatalf("keygen: %v", err)
+	}
+	if want := `created key "xks-key-1" in backend main: AES_256 ENCRYPT,DECRYPT ENABLED`; strings.TrimSpace(out) != want {
+		t.Errorf("keygen printed %q, want %q", out, want)
+	}
+	if got, want := keyRow(t, config, "xks-key-1"), "xks-key-1 AES_256 ENCRYPT,DECRYPT ENABLED"; got != want {
+		t.Errorf("keys: %q, want %q", got, want)
+	}
+	for _, a := range []struct {
+		name string
+		typ  uint
+		want bool
+	}{
+		{"CKA_TOKEN", pkcs11.CKA_TOKEN, true},
+		{"CKA_SENSITIVE", pkcs11.CKA_SENSITIVE, true},
+		{"CKA_EXTRACTABLE", pkcs11.CKA_EXTRACTABLE, false},
+		{"CKA_MODIFIABLE", pkcs11.CKA_MODIFIABLE, false},
+		{"CKA_PRIVATE", pkcs11.CKA_PRIVATE, true},
+		{"CKA_ENCRYPT", pkcs11.CKA_ENCRYPT, true},
+		{"CKA_DECRYPT", pkcs11.CKA_DECRYPT, true},
+		{"CKA_WRAP", pkcs11.CKA_WRAP, false},
+		{"CKA_UNWRAP", pkcs11.CKA_UNWRAP, false},
+	} {
+		if got := boolAttribute(t, tk, "xks-key-1", a.typ); got != a.want {
+			t.Errorf("%s is %v, want %v", a.name, got, a.want)
+		}
+	}
+	if n := binary.NativeEndian.Uint64(tk.Attribute(t, "xks-key-1", pkcs11.CKA_VALUE_LEN)); n != 32 {
+		t.Errorf("CKA_VALUE_LEN is %d, want 32", n)
+	}
+	if id := tk.Attribute(t, "xks-key-1", pkcs11.CKA_ID); string(id) != "xks-key-1" {
+		t.Errorf("CKA_ID is %q, want the label", id)
+	}
+}
+
+func TestKeygenRefusesAnExistingLabel(t *testing.T) {
+	_, config := keygenConfig(t)
+	if _, err := runCommand(t, "keygen", "--config", config, "--label", "xks-key-1"); err != nil {
+		t.Fatalf("keygen: %v", err)
+	}
+	out, err := runCommand(t, "keygen", "--config", config, "--label", "xks-key-1")
+	if err == nil || !strings.Contains(err.Error(), "xks-key-1") {
+		t.Errorf("second keygen of xks-key-1: error %v, want one naming the label", err)
+	}
+	if out != "" {
+		t.Errorf("second keygen printed %q", out)
+	}
+	if labels, _ := runCommand(t, "keys", "--config", config, "--labels"); labels != "xks-key-1\n" {
+		t.Errorf("keys --labels after a refused duplicate: %q", labels)
+	}
+}
+
+func TestKeygenUsage(t *testing.T) {
+	tk, config := keygenConfig(t)
+	for _, tc := range []struct {
+		usage, label, row string
+		encrypt, decrypt  bool
+	}{
+		{"encrypt", "enc-only", "enc-only AES_256 ENCRYPT ENABLED", true, false},
+		{"decrypt", "dec-only", "dec-only AES_256 DECRYPT ENABLED", false, true},
+		{"none", "no-usage", "no-usage AES_256 ENABLED", false, false},
+	} {
+		t.Run(tc.usage, func(t *testing.T) {
+			if _, err := runCommand(t, "keygen", "--config", config, "--label", tc.label, "--usage", tc.usage); err != nil {
+				t.Fatalf("keygen --usage %s: %v", tc.usage, err)
+			}
+			if got := keyRow(t, config, tc.label); got != tc.row {
+				t.Errorf("keys: %q, want %q", got, tc.row)
+			}
+			if got := boolAttribute(t, tk, tc.label, pkcs11.CKA_ENCRYPT); got != tc.encrypt {
+				t.Errorf("CKA_ENCRYPT is %v, want %v", got, tc.encrypt)
+			}
+			if got := boolAttribute(t, tk, tc.label, pkcs11.CKA_DECRYPT); got != tc.decrypt {
+				t.Errorf("CKA_DECRYPT is %v, want %v", got, tc.decrypt)
+			}
+		})
+	}
+	if _, err := runCommand(t, "keygen", "--config", config, "--label", "bad", "--usage", "sign"); err == nil {
+		t.Error("keygen --usage sign succeeded")
+	}
+}
+
+func TestKeygenNeedsALabel(t *testing.T) {
+	_, config := keygenConfig(t)
+	if _, err := runCommand(t, "keygen", "--config", config); err == nil || !strings.Contains(err.Error(), "--label") {
+		t.Errorf("keygen without --label: error %v, want one naming --label", err)
+	}
+}
+
+func TestKeysLabels(t *testing.T) {
+	_, config := keygenConfig(t)
+	var want []string
+	for i := range 3 {
+		label := fmt.Sprintf("xks-key-%d", i)
+		if _, err := runCommand(t, "keygen", "--config", config, "--label", label); err != nil {
+			t.Fatalf("keygen %s: %v", label, err)
+		}
+		want = append(want, label)
+	}
+	out, err := runCommand(t, "keys", "--config", config, "--labels")
+	if err != nil {
+		t.Fatalf("keys --labels: %v", err)
+	}
+	got := strings.Fields(out)
+	slices.Sort(got)
+	if !slices.Equal(got, want) {
+		t.Errorf("keys --labels printed %q, want the labels %q one per line", out, want)
+	}
+}
