@@ -196,6 +196,12 @@ func runLoad(ctx context.Context, c *xksClient, ops []benchOp, rate float64, con
 		interval := time.Duration(float64(time.Second) / rate)
 		for n := 0; ; n++ {
 			at := start.Add(time.Duration(n) * interval)
+			// A call due at the end itself is not part of the run: without
+			// this, the timer and the deadline race, and a run sends one
+			// call more than its rate times its duration now and then.
+			if !at.Before(start.Add(duration)) {
+				break
+			}
 			if d := time.Until(at); d > 0 {
 				select {
 				case <-ctx.Done():
