@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strings"
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 
@@ -107,13 +108,17 @@ func (pc *proxyConfig) backendConfig(name string) (string, *hsm.Config, error) {
 }
 
 // keyStore returns the key store with the given URI path, or the only one
-// when path is empty.
+// when path is empty. As in the Caddyfile, the path may leave off
+// /kms/xks/v1.
 func (pc *proxyConfig) keyStore(path string) (*xkshandler.KeyStore, error) {
 	if path == "" {
 		if len(pc.keyStores) != 1 {
 			return nil, fmt.Errorf("the config has %d key stores: choose one with --key-store", len(pc.keyStores))
 		}
 		return pc.keyStores[0], nil
+	}
+	if !strings.HasSuffix(path, xkshandler.APIPathSuffix) {
+		path += xkshandler.APIPathSuffix
 	}
 	i := slices.IndexFunc(pc.keyStores, func(ks *xkshandler.KeyStore) bool { return ks.URIPath == path })
 	if i < 0 {

@@ -183,6 +183,7 @@ func TestProxyConfig(t *testing.T) {
 		{"first credential of a key store", []string{"--key-store", "/tenant-a/kms/xks/v1"}, "/tenant-a/kms/xks/v1", creds[0]},
 		{"credential chosen by access key id", []string{"--key-store", "/tenant-a/kms/xks/v1", "--access-key-id", creds[1].AccessKeyID}, "/tenant-a/kms/xks/v1", creds[1]},
 		{"other key store", []string{"--key-store", "/tenant-b/kms/xks/v1"}, "/tenant-b/kms/xks/v1", creds[2]},
+		{"key store path without /kms/xks/v1, as in the Caddyfile", []string{"--key-store", "/tenant-b"}, "/tenant-b/kms/xks/v1", creds[2]},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, err := runCommand(t, "proxy-config", append([]string{"--config", config}, tc.args...)...)
