@@ -69,13 +69,7 @@ func TestCredentialSecretFile(t *testing.T) {
 	if !accessKeyIDSyntax.MatchString(akid) {
 		t.Errorf("credential --secret-file printed %q, want only the access key id", out)
 	}
-	fi, err := os.Stat(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if mode := fi.Mode().Perm(); mode != 0o600 {
-		t.Errorf("secret file mode %v, want 0600", mode)
-	}
+	ownerOnly(t, file)
 	secret, err := os.ReadFile(file)
 	if err != nil {
 		t.Fatal(err)
@@ -86,6 +80,18 @@ func TestCredentialSecretFile(t *testing.T) {
 	}
 	if strings.Contains(out, s) {
 		t.Error("the secret was printed")
+	}
+}
+
+// ownerOnly checks that a file that holds a secret has mode 0600.
+func ownerOnly(t *testing.T, file string) {
+	t.Helper()
+	fi, err := os.Stat(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mode := fi.Mode().Perm(); mode != 0o600 {
+		t.Errorf("%s has mode %v, want 0600", filepath.Base(file), mode)
 	}
 }
 
@@ -212,13 +218,7 @@ func TestProxyConfigOutputFile(t *testing.T) {
 	if out != "" {
 		t.Error("proxy-config --output printed the file too")
 	}
-	fi, err := os.Stat(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if mode := fi.Mode().Perm(); mode != 0o600 {
-		t.Errorf("mode %v, want 0600", mode)
-	}
+	ownerOnly(t, file)
 	raw, err := os.ReadFile(file)
 	if err != nil {
 		t.Fatal(err)
