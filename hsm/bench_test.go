@@ -9,10 +9,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/miekg/pkcs11"
 	"go.uber.org/zap"
+
+	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 )
 
 // The benchmarks compare the Backend with a bare miekg/pkcs11 loop (one

@@ -7,10 +7,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
-	"github.com/caddy-xks/caddy-xks/internal/faultshim"
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap/zaptest"
+
+	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/faultshim"
 )
 
 // shimBackend opens a backend through a freshly built fault shim that

@@ -11,9 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/miekg/pkcs11"
 	"go.uber.org/zap/zaptest"
+
+	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 )
 
 // Tests share one SoftHSM2 configuration per process (see package hsmtest)

@@ -9,8 +9,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 )
 
 func TestConcurrentOperations(t *testing.T) {

@@ -21,6 +21,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // benchOp is one kind of request in the load's mix.
@@ -54,7 +56,7 @@ func parseMix(s string) (map[string]int, error) {
 }
 
 // benchMetadata is the requestMetadata of the load's calls.
-var benchMetadata = requestMetadata{
+var benchMetadata = xksapi.RequestMetadata{
 	AWSPrincipalARN: "arn:aws:iam::111122223333:role/caddy-xks-bench",
 	KMSKeyARN:       "arn:aws:kms:us-east-1:111122223333:key/caddy-xks-bench",
 	KMSOperation:    "Encrypt",
@@ -68,7 +70,7 @@ func benchOps(ctx context.Context, c *xksClient, key string, mix map[string]int,
 	if _, err := rand.Read(pt); err != nil {
 		return nil, err
 	}
-	encryptBody := mustJSON(encryptRequest{RequestMetadata: benchMetadata, Plaintext: pt, Algorithm: "AES_GCM"})
+	encryptBody := mustJSON(xksapi.EncryptRequest{RequestMetadata: benchMetadata, Plaintext: pt, Algorithm: "AES_GCM"})
 	if raw {
 		// A route that is not the XKS API: the same signed Encrypt request,
 		// sent to the URL as given, for a baseline of TLS and HTTP alone.
@@ -86,9 +88,9 @@ func benchOps(ctx context.Context, c *xksClient, key string, mix map[string]int,
 		case "encrypt":
 			op.path, op.body = keyPath+"encrypt", encryptBody
 		case "metadata":
-			op.path, op.body = keyPath+"metadata", mustJSON(metadataOnlyRequest{RequestMetadata: benchMetadata})
+			op.path, op.body = keyPath+"metadata", mustJSON(xksapi.MetadataOnlyRequest{RequestMetadata: benchMetadata})
 		case "health":
-			op.path, op.body = "/health", mustJSON(metadataOnlyRequest{RequestMetadata: requestMetadata{KMSOperation: "KmsHealthCheck", KMSRequestID: "caddy-xks-bench"}})
+			op.path, op.body = "/health", mustJSON(xksapi.MetadataOnlyRequest{RequestMetadata: xksapi.RequestMetadata{KMSOperation: "KmsHealthCheck", KMSRequestID: "caddy-xks-bench"}})
 		case "decrypt":
 			r, err := c.call(ctx, http.MethodPost, keyPath+"encrypt", encryptBody, nil)
 			if err != nil {
@@ -97,7 +99,7 @@ func benchOps(ctx context.Context, c *xksClient, key string, mix map[string]int,
 			if r.status != http.StatusOK {
 				return nil, fmt.Errorf("making a ciphertext to decrypt: %s: %s", r.errorName(), r.body)
 			}
-			var sealed encryptResponse
+			var sealed xksapi.EncryptResponse
 			if err := json.Unmarshal(r.body, &sealed); err != nil {
 				return nil, fmt.Errorf("making a ciphertext to decrypt: %w", err)
 			}

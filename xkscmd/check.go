@@ -19,6 +19,8 @@ import (
 	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // kmsTimeout is how long KMS waits for an answer of the proxy.
@@ -50,9 +52,9 @@ func (ck *checker) run(name string, check func() (string, error)) {
 
 // meta is the requestMetadata of the next call; its kmsRequestId names the
 // run, so the proxy's audit log shows which calls came from a check.
-func (ck *checker) meta(operation string) requestMetadata {
+func (ck *checker) meta(operation string) xksapi.RequestMetadata {
 	ck.requests++
-	return requestMetadata{
+	return xksapi.RequestMetadata{
 		AWSPrincipalARN: "arn:aws:iam::111122223333:role/caddy-xks-check",
 		KMSKeyARN:       "arn:aws:kms:us-east-1:111122223333:key/caddy-xks-check",
 		KMSOperation:    operation,
@@ -99,8 +101,8 @@ func expectError(r result, err error, status int, name string) (string, error) {
 }
 
 func (ck *checker) health() (string, error) {
-	var h healthResponse
-	r, err := ck.post(ck.c, "/health", mustJSON(metadataOnlyRequest{RequestMetadata: ck.meta("KmsHealthCheck")}))
+	var h xksapi.HealthResponse
+	r, err := ck.post(ck.c, "/health", mustJSON(xksapi.MetadataOnlyRequest{RequestMetadata: ck.meta("KmsHealthCheck")}))
 	if err := decodeOK(r, err, &h); err != nil {
 		return "", err
 	}
@@ -128,8 +130,8 @@ func (ck *checker) health() (string, error) {
 }
 
 func (ck *checker) metadata() (string, error) {
-	var md metadataResponse
-	r, err := ck.post(ck.c, "/keys/"+ck.key+"/metadata", mustJSON(metadataOnlyRequest{RequestMetadata: ck.meta("CreateKey")}))
+	var md xksapi.MetadataResponse
+	r, err := ck.post(ck.c, "/keys/"+ck.key+"/metadata", mustJSON(xksapi.MetadataOnlyRequest{RequestMetadata: ck.meta("CreateKey")}))
 	if err := decodeOK(r, err, &md); err != nil {
 		return "", err
 	}
@@ -149,12 +151,12 @@ func (ck *checker) metadata() (string, error) {
 }
 
 // encrypt encrypts plaintext with key and checks the answer's shape.
-func (ck *checker) encrypt(key string, plaintext, aad []byte, cdiv bool) (encryptResponse, error) {
-	req := encryptRequest{RequestMetadata: ck.meta("Encrypt"), Plaintext: plaintext, Algorithm: "AES_GCM", AAD: aad}
+func (ck *checker) encrypt(key string, plaintext, aad []byte, cdiv bool) (xksapi.EncryptResponse, error) {
+	req := xksapi.EncryptRequest{RequestMetadata: ck.meta("Encrypt"), Plaintext: plaintext, Algorithm: "AES_GCM", AAD: aad}
 	if cdiv {
 		req.CDIVAlgorithm = "SHA_256"
 	}
-	var sealed encryptResponse
+	var sealed xksapi.EncryptResponse
 	r, err := ck.post(ck.c, "/keys/"+key+"/encrypt", mustJSON(req))
 	if err := decodeOK(r, err, &sealed); err != nil {
 		return sealed, fmt.Errorf("encrypt: %w", err)
@@ -174,7 +176,7 @@ func (ck *checker) encrypt(key string, plaintext, aad []byte, cdiv bool) (encryp
 	return sealed, nil
 }
 
-func (ck *checker) decrypt(key string, sealed encryptResponse, aad []byte) (result, error) {
+func (ck *checker) decrypt(key string, sealed xksapi.EncryptResponse, aad []byte) (result, error) {
 	return ck.post(ck.c, "/keys/"+key+"/decrypt", mustJSON(decryptRequestFor(ck.meta("Decrypt"), sealed, aad)))
 }
 
@@ -195,7 +197,7 @@ func (ck *checker) roundTrip(plaintextLen, aadLen int, cdiv bool) (string, error
 			return "", fmt.Errorf("ciphertextDataIntegrityValue is %x, SHA-256(AAD||metadata||IV||ciphertext||tag) is %x", sealed.CiphertextDataIntegrityValue, want)
 		}
 	}
-	var opened decryptResponse
+	var opened xksapi.DecryptResponse
 	r, err := ck.decrypt(ck.key, sealed, aad)
 	if err := decodeOK(r, err, &opened); err != nil {
 		return "", fmt.Errorf("decrypt: %w", err)
@@ -241,7 +243,7 @@ func (ck *checker) wrongAAD() (string, error) {
 
 func (ck *checker) unknownKey() (string, error) {
 	key := "caddy-xks-check-no-such-key-" + hex.EncodeToString(randomBytes(6))
-	r, err := ck.post(ck.c, "/keys/"+key+"/metadata", mustJSON(metadataOnlyRequest{RequestMetadata: ck.meta("CreateKey")}))
+	r, err := ck.post(ck.c, "/keys/"+key+"/metadata", mustJSON(xksapi.MetadataOnlyRequest{RequestMetadata: ck.meta("CreateKey")}))
 	return expectError(r, err, http.StatusNotFound, "KeyNotFoundException")
 }
 
@@ -255,7 +257,7 @@ func (ck *checker) wrongSecret() (string, error) {
 	// The signer caches signing keys by access key id alone: a signer that
 	// signed with the right secret would sign with it again.
 	c.signer = v4.NewSigner()
-	r, err := ck.post(&c, "/health", mustJSON(metadataOnlyRequest{RequestMetadata: ck.meta("KmsHealthCheck")}))
+	r, err := ck.post(&c, "/health", mustJSON(xksapi.MetadataOnlyRequest{RequestMetadata: ck.meta("KmsHealthCheck")}))
 	return expectError(r, err, http.StatusUnauthorized, "AuthenticationFailedException")
 }
 
@@ -263,7 +265,7 @@ func (ck *checker) wrongPrefix() (string, error) {
 	c := *ck.c
 	i := strings.LastIndex(c.base, "/kms/xks/")
 	c.base = c.base[:i] + "/invalid" + c.base[i:]
-	r, err := ck.post(&c, "/health", mustJSON(metadataOnlyRequest{RequestMetadata: ck.meta("KmsHealthCheck")}))
+	r, err := ck.post(&c, "/health", mustJSON(xksapi.MetadataOnlyRequest{RequestMetadata: ck.meta("KmsHealthCheck")}))
 	return expectError(r, err, http.StatusNotFound, "InvalidUriPathException")
 }
 
@@ -286,7 +288,7 @@ func (ck *checker) malformedBody() (string, error) {
 // encryptOnlyCDIV asks an encrypt-only key for a CDIV, which needs the
 // decrypt-back check that such a key cannot do.
 func (ck *checker) encryptOnlyCDIV() (string, error) {
-	req := encryptRequest{RequestMetadata: ck.meta("Encrypt"), Plaintext: randomBytes(32), Algorithm: "AES_GCM", CDIVAlgorithm: "SHA_256"}
+	req := xksapi.EncryptRequest{RequestMetadata: ck.meta("Encrypt"), Plaintext: randomBytes(32), Algorithm: "AES_GCM", CDIVAlgorithm: "SHA_256"}
 	r, err := ck.post(ck.c, "/keys/"+ck.encryptOnlyKey+"/encrypt", mustJSON(req))
 	return expectError(r, err, http.StatusBadRequest, "InvalidKeyUsageException")
 }
@@ -294,7 +296,7 @@ func (ck *checker) encryptOnlyCDIV() (string, error) {
 // latency sends samples Encrypt calls one after the other; KMS gives up on
 // a call after 250 ms.
 func (ck *checker) latency(samples int) (p50, p99 time.Duration, err error) {
-	body := mustJSON(encryptRequest{RequestMetadata: ck.meta("Encrypt"), Plaintext: randomBytes(32), Algorithm: "AES_GCM"})
+	body := mustJSON(xksapi.EncryptRequest{RequestMetadata: ck.meta("Encrypt"), Plaintext: randomBytes(32), Algorithm: "AES_GCM"})
 	latencies := make([]time.Duration, 0, samples)
 	for range samples {
 		r, err := ck.post(ck.c, "/keys/"+ck.key+"/encrypt", body)

@@ -18,6 +18,8 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // xksClient calls a running proxy as KMS does: POST, JSON, SigV4 with the
@@ -131,68 +133,9 @@ func (c *xksClient) call(ctx context.Context, method, path string, body []byte, 
 	return result{status: resp.StatusCode, body: out, latency: time.Since(start)}, nil
 }
 
-// requestMetadata is the requestMetadata object KMS sends with each call.
-type requestMetadata struct {
-	AWSPrincipalARN string `json:"awsPrincipalArn,omitempty"`
-	KMSKeyARN       string `json:"kmsKeyArn,omitempty"`
-	KMSOperation    string `json:"kmsOperation"`
-	KMSRequestID    string `json:"kmsRequestId"`
-}
-
-// Request and response bodies of the XKS API; []byte fields are standard
-// Base64 on the wire, as the spec requires.
-type (
-	// metadataOnlyRequest is the body of GetKeyMetadata and GetHealthStatus.
-	metadataOnlyRequest struct {
-		RequestMetadata requestMetadata `json:"requestMetadata"`
-	}
-	encryptRequest struct {
-		RequestMetadata requestMetadata `json:"requestMetadata"`
-		Plaintext       []byte          `json:"plaintext"`
-		Algorithm       string          `json:"encryptionAlgorithm"`
-		AAD             []byte          `json:"additionalAuthenticatedData,omitempty"`
-		CDIVAlgorithm   string          `json:"ciphertextDataIntegrityValueAlgorithm,omitempty"`
-	}
-	decryptRequest struct {
-		RequestMetadata      requestMetadata `json:"requestMetadata"`
-		Ciphertext           []byte          `json:"ciphertext"`
-		CiphertextMetadata   []byte          `json:"ciphertextMetadata,omitempty"`
-		InitializationVector []byte          `json:"initializationVector"`
-		AuthenticationTag    []byte          `json:"authenticationTag"`
-		Algorithm            string          `json:"encryptionAlgorithm"`
-		AAD                  []byte          `json:"additionalAuthenticatedData,omitempty"`
-	}
-	metadataResponse struct {
-		KeySpec   string   `json:"keySpec"`
-		KeyUsage  []string `json:"keyUsage"`
-		KeyStatus string   `json:"keyStatus"`
-	}
-	encryptResponse struct {
-		Ciphertext                   []byte `json:"ciphertext"`
-		CiphertextMetadata           []byte `json:"ciphertextMetadata"`
-		InitializationVector         []byte `json:"initializationVector"`
-		AuthenticationTag            []byte `json:"authenticationTag"`
-		CiphertextDataIntegrityValue []byte `json:"ciphertextDataIntegrityValue"`
-	}
-	decryptResponse struct {
-		Plaintext []byte `json:"plaintext"`
-	}
-	healthResponse struct {
-		XKSProxyFleetSize int    `json:"xksProxyFleetSize"`
-		XKSProxyVendor    string `json:"xksProxyVendor"`
-		XKSProxyModel     string `json:"xksProxyModel"`
-		EKMVendor         string `json:"ekmVendor"`
-		EKMFleetDetails   []struct {
-			ID           string `json:"id"`
-			Model        string `json:"model"`
-			HealthStatus string `json:"healthStatus"`
-		} `json:"ekmFleetDetails"`
-	}
-)
-
 // decryptRequestFor is the Decrypt request of an Encrypt answer.
-func decryptRequestFor(meta requestMetadata, sealed encryptResponse, aad []byte) decryptRequest {
-	return decryptRequest{
+func decryptRequestFor(meta xksapi.RequestMetadata, sealed xksapi.EncryptResponse, aad []byte) xksapi.DecryptRequest {
+	return xksapi.DecryptRequest{
 		RequestMetadata:      meta,
 		Ciphertext:           sealed.Ciphertext,
 		CiphertextMetadata:   sealed.CiphertextMetadata,

@@ -22,6 +22,24 @@ func newFaultFixture(t *testing.T, hsmExtra string) (*fixture, *faultshim.Shim) 
 		f.module = shim.Path
 		f.hsmExtra = hsmExtra
 	})
+	// A device error makes the backend re-initialize its library, in the
+	// background and with backoff. The shim forwards C_Finalize and
+	// C_Initialize to SoftHSM2, whose state is per process: the next test
+	// must not start before that has settled.
+	t.Cleanup(func() {
+		shim.Set()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			r := f.call(f.ks1[0], "/ks1/kms/xks/v1/health", healthBody)
+			if r.status == http.StatusOK && !strings.Contains(r.raw, "UNAVAILABLE") {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the HSM did not recover after the test: %s", r.raw)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	})
 	return f, shim
 }
 

@@ -86,7 +86,12 @@ localhost:%[2]s {
 	if err := os.WriteFile(config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	in.cmd = exec.Command(os.Args[0])
+	// Not os.Args[0]: caddytest rewrites os.Args when it starts Caddy.
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.cmd = exec.Command(self)
 	in.cmd.Env = append(os.Environ(), runAsCaddy+"="+config, "SOFTHSM2_CONF="+tk.Conf,
 		"XKS_FLEET_PIN="+tk.PIN, "XKS_FLEET_SECRET="+c.secret, "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
 	if err := in.cmd.Start(); err != nil {

@@ -20,6 +20,7 @@ import (
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/sigv4auth"
 	"github.com/caddy-xks/caddy-xks/tlscheck"
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 func init() {
@@ -332,17 +333,12 @@ func readBody(r *http.Request, limit int64) ([]byte, *xksError) {
 	return body, nil
 }
 
-type errorBody struct {
-	ErrorName    string `json:"errorName"`
-	ErrorMessage string `json:"errorMessage,omitempty"`
-}
-
 func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
 	status := http.StatusOK
 	var payload any = x.response
 	if x.err != nil {
 		status = x.err.httpStatus()
-		payload = errorBody{ErrorName: x.err.name, ErrorMessage: wireMessage(x.err.message)}
+		payload = xksapi.ErrorBody{ErrorName: x.err.name, ErrorMessage: wireMessage(x.err.message)}
 		if status == http.StatusMethodNotAllowed {
 			w.Header().Set("Allow", http.MethodPost)
 		}

@@ -17,6 +17,7 @@ import (
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/internal/placeholder"
 	"github.com/caddy-xks/caddy-xks/sigv4auth"
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // APIPathSuffix ends every key store's URI path (XksProxyUriPath); v1 is
@@ -331,38 +332,6 @@ func (ks *KeyStore) withBackend(fn func(*hsm.Backend) error) error {
 	return err
 }
 
-// Response bodies. Field names are the spec's; Base64 fields are []byte,
-// which encoding/json writes as standard padded Base64.
-type (
-	metadataResponse struct {
-		KeySpec   string   `json:"keySpec"`
-		KeyUsage  []string `json:"keyUsage"`
-		KeyStatus string   `json:"keyStatus"`
-	}
-	encryptResponse struct {
-		Ciphertext                   []byte `json:"ciphertext"`
-		CiphertextMetadata           []byte `json:"ciphertextMetadata,omitempty"`
-		InitializationVector         []byte `json:"initializationVector"`
-		AuthenticationTag            []byte `json:"authenticationTag"`
-		CiphertextDataIntegrityValue []byte `json:"ciphertextDataIntegrityValue,omitempty"`
-	}
-	decryptResponse struct {
-		Plaintext []byte `json:"plaintext"`
-	}
-	healthResponse struct {
-		XKSProxyFleetSize int              `json:"xksProxyFleetSize"`
-		XKSProxyVendor    string           `json:"xksProxyVendor"`
-		XKSProxyModel     string           `json:"xksProxyModel"`
-		EKMVendor         string           `json:"ekmVendor"`
-		EKMFleetDetails   []ekmFleetDetail `json:"ekmFleetDetails"`
-	}
-	ekmFleetDetail struct {
-		ID           string `json:"id"`
-		Model        string `json:"model"`
-		HealthStatus string `json:"healthStatus"`
-	}
-)
-
 func (ks *KeyStore) metadataOf(ctx context.Context, keyID string) (any, error) {
 	var md hsm.KeyMetadata
 	err := ks.withBackend(func(b *hsm.Backend) (err error) {
@@ -376,12 +345,12 @@ func (ks *KeyStore) metadataOf(ctx context.Context, keyID string) (any, error) {
 	if ks.disabled[keyID] {
 		status = "DISABLED"
 	}
-	return metadataResponse{KeySpec: md.KeySpec, KeyUsage: md.KeyUsage, KeyStatus: status}, nil
+	return xksapi.MetadataResponse{KeySpec: md.KeySpec, KeyUsage: md.KeyUsage, KeyStatus: status}, nil
 }
 
 func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
 	aad := ks.framing.hsmAAD(req.aad, ks.metadata)
-	var resp encryptResponse
+	var resp xksapi.EncryptResponse
 	err := ks.withBackend(func(b *hsm.Backend) error {
 		res, err := b.Encrypt(ctx, keyID, req.plaintext, aad)
 		if err != nil {
@@ -391,7 +360,7 @@ func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) 
 			return fmt.Errorf("%w: HSM returned %d bytes of ciphertext for %d of plaintext, a %d-byte tag and a %d-byte IV",
 				hsm.ErrInternal, len(res.Ciphertext), len(req.plaintext), len(res.Tag), len(res.IV))
 		}
-		resp = encryptResponse{
+		resp = xksapi.EncryptResponse{
 			Ciphertext:           res.Ciphertext,
 			CiphertextMetadata:   ks.metadata,
 			InitializationVector: res.IV,
@@ -432,13 +401,13 @@ func (ks *KeyStore) decrypt(ctx context.Context, keyID string, req *xksRequest) 
 	if err != nil {
 		return nil, err
 	}
-	return decryptResponse{Plaintext: pt}, nil
+	return xksapi.DecryptResponse{Plaintext: pt}, nil
 }
 
 // health reports every backend of the key store. It is never an error: KMS
 // expects 200 with truthful statuses, UNAVAILABLE included.
-func (ks *KeyStore) health(ctx context.Context) healthResponse {
-	resp := healthResponse{
+func (ks *KeyStore) health(ctx context.Context) xksapi.HealthResponse {
+	resp := xksapi.HealthResponse{
 		XKSProxyFleetSize: ks.FleetSize,
 		XKSProxyVendor:    "caddy-xks",
 		XKSProxyModel:     proxyModel(),
@@ -459,7 +428,7 @@ func (ks *KeyStore) health(ctx context.Context) healthResponse {
 		if model == "" {
 			model = "unknown"
 		}
-		resp.EKMFleetDetails = append(resp.EKMFleetDetails, ekmFleetDetail{ID: id, Model: model, HealthStatus: h.Status})
+		resp.EKMFleetDetails = append(resp.EKMFleetDetails, xksapi.EKMFleetDetail{ID: id, Model: model, HealthStatus: h.Status})
 	}
 	if resp.EKMVendor == "" {
 		resp.EKMVendor = "unknown"

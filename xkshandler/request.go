@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // operation is one of the four XKS API calls.
@@ -42,18 +44,10 @@ const (
 	tagLen                   = 16
 )
 
-// requestMetadata is the KMS context of a call. The proxy validates only that
-// the required fields are present; their content is opaque (kmsRequestId in
-// particular MUST NOT be validated) and feeds logging and authorization.
-type requestMetadata struct {
-	AWSPrincipalARN string `json:"awsPrincipalArn"`
-	AWSSourceVPC    string `json:"awsSourceVpc"`
-	AWSSourceVPCE   string `json:"awsSourceVpce"`
-	KMSKeyARN       string `json:"kmsKeyArn"`
-	KMSOperation    string `json:"kmsOperation"`
-	KMSRequestID    string `json:"kmsRequestId"`
-	KMSViaService   string `json:"kmsViaService"`
-}
+// requestMetadata is validated only for the presence of the required
+// fields; their content is opaque (kmsRequestId in particular MUST NOT be
+// validated) and feeds logging and authorization.
+type requestMetadata = xksapi.RequestMetadata
 
 // requestBody is the union of the four request shapes. Fields that do not
 // belong to an operation are ignored like any other unknown field, as the

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 const (
@@ -182,7 +184,7 @@ func TestErrorBodiesAreSpecShaped(t *testing.T) {
 				t.Fatalf("%s: non-printable byte %#x in message", name, c)
 			}
 		}
-		out, _ := json.Marshal(errorBody{ErrorName: name, ErrorMessage: msg})
+		out, _ := json.Marshal(xksapi.ErrorBody{ErrorName: name, ErrorMessage: msg})
 		if strings.Contains(string(out), "\n") {
 			t.Errorf("%s: multi-line body", name)
 		}
