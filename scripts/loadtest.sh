@@ -72,8 +72,7 @@ echo "== XKS Encrypt (32 B), as fast as $concurrency concurrent requests allow, 
 "${bench[@]}" "https://localhost:$port" --duration "$duration" --concurrency "$concurrency" 2>/dev/null | tee /tmp/xks-loadtest-xks.txt
 echo
 echo "== bare respond route, same server, same client, same request"
-# The route is given whole: no key store path is appended to it.
-"$caddy" xks bench --access-key-id "$akid" --secret-file "$demo/sigv4-secret-1" --cacert "$ca" --plaintext 32 "https://localhost:$port/bare" --raw --duration "$duration" --concurrency "$concurrency" 2>/dev/null | tee /tmp/xks-loadtest-bare.txt
+"${bench[@]}" "https://localhost:$port/bare" --raw --duration "$duration" --concurrency "$concurrency" 2>/dev/null | tee /tmp/xks-loadtest-bare.txt
 xks=$(awk '/^throughput/ {print $2}' /tmp/xks-loadtest-xks.txt)
 bare=$(awk '/^throughput/ {print $2}' /tmp/xks-loadtest-bare.txt)
 echo

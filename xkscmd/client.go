@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -36,7 +37,8 @@ type xksClient struct {
 
 // clientFromFlags builds a client from --proxy-config (the console file,
 // which names the key store path and a credential) or from
-// --access-key-id and --secret-file; --cacert trusts a local CA.
+// --access-key-id and --secret-file; --cacert trusts a local CA. With
+// --proxy-config, a target without a path gets the file's key store path.
 func clientFromFlags(fl caddycmd.Flags, target string, concurrency int) (*xksClient, error) {
 	c := &xksClient{region: fl.String("region"), signer: v4.NewSigner(), now: time.Now}
 	base := strings.TrimSuffix(target, "/")
@@ -50,7 +52,9 @@ func clientFromFlags(fl caddycmd.Flags, target string, concurrency int) (*xksCli
 			return nil, fmt.Errorf("%s: %w", file, err)
 		}
 		c.credential = aws.Credentials{AccessKeyID: pc.XksProxyAuthenticationCredential.AccessKeyID, SecretAccessKey: pc.XksProxyAuthenticationCredential.RawSecretAccessKey}
-		if !strings.HasSuffix(base, pc.XksProxyURIPath) {
+		// A URL without a path means the file's key store; a URL with one
+		// is taken as given (a key store path, or a --raw route).
+		if u, err := url.Parse(base); err == nil && u.Path == "" {
 			base += pc.XksProxyURIPath
 		}
 	} else {
