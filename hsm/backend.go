@@ -20,6 +20,9 @@ const (
 	DefaultHealthTTL   = 30 * time.Second
 )
 
+// maxHealthTTL is the spec's limit on the age of a cached deep health check.
+const maxHealthTTL = time.Minute
+
 // closeWait bounds how long Close waits for in-flight operations.
 var closeWait = 10 * time.Second
 
@@ -64,8 +67,8 @@ type Config struct {
 	// PrivateKeys is CKA_PRIVATE for keys GenerateKey creates. The nShield
 	// accelerator slot needs false. Default: true.
 	PrivateKeys *bool `json:"private_keys,omitempty"`
-	// HealthTTL is how long a health check's round trip result is reused.
-	// Default: 30s.
+	// HealthTTL is how long a health check's round trip result is reused;
+	// at most 1m, the spec's limit. Default: 30s.
 	HealthTTL caddy.Duration `json:"health_ttl,omitempty"`
 	// Env holds environment variables set before the library is first
 	// loaded, such as CKNFAST_LOADSHARING for nShield. Libraries read them
@@ -93,6 +96,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxSessions < 0 {
 		return fmt.Errorf("max_sessions must not be negative, got %d", c.MaxSessions)
+	}
+	if time.Duration(c.HealthTTL) > maxHealthTTL {
+		return fmt.Errorf("health_ttl must be at most %s: KMS must never be told a health result older than a minute", maxHealthTTL)
 	}
 	for name, d := range map[string]caddy.Duration{"session_wait": c.SessionWait, "call_timeout": c.CallTimeout, "health_ttl": c.HealthTTL} {
 		if d < 0 {
@@ -170,6 +176,7 @@ func Open(name string, cfg Config, logger *zap.Logger) (*Backend, error) {
 	}
 	if loaded {
 		logger.Debug("sharing an open token", zap.String("token", b.tok.ident.String()))
+		b.tok.warnUnappliedSettings(logger, name, &cfg)
 	}
 	b.ivMode, err = b.resolveIVMode(context.Background(), mode)
 	if err != nil {

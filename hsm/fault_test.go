@@ -260,3 +260,29 @@ func TestDecryptVendorFailureIsInvalidCiphertext(t *testing.T) {
 		t.Fatalf("C_Decrypt called %d times, want once", n)
 	}
 }
+
+// TestHealthDoesNotWaitForARunningCheck: while a slow round trip runs,
+// other callers get the last result at once (KMS allows 250 ms).
+func TestHealthDoesNotWaitForARunningCheck(t *testing.T) {
+	b, shim, _ := shimBackend(t, func(c *Config) {
+		c.HealthTTL = caddy.Duration(time.Millisecond)
+		c.CallTimeout = caddy.Duration(5 * time.Second)
+	})
+	if h := b.Health(bg); h.Status != HealthActive {
+		t.Fatalf("health %+v", h)
+	}
+	time.Sleep(5 * time.Millisecond)
+	shim.Set("C_Encrypt=sleep:500")
+	done := make(chan Health)
+	go func() { done <- b.Health(bg) }()
+	time.Sleep(100 * time.Millisecond) // the slow check is running
+	start := time.Now()
+	h := b.Health(bg)
+	if d := time.Since(start); d > 50*time.Millisecond || h.Status != HealthActive {
+		t.Fatalf("health during a running check took %s: %+v", d, h)
+	}
+	shim.Set()
+	if slow := <-done; slow.Status == HealthUnavailable {
+		t.Fatalf("the slow check: %+v", slow)
+	}
+}

@@ -42,10 +42,14 @@ type Health struct {
 }
 
 type healthCache struct {
-	mu    sync.Mutex
+	mu    sync.Mutex // held while a round trip runs
+	read  sync.Mutex // guards last and valid
 	last  Health
 	valid bool
 }
+
+// failedHealthTTL bounds how long an UNAVAILABLE result is reused.
+const failedHealthTTL = 5 * time.Second
 
 // Health reports the token's state. It runs a real encrypt/decrypt round
 // trip on a session key at most once per health TTL and returns the cached
@@ -62,13 +66,33 @@ func (b *Backend) Health(ctx context.Context) Health {
 	if down, reason, _ := b.tok.lib.status(); down {
 		return unavailable(h, "reconnecting: "+reason)
 	}
-	b.health.mu.Lock()
+	// One round trip at a time. A caller that finds one running takes the
+	// last result rather than wait for it: KMS gives a health call 250 ms.
+	if !b.health.mu.TryLock() {
+		b.health.read.Lock()
+		last, valid := b.health.last, b.health.valid
+		b.health.read.Unlock()
+		if valid {
+			return last
+		}
+		b.health.mu.Lock()
+	}
 	defer b.health.mu.Unlock()
-	if b.health.valid && time.Since(b.health.last.CheckedAt) < b.healthTTL {
-		return b.health.last
+	b.health.read.Lock()
+	last, valid := b.health.last, b.health.valid
+	b.health.read.Unlock()
+	ttl := b.healthTTL
+	if last.Status == HealthUnavailable {
+		// A failed check is retried sooner: it may have been one slow call.
+		ttl = min(ttl, failedHealthTTL)
+	}
+	if valid && time.Since(last.CheckedAt) < ttl {
+		return last
 	}
 	h = b.checkHealth(ctx)
+	b.health.read.Lock()
 	b.health.last, b.health.valid = h, true
+	b.health.read.Unlock()
 	return h
 }
 

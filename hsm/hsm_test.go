@@ -6,13 +6,18 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/miekg/pkcs11"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 )
@@ -397,6 +402,8 @@ func TestConfigValidate(t *testing.T) {
 		{"serial identifies", Config{Module: "m", Serial: "s", PIN: "p"}, true},
 		{"bad iv mode", Config{Module: "m", Token: "t", PIN: "p", IVMode: "zero"}, false},
 		{"negative sessions", Config{Module: "m", Token: "t", PIN: "p", MaxSessions: -1}, false},
+		{"health ttl of a minute", Config{Module: "m", Token: "t", PIN: "p", HealthTTL: caddy.Duration(time.Minute)}, true},
+		{"health ttl over the spec's minute", Config{Module: "m", Token: "t", PIN: "p", HealthTTL: caddy.Duration(61 * time.Second)}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if err := tc.cfg.Validate(); (err == nil) != tc.ok {
@@ -406,5 +413,24 @@ func TestConfigValidate(t *testing.T) {
 	}
 	if _, err := Open("x", Config{Module: "/nonexistent/lib.so", Token: "t", PIN: "p"}, nil); err == nil {
 		t.Fatal("opened a missing module")
+	}
+}
+
+// TestSharedTokenWarnsOfUnappliedSettings: a config opening a token that is
+// already open with another pool size or PIN is told they do not apply.
+func TestSharedTokenWarnsOfUnappliedSettings(t *testing.T) {
+	tk := hsmtest.NewToken(t)
+	cfg := configFor(tk)
+	open(t, "first", cfg)
+	core, logs := observer.New(zapcore.WarnLevel)
+	cfg.MaxSessions = 8
+	b, err := Open("second", cfg, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	entries := logs.FilterMessageSnippet("already open with other settings").All()
+	if len(entries) != 1 || !strings.Contains(fmt.Sprint(entries[0].ContextMap()["settings_not_applied"]), "max_sessions") {
+		t.Fatalf("warnings: %v", logs.All())
 	}
 }

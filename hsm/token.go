@@ -69,6 +69,10 @@ type token struct {
 	pin     string
 	noLogin bool
 	logger  *zap.Logger
+	// maxSessions is the max_sessions the token was opened with, before
+	// clamping: a later config asking for another value is told it has no
+	// effect.
+	maxSessions int
 
 	state     atomic.Pointer[tokenState]
 	connectMu sync.Mutex
@@ -100,13 +104,14 @@ func openToken(cfg *Config, logger *zap.Logger) (*token, error) {
 	}
 	id := cfg.ident()
 	t := &token{
-		lib:     lib,
-		key:     tokenKey(cfg.Module, id),
-		ident:   id,
-		pin:     cfg.PIN,
-		noLogin: cfg.NoLogin,
-		logger:  logger,
-		ivs:     newIVRegistry(ivWindow),
+		lib:         lib,
+		key:         tokenKey(cfg.Module, id),
+		ident:       id,
+		pin:         cfg.PIN,
+		noLogin:     cfg.NoLogin,
+		maxSessions: cfg.MaxSessions,
+		logger:      logger,
+		ivs:         newIVRegistry(ivWindow),
 	}
 	gen, ok := lib.acquire()
 	if !ok {
@@ -311,3 +316,24 @@ func (t *token) sinceRecovery() time.Duration {
 }
 
 var _ caddy.Destructor = (*token)(nil)
+
+// warnUnappliedSettings tells a backend sharing this open token which of its
+// settings cannot take effect: the login and the session pool belong to the
+// token, which keeps the settings it was opened with until no config uses it
+// any more (or the process restarts).
+func (t *token) warnUnappliedSettings(logger *zap.Logger, backend string, cfg *Config) {
+	var ignored []string
+	if cfg.PIN != t.pin {
+		ignored = append(ignored, "pin")
+	}
+	if cfg.NoLogin != t.noLogin {
+		ignored = append(ignored, "no_login")
+	}
+	if cfg.MaxSessions != t.maxSessions {
+		ignored = append(ignored, "max_sessions")
+	}
+	if len(ignored) > 0 {
+		logger.Warn("the token is already open with other settings, which it keeps until no configuration uses it or the process restarts",
+			zap.String("backend", backend), zap.String("token", t.ident.String()), zap.Strings("settings_not_applied", ignored))
+	}
+}
