@@ -176,7 +176,9 @@ func Open(name string, cfg Config, logger *zap.Logger) (*Backend, error) {
 	}
 	if loaded {
 		logger.Debug("sharing an open token", zap.String("token", b.tok.ident.String()))
-		b.tok.warnUnappliedSettings(logger, name, &cfg)
+		if !b.tok.adoptPIN(logger, name, cfg.PIN) {
+			b.tok.warnUnappliedSettings(logger, name, &cfg)
+		}
 	}
 	b.ivMode, err = b.resolveIVMode(context.Background(), mode)
 	if err != nil {

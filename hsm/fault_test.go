@@ -286,3 +286,32 @@ func TestHealthDoesNotWaitForARunningCheck(t *testing.T) {
 		t.Fatalf("the slow check: %+v", slow)
 	}
 }
+
+// TestNewPINAfterARefusedOne: the PIN is changed on the HSM, the token
+// reconnects and its old PIN is refused (and never retried); a config with
+// the new PIN, loaded without a restart, logs the token in again.
+func TestNewPINAfterARefusedOne(t *testing.T) {
+	b, shim, tk := shimBackend(t, nil)
+	if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); err != nil {
+		t.Fatal(err)
+	}
+	tk = tk.SetPIN(t, "changed-pin-5678")
+	shim.Set("C_EncryptInit=0x30*1") // one device error: the library reconnects
+	if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Encrypt on a failing device: %v", err)
+	}
+	waitFor(t, 10*time.Second, func() bool { return b.tok.pinFailed.Load() != nil })
+	logins := shim.Calls("C_Login")
+	if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "PIN") {
+		t.Fatalf("Encrypt with a refused PIN: %v", err)
+	}
+	if shim.Calls("C_Login") != logins {
+		t.Fatal("a refused PIN was tried again")
+	}
+	cfg := configFor(tk)
+	cfg.Module = shim.Path
+	nb := open(t, "reloaded", cfg)
+	if _, err := nb.Encrypt(bg, "k1", []byte("x"), nil); err != nil {
+		t.Fatalf("Encrypt after a config with the new PIN: %v", err)
+	}
+}

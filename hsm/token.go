@@ -66,7 +66,7 @@ type token struct {
 	lib     *library
 	key     string
 	ident   tokenIdent
-	pin     string
+	pin     atomic.Pointer[string] // replaced when a config brings a new PIN after the old one was refused
 	noLogin bool
 	logger  *zap.Logger
 	// maxSessions is the max_sessions the token was opened with, before
@@ -107,12 +107,12 @@ func openToken(cfg *Config, logger *zap.Logger) (*token, error) {
 		lib:         lib,
 		key:         tokenKey(cfg.Module, id),
 		ident:       id,
-		pin:         cfg.PIN,
 		noLogin:     cfg.NoLogin,
 		maxSessions: cfg.MaxSessions,
 		logger:      logger,
 		ivs:         newIVRegistry(ivWindow),
 	}
+	t.pin.Store(&cfg.PIN)
 	gen, ok := lib.acquire()
 	if !ok {
 		_, reason, _ := lib.status()
@@ -195,7 +195,7 @@ func (t *token) dial(st *tokenState) error {
 		return &Error{Kind: kindOf(codeOr(err)), Op: "open session", CKR: ckrNameOf(err), Err: err}
 	}
 	if !t.noLogin {
-		err := ctx.Login(sh, pkcs11.CKU_USER, t.pin)
+		err := ctx.Login(sh, pkcs11.CKU_USER, *t.pin.Load())
 		if err != nil && !isCKR(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
 			_ = ctx.CloseSession(sh)
 			if code, ok := ckrOf(err); ok && classify(code) == classPIN {
@@ -272,7 +272,7 @@ func (t *token) relogin(st *tokenState) error {
 	if t.noLogin {
 		return nil
 	}
-	err := t.lib.ctx.Login(st.anchor, pkcs11.CKU_USER, t.pin)
+	err := t.lib.ctx.Login(st.anchor, pkcs11.CKU_USER, *t.pin.Load())
 	if err != nil && !isCKR(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
 		return err
 	}
@@ -317,13 +317,31 @@ func (t *token) sinceRecovery() time.Duration {
 
 var _ caddy.Destructor = (*token)(nil)
 
+// adoptPIN takes the PIN of a newly loaded config when the token refused
+// the one it had: an operator who changed the PIN on the HSM fixes the config
+// and reloads, and the token logs in again with the new PIN, once, without
+// a restart. A PIN that was not refused is never replaced, and a refused one
+// is never retried (real HSMs lock it).
+func (t *token) adoptPIN(logger *zap.Logger, backend, pin string) bool {
+	t.connectMu.Lock()
+	defer t.connectMu.Unlock()
+	if t.pinFailed.Load() == nil || t.noLogin || pin == *t.pin.Load() {
+		return false
+	}
+	t.pin.Store(&pin)
+	t.pinFailed.Store(nil)
+	logger.Info("the token refused its PIN; trying the PIN of the new configuration",
+		zap.String("backend", backend), zap.String("token", t.ident.String()))
+	return true
+}
+
 // warnUnappliedSettings tells a backend sharing this open token which of its
 // settings cannot take effect: the login and the session pool belong to the
 // token, which keeps the settings it was opened with until no config uses it
 // any more (or the process restarts).
 func (t *token) warnUnappliedSettings(logger *zap.Logger, backend string, cfg *Config) {
 	var ignored []string
-	if cfg.PIN != t.pin {
+	if cfg.PIN != *t.pin.Load() {
 		ignored = append(ignored, "pin")
 	}
 	if cfg.NoLogin != t.noLogin {

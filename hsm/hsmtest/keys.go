@@ -181,3 +181,16 @@ func (tk Token) setAttribute(t testing.TB, label string, a *pkcs11.Attribute) {
 		}
 	}
 }
+
+// SetPIN changes the token's user PIN, as an HSM administrator would, and
+// returns the token with the new PIN.
+func (tk Token) SetPIN(t testing.TB, pin string) Token {
+	t.Helper()
+	p, sh := tk.session(t)
+	defer func() { _ = p.CloseSession(sh) }()
+	if err := p.SetPIN(sh, tk.PIN, pin); err != nil {
+		t.Fatalf("changing the PIN of %q: %v", tk.Label, err)
+	}
+	tk.PIN = pin
+	return tk
+}
