@@ -75,6 +75,12 @@ out=$(xks keys/demo-key/decrypt "{$meta,\"ciphertext\":\"$ciphertext\",\"ciphert
 out=$(xks keys/demo-encrypt-only/decrypt "{$meta,\"ciphertext\":\"$ciphertext\",\"initializationVector\":\"$iv\",\"authenticationTag\":\"$tag\",\"encryptionAlgorithm\":\"AES_GCM\"}")
 grep -q InvalidKeyUsageException <<<"$out" || fail "decrypt with demo-encrypt-only was not InvalidKeyUsageException: $out"
 
+# The operator's own check and a short load, as the README shows them.
+bin/caddy xks check "https://localhost:$port" --proxy-config .demo/proxy-config.json --cacert "$ca" \
+	--key demo-key --encrypt-only-key demo-encrypt-only || fail "caddy xks check failed against the demo"
+bin/caddy xks bench "https://localhost:$port" --proxy-config .demo/proxy-config.json --cacert "$ca" \
+	--key demo-key --duration 2s --concurrency 8 --mix encrypt=3,decrypt=1 || fail "caddy xks bench failed against the demo"
+
 # The binary built from xcaddy.json carries every module of the plugin.
 modules=$(bin/caddy list-modules)
 for m in hsm http.handlers.xks tls.client_auth.verifier.xks_subject; do
