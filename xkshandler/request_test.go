@@ -190,3 +190,38 @@ func TestErrorBodiesAreSpecShaped(t *testing.T) {
 		}
 	}
 }
+
+// FuzzDecodeRequest: no body makes decoding panic, and whatever is accepted
+// keeps the spec's limits.
+func FuzzDecodeRequest(f *testing.F) {
+	for _, seed := range []string{
+		`{` + metaHealth + `}`,
+		`{` + metaKey + `}`,
+		`{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"additionalAuthenticatedData":"AAAA","ciphertextDataIntegrityValueAlgorithm":"SHA_256"}`,
+		`{` + metaCrypto + `,` + gcm + `,` + decryptBase + `,"ciphertextMetadata":"a2V5X3ZlcnNpb249MQ=="}`,
+		`{"requestMetadata":{}}`, `[]`, `null`, `{"plaintext":5}`,
+	} {
+		for op := opHealth; op <= opDecrypt; op++ {
+			f.Add(uint8(op), []byte(seed))
+		}
+	}
+	f.Fuzz(func(t *testing.T, opByte uint8, body []byte) {
+		op := operation(opByte%4) + opHealth
+		req, xerr := decodeRequest(op, body)
+		if xerr != nil {
+			if req != nil || statusOf[xerr.name] == 0 {
+				t.Fatalf("error %v with request %v", xerr, req)
+			}
+			return
+		}
+		if req.meta.KMSRequestID == "" || req.meta.KMSOperation == "" {
+			t.Fatal("accepted without the required metadata")
+		}
+		if len(req.aad) > maxAADLen {
+			t.Fatalf("accepted an AAD of %d bytes", len(req.aad))
+		}
+		if op == opDecrypt && ((len(req.iv) != 12 && len(req.iv) != 16) || len(req.tag) != tagLen || len(req.metadata) > maxCiphertextMetadataLen) {
+			t.Fatalf("accepted iv %d, tag %d, metadata %d bytes", len(req.iv), len(req.tag), len(req.metadata))
+		}
+	})
+}
