@@ -434,3 +434,58 @@ func TestSharedTokenWarnsOfUnappliedSettings(t *testing.T) {
 		t.Fatalf("warnings: %v", logs.All())
 	}
 }
+
+// TestTokenSelection: a token is found by label, serial or slot id (all
+// given must agree), and a token whose keys need no login is used without
+// one.
+func TestTokenSelection(t *testing.T) {
+	tk := hsmtest.NewToken(t)
+	tk.CreateKey(t, "private")
+	tk.CreateKey(t, "public", hsmtest.Usage(pkcs11.CKA_PRIVATE, false))
+	h := open(t, "by-label", configFor(tk)).Health(bg)
+	serial := h.Serial
+	slot := open(t, "by-label-again", configFor(tk)).tok.state.Load().slot
+	other := hsmtest.NewToken(t)
+
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		ok   bool
+	}{
+		{"serial", Config{Module: tk.Module, Serial: serial, PIN: tk.PIN}, true},
+		{"slot id", Config{Module: tk.Module, SlotID: &slot, PIN: tk.PIN}, true},
+		{"label and serial agree", Config{Module: tk.Module, Token: tk.Label, Serial: serial, PIN: tk.PIN}, true},
+		{"label of another token than the serial", Config{Module: tk.Module, Token: other.Label, Serial: serial, PIN: tk.PIN}, false},
+		{"unknown label", Config{Module: tk.Module, Token: "no-such-token", PIN: tk.PIN}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b, err := Open(tc.name, tc.cfg, zaptest.NewLogger(t))
+			if (err == nil) != tc.ok {
+				t.Fatalf("Open: %v", err)
+			}
+			if err != nil {
+				return
+			}
+			defer b.Close()
+			if _, err := b.Encrypt(bg, "private", []byte("x"), nil); err != nil {
+				t.Fatalf("Encrypt: %v", err)
+			}
+		})
+	}
+
+	t.Run("no login", func(t *testing.T) {
+		// Another token, so that no backend's login is shared: module
+		// protection in nShield terms.
+		tk2 := hsmtest.NewToken(t)
+		tk2.CreateKey(t, "private")
+		tk2.CreateKey(t, "public", hsmtest.Usage(pkcs11.CKA_PRIVATE, false))
+		cfg := Config{Module: tk2.Module, Token: tk2.Label, NoLogin: true, PrivateKeys: new(bool)}
+		b := open(t, "no-login", cfg)
+		if _, err := b.Encrypt(bg, "public", []byte("x"), nil); err != nil {
+			t.Fatalf("Encrypt with a public key and no login: %v", err)
+		}
+		if _, err := b.Encrypt(bg, "private", []byte("x"), nil); !errors.Is(err, ErrKeyNotFound) {
+			t.Fatalf("a private key without login: %v", err)
+		}
+	})
+}
