@@ -131,9 +131,9 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 		case "iv":
 			cfg.IVMode = val
 		case "max_sessions":
-			n, err := strconv.Atoi(val)
+			n, err := intArg(d, opt, val)
 			if err != nil {
-				return nil, d.Errf("max_sessions %q: %v", val, err)
+				return nil, err
 			}
 			cfg.MaxSessions = n
 		case "private_keys":
@@ -143,17 +143,17 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 			}
 			cfg.PrivateKeys = &b
 		case "session_wait", "call_timeout", "health_ttl":
-			dur, err := caddy.ParseDuration(val)
+			dur, err := durationArg(d, opt, val)
 			if err != nil {
-				return nil, d.Errf("%s %q: %v", opt, val, err)
+				return nil, err
 			}
 			switch opt {
 			case "session_wait":
-				cfg.SessionWait = caddy.Duration(dur)
+				cfg.SessionWait = dur
 			case "call_timeout":
-				cfg.CallTimeout = caddy.Duration(dur)
+				cfg.CallTimeout = dur
 			case "health_ttl":
-				cfg.HealthTTL = caddy.Duration(dur)
+				cfg.HealthTTL = dur
 			}
 		default:
 			return nil, d.Errf("unrecognized pkcs11 option %q", opt)
@@ -270,17 +270,17 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 			}
 			ks.RateLimit = r
 			if len(args) == 2 {
-				if ks.RateBurst, err = strconv.Atoi(args[1]); err != nil {
-					return nil, d.Errf("rate_limit burst %q: %v", args[1], err)
+				if ks.RateBurst, err = intArg(d, "rate_limit burst", args[1]); err != nil {
+					return nil, err
 				}
 			}
 		case "max_concurrent":
 			if len(args) != 1 {
 				return nil, d.ArgErr()
 			}
-			n, err := strconv.Atoi(args[0])
+			n, err := intArg(d, opt, args[0])
 			if err != nil {
-				return nil, d.Errf("max_concurrent %q: %v", args[0], err)
+				return nil, err
 			}
 			ks.MaxConcurrent = n
 		case "hsm":
@@ -316,20 +316,20 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 			case "aad_framing":
 				ks.AADFraming = val
 			case "fleet_size":
-				n, err := strconv.Atoi(val)
+				n, err := intArg(d, opt, val)
 				if err != nil {
-					return nil, d.Errf("fleet_size %q: %v", val, err)
+					return nil, err
 				}
 				ks.FleetSize = n
 			case "max_clock_skew", "deadline":
-				dur, err := caddy.ParseDuration(val)
+				dur, err := durationArg(d, opt, val)
 				if err != nil {
-					return nil, d.Errf("%s %q: %v", opt, val, err)
+					return nil, err
 				}
 				if opt == "deadline" {
-					ks.Deadline = caddy.Duration(dur)
+					ks.Deadline = dur
 				} else {
-					ks.MaxClockSkew = caddy.Duration(dur)
+					ks.MaxClockSkew = dur
 				}
 			}
 		default:
@@ -358,4 +358,22 @@ func parseAuthorize(d *caddyfile.Dispenser) ([]authz.Rule, error) {
 		rules = append(rules, authz.Rule{Name: name, Effect: effect, Expression: expr})
 	}
 	return rules, nil
+}
+
+// intArg parses the whole-number value of option opt.
+func intArg(d *caddyfile.Dispenser, opt, val string) (int, error) {
+	n, err := strconv.Atoi(val)
+	if err != nil {
+		return 0, d.Errf("%s %q: %v", opt, val, err)
+	}
+	return n, nil
+}
+
+// durationArg parses the duration value of option opt, in Caddy's syntax.
+func durationArg(d *caddyfile.Dispenser, opt, val string) (caddy.Duration, error) {
+	dur, err := caddy.ParseDuration(val)
+	if err != nil {
+		return 0, d.Errf("%s %q: %v", opt, val, err)
+	}
+	return caddy.Duration(dur), nil
 }

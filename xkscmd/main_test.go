@@ -2,22 +2,13 @@ package xkscmd
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddytest"
@@ -27,6 +18,7 @@ import (
 
 	_ "github.com/caddy-xks/caddy-xks/caddyfile"
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/testcert"
 )
 
 // The tests run each command in-process with the flag set it is registered
@@ -126,7 +118,7 @@ func startProxy(t *testing.T) proxy {
 	p.secretFile = writeFile(t, p.dir, "secret", cred.SecretAccessKey+"\n")
 	t.Setenv("XKSCMD_TEST_SECRET", cred.SecretAccessKey)
 	var key string
-	p.cacert, key = writeCert(t, p.dir)
+	p.cacert, key = testcert.Localhost(t, p.dir)
 
 	config := fmt.Sprintf(`{
 	admin localhost:%[1]d
@@ -167,38 +159,6 @@ localhost:%[3]s {
 		t.FailNow()
 	}
 	return p
-}
-
-// writeCert writes a self-signed certificate for localhost, which is also
-// the CA that --cacert trusts. caddytest rewrites *.crt and *.key paths in
-// a config, so the files are .pem.
-func writeCert(t *testing.T, dir string) (certFile, keyFile string) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "localhost"},
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certFile = writeFile(t, dir, "cert.pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})))
-	keyFile = writeFile(t, dir, "key.pem", string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})))
-	return certFile, keyFile
 }
 
 // tableRow is one row of check's table.

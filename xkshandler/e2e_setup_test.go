@@ -2,21 +2,14 @@ package xkshandler_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base32"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -32,6 +25,7 @@ import (
 
 	_ "github.com/caddy-xks/caddy-xks/caddyfile"
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/testcert"
 )
 
 // The end-to-end tests run a real Caddy (in this process, through
@@ -122,7 +116,7 @@ func newFixtureWith(t *testing.T, change func(*fixture)) *fixture {
 	f.token.CreateKey(t, keyOtherKS)
 	f.token.CreateKey(t, keyNotAllow)
 	f.token.CreateKey(t, keyOff)
-	f.cert, f.key = writeCert(t, f.dir)
+	f.cert, f.key = testcert.Localhost(t, f.dir)
 	f.ks1 = []credential{newCredential(t)}
 	f.ks2 = newCredential(t)
 	f.logFile = filepath.Join(f.dir, "caddy.log")
@@ -337,42 +331,6 @@ func expectError(t testing.TB, r response, status int, name string) {
 	if msg := r.str("errorMessage"); len(msg) >= 512 {
 		t.Errorf("errorMessage of %d characters", len(msg))
 	}
-}
-
-// writeCert writes a self-signed certificate for localhost. caddytest
-// rewrites *.crt/*.key paths, so the files are .pem.
-func writeCert(t testing.TB, dir string) (certFile, keyFile string) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "localhost"},
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return certFile, keyFile
 }
 
 // Request bodies.
