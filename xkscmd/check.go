@@ -126,7 +126,11 @@ func (ck *checker) health() (string, error) {
 	if !slices.ContainsFunc(statuses, func(s string) bool { return s != "UNAVAILABLE" }) {
 		return "", errors.New("every HSM is UNAVAILABLE: KMS would not connect the key store")
 	}
-	return fmt.Sprintf("%s %s, fleet of %d, HSMs %s", h.XKSProxyVendor, h.XKSProxyModel, h.XKSProxyFleetSize, strings.Join(statuses, ",")), nil
+	product := h.XKSProxyModel
+	if !strings.HasPrefix(product, h.XKSProxyVendor) {
+		product = h.XKSProxyVendor + " " + product
+	}
+	return fmt.Sprintf("%s, fleet of %d, HSMs %s", product, h.XKSProxyFleetSize, strings.Join(statuses, ",")), nil
 }
 
 func (ck *checker) metadata() (string, error) {

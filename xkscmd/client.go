@@ -80,6 +80,15 @@ func clientFromFlags(fl caddycmd.Flags, target string, concurrency int) (*xksCli
 		}
 		tlsConfig.RootCAs = pool
 	}
+	// A proxy that requires mTLS (as KMS's own client certificate does it)
+	// is checked with a client certificate of the operator's.
+	if certFile, keyFile := fl.String("client-cert"), fl.String("client-key"); certFile != "" || keyFile != "" {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("loading the client certificate (--client-cert and --client-key): %w", err)
+		}
+		tlsConfig.Certificates = []tls.Certificate{cert}
+	}
 	c.http = &http.Client{
 		Timeout: 5 * time.Second,
 		Transport: &http.Transport{

@@ -33,6 +33,8 @@ func clientFlags(fs *pflag.FlagSet) {
 	fs.String("secret-file", "", "File holding the SigV4 secret access key (without --proxy-config)")
 	fs.String("region", "us-east-1", "AWS region the key store is configured with")
 	fs.String("cacert", "", "Trust this CA (PEM) for the proxy's certificate, for local use")
+	fs.String("client-cert", "", "Client certificate (PEM) to present to a proxy that requires mTLS")
+	fs.String("client-key", "", "Private key (PEM) of --client-cert")
 }
 
 var subcommands = []subcommand{
