@@ -37,6 +37,29 @@ func TestCheckPassesAgainstACorrectProxy(t *testing.T) {
 	}
 }
 
+// TestCheckThroughMTLS checks a site that requires KMS's client certificate:
+// with an accepted client certificate every row passes; without one the
+// handshake fails and check says so.
+func TestCheckThroughMTLS(t *testing.T) {
+	p := startProxy(t)
+	url := "https://localhost:" + mtlsPort + "/good/kms/xks/v1"
+	args := append(p.clientArgs(), "--key", keyDemo, "--samples", "5")
+	out, err := runCommand(t, "check", append(args, "--client-cert", p.clientCert, "--client-key", p.clientKey, url)...)
+	if err != nil {
+		t.Fatalf("check with a client certificate: %v\n%s", err, out)
+	}
+	if rows := parseTable(t, out); rows["health"].result != "PASS" || rows["round trip"].result != "PASS" {
+		t.Fatalf("rows %+v", rows)
+	}
+	out, err = runCommand(t, "check", append(args, url)...)
+	if err == nil {
+		t.Fatalf("check without a client certificate passed:\n%s", out)
+	}
+	if rows := parseTable(t, out); rows["health"].result != "FAIL" {
+		t.Fatalf("health row without a client certificate: %+v", rows["health"])
+	}
+}
+
 func TestCheckSkipsEncryptOnlyWithoutItsKey(t *testing.T) {
 	p := startProxy(t)
 	out, err := runCommand(t, "check", append(p.clientArgs(), "--samples", "5", p.url("/good"))...)

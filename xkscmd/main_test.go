@@ -2,13 +2,21 @@ package xkscmd
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddytest"
@@ -19,6 +27,7 @@ import (
 	_ "github.com/caddy-xks/caddy-xks/caddyfile"
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/caddy-xks/caddy-xks/internal/testcert"
+	_ "github.com/caddy-xks/caddy-xks/tlscheck" // the xks_subject client-auth verifier
 )
 
 // The tests run each command in-process with the flag set it is registered
@@ -70,6 +79,7 @@ func backendBlock(t *testing.T, name string, tk hsmtest.Token) string {
 const (
 	adminPort = 2997
 	httpsPort = "9447"
+	mtlsPort  = "9448" // a site that requires KMS's client certificate
 	httpPort  = "9087"
 	region    = "us-east-1"
 )
@@ -87,6 +97,9 @@ type proxy struct {
 	cacert     string
 	akid       string
 	secretFile string
+	// clientCert and clientKey are a client certificate the mTLS site
+	// accepts: CN cks.kms.<region>.amazonaws.com from its trusted CA.
+	clientCert, clientKey string
 }
 
 func (p proxy) url(keyStore string) string {
@@ -119,6 +132,8 @@ func startProxy(t *testing.T) proxy {
 	t.Setenv("XKSCMD_TEST_SECRET", cred.SecretAccessKey)
 	var key string
 	p.cacert, key = testcert.Localhost(t, p.dir)
+	clientCA := filepath.Join(p.dir, "client-ca.pem")
+	p.clientCert, p.clientKey = writeClientPKI(t, p.dir, clientCA, "cks.kms."+region+".amazonaws.com")
 
 	config := fmt.Sprintf(`{
 	admin localhost:%[1]d
@@ -151,9 +166,27 @@ localhost:%[3]s {
 		}
 	}
 }
+
+localhost:%[14]s {
+	tls %[8]s %[9]s {
+		client_auth {
+			mode require_and_verify
+			trust_pool file %[15]s
+			verifier xks_subject cks.kms.%[10]s.amazonaws.com
+		}
+	}
+	xks {
+		key_store /good {
+			hsm main
+			region %[10]s
+			credential %[11]s {env.XKSCMD_TEST_SECRET}
+			keys %[12]s %[13]s
+		}
+	}
+}
 `, adminPort, httpPort, httpsPort, filepath.Join(p.dir, "storage"), filepath.Join(p.dir, "caddy.log"),
 		backendBlock(t, "main", good), backendBlock(t, "broken", broken), p.cacert, key,
-		region, p.akid, keyDemo, keyEncryptOnly)
+		region, p.akid, keyDemo, keyEncryptOnly, mtlsPort, clientCA)
 	caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: adminPort}).InitServer(config, "caddyfile")
 	if t.Failed() {
 		t.FailNow()
@@ -197,4 +230,49 @@ func parseTable(t *testing.T, out string) map[string]tableRow {
 		t.Fatalf("no table in:\n%s", out)
 	}
 	return rows
+}
+
+// writeClientPKI writes a CA (its certificate to caFile) and a client
+// certificate with the given CN that it signed, and returns the client's
+// certificate and key files.
+func writeClientPKI(t *testing.T, dir, caFile, commonName string) (certFile, keyFile string) {
+	t.Helper()
+	newKey := func() *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	caKey, clientKey := newKey(), newKey()
+	ca := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "caddy-xks test client CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: commonName},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	caCert, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientDER, err := x509.CreateCertificate(rand.Reader, client, caCert, &clientKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(clientKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, dir, filepath.Base(caFile), string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})))
+	certFile = writeFile(t, dir, "client.pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: clientDER})))
+	keyFile = writeFile(t, dir, "client-key.pem", string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})))
+	return certFile, keyFile
 }
