@@ -59,7 +59,6 @@ type Handler struct {
 	Hostnames []string `json:"hostnames,omitempty"`
 
 	stores    map[string]*KeyStore // by URI path
-	backends  []*hsm.Backend       // of every key store, for readiness
 	logger    *zap.Logger
 	audit     *zap.Logger
 	preflight *tlscheck.Watcher
@@ -95,7 +94,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return err
 		}
 		h.stores[ks.URIPath] = ks
-		h.backends = append(h.backends, ks.backends...)
 	}
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return fmt.Errorf("xks: registering metrics: %w", err)
