@@ -2,21 +2,13 @@ package xkscmd
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
-	"math/big"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddytest"
@@ -132,8 +124,8 @@ func startProxy(t *testing.T) proxy {
 	t.Setenv("XKSCMD_TEST_SECRET", cred.SecretAccessKey)
 	var key string
 	p.cacert, key = testcert.Localhost(t, p.dir)
-	clientCA := filepath.Join(p.dir, "client-ca.pem")
-	p.clientCert, p.clientKey = writeClientPKI(t, p.dir, clientCA, "cks.kms."+region+".amazonaws.com")
+	clientCA, clientCert, clientKey := testcert.ClientPKI(t, p.dir, "cks.kms."+region+".amazonaws.com")
+	p.clientCert, p.clientKey = clientCert, clientKey
 
 	config := fmt.Sprintf(`{
 	admin localhost:%[1]d
@@ -230,49 +222,4 @@ func parseTable(t *testing.T, out string) map[string]tableRow {
 		t.Fatalf("no table in:\n%s", out)
 	}
 	return rows
-}
-
-// writeClientPKI writes a CA (its certificate to caFile) and a client
-// certificate with the given CN that it signed, and returns the client's
-// certificate and key files.
-func writeClientPKI(t *testing.T, dir, caFile, commonName string) (certFile, keyFile string) {
-	t.Helper()
-	newKey := func() *ecdsa.PrivateKey {
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k
-	}
-	caKey, clientKey := newKey(), newKey()
-	ca := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "caddy-xks test client CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	client := &x509.Certificate{
-		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: commonName},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}
-	caCert, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		t.Fatal(err)
-	}
-	clientDER, err := x509.CreateCertificate(rand.Reader, client, caCert, &clientKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalECPrivateKey(clientKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	writeFile(t, dir, filepath.Base(caFile), string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})))
-	certFile = writeFile(t, dir, "client.pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: clientDER})))
-	keyFile = writeFile(t, dir, "client-key.pem", string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})))
-	return certFile, keyFile
 }

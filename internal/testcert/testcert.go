@@ -1,5 +1,6 @@
-// Package testcert writes a throw-away self-signed server certificate for
-// localhost, for tests that run a real Caddy on loopback.
+// Package testcert writes throw-away certificates for tests that run a real
+// Caddy on loopback: a self-signed server certificate for localhost, and a
+// client CA with a client certificate for mTLS.
 package testcert
 
 import (
@@ -23,10 +24,7 @@ import (
 // rewrites *.crt and *.key paths in a config.
 func Localhost(t testing.TB, dir string) (certFile, keyFile string) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
+	key := newKey(t)
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(1),
 		Subject:      pkix.Name{CommonName: "localhost"},
@@ -45,12 +43,61 @@ func Localhost(t testing.TB, dir string) (certFile, keyFile string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+	return writePEM(t, dir, "cert.pem", "CERTIFICATE", der), writePEM(t, dir, "key.pem", "EC PRIVATE KEY", keyDER)
+}
+
+// ClientPKI writes a CA (client-ca.pem) and a client certificate with the
+// given subject CN that it signed (client.pem, client-key.pem), for a site
+// whose client_auth trusts that CA.
+func ClientPKI(t testing.TB, dir, commonName string) (caFile, certFile, keyFile string) {
+	t.Helper()
+	caKey, clientKey := newKey(t), newKey(t)
+	ca := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "caddy-xks test client CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+	caCert, err := x509.ParseCertificate(caDER)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return certFile, keyFile
+	client := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: commonName},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	clientDER, err := x509.CreateCertificate(rand.Reader, client, caCert, &clientKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(clientKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return writePEM(t, dir, "client-ca.pem", "CERTIFICATE", caDER),
+		writePEM(t, dir, "client.pem", "CERTIFICATE", clientDER),
+		writePEM(t, dir, "client-key.pem", "EC PRIVATE KEY", keyDER)
+}
+
+func newKey(t testing.TB) *ecdsa.PrivateKey {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// writePEM writes one PEM block, readable by the owner only.
+func writePEM(t testing.TB, dir, name, blockType string, der []byte) string {
+	t.Helper()
+	path := filepath.Join(dir, name)
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: blockType, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
