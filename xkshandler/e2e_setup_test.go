@@ -177,9 +177,15 @@ func (f *fixture) remember(body []byte) {
 
 // load (re)loads the proxy's config with the fixture's current credentials;
 // fleetSize is reported in health, and changing it makes a reload real.
+//
+// The client's idle connections are dropped afterwards, so that the test's
+// next request opens one to the new server: a connection left idle across a
+// reload can be closed by the old server just as a request is written on
+// it (see TestReloadUnderLoad, which reloads without this).
 func (f *fixture) load(fleetSize int) {
 	f.t.Helper()
 	f.tester.InitServer(f.config(fleetSize), "caddyfile")
+	f.tester.Client.CloseIdleConnections()
 }
 
 // config is the proxy's Caddyfile for the fixture's current settings.

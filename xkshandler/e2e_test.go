@@ -390,7 +390,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	}
 	time.Sleep(200 * time.Millisecond)
 	for i := range 5 {
-		f.load(10 + i)
+		f.tester.InitServer(f.config(10+i), "caddyfile") // not f.load: keep the connections the clients use
 		if r := f.call(c, "/ks1/kms/xks/v1/health", healthBody); r.body["xksProxyFleetSize"] != float64(10+i) {
 			t.Fatalf("reload %d not in effect: %s", i, r.raw)
 		}

@@ -197,10 +197,8 @@ func (ks *KeyStore) validate() error {
 }
 
 // provision resolves secrets and builds the key store's runtime state.
+// The handler has validated the key store first.
 func (ks *KeyStore) provision(app *hsm.App) error {
-	if err := ks.validate(); err != nil {
-		return err
-	}
 	repl := caddy.NewReplacer()
 	creds := make([]sigv4auth.Credential, 0, len(ks.Credentials))
 	for _, c := range ks.Credentials {
