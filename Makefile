@@ -6,8 +6,10 @@ FUZZTIME ?= 15s
 # The module path is not published; GOPRIVATE makes xcaddy's `go get` use the
 # local replacement from xcaddy.json instead of asking the module proxy.
 XCADDY_ENV := GOPRIVATE=github.com/caddy-xks GOFLAGS=-mod=mod
+# scripts/install-deps.sh installs the pinned golangci-lint here.
+GOLANGCI_LINT ?= $(shell $(GO) env GOPATH)/bin/golangci-lint
 
-.PHONY: deps build caddy test vet fuzz bench loadtest demo clean
+.PHONY: deps build caddy test vet lint fuzz bench loadtest demo clean help
 
 ## deps: install the system packages (softhsm2, opensc, gcc, curl) and Go modules
 deps:
@@ -24,14 +26,21 @@ bin/caddy: xcaddy.json go.mod go.sum $(shell git ls-files '*.go' 2>/dev/null)
 	$(XCADDY_ENV) $(GO) -C tools/xcaddyjson run . -f ../../xcaddy.json
 
 ## test: everything CI runs: formatting, vet, unit/integration/e2e tests under -race, bounded fuzzing
-test: deps vet
+test: deps vet lint
 	bash scripts/test.sh
 
+## vet: gofmt check and go vet
 vet:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed on: $$unformatted"; exit 1; fi
 	$(GO) vet ./...
 
+## lint: golangci-lint with .golangci.yml (installed by `make deps`)
+lint:
+	@test -x $(GOLANGCI_LINT) || { echo "$(GOLANGCI_LINT) missing: run make deps" >&2; exit 1; }
+	$(GOLANGCI_LINT) run ./...
+
+## fuzz: every fuzz target for a bounded budget (scripts/fuzz.sh)
 fuzz:
 	FUZZTIME=$(FUZZTIME) bash scripts/fuzz.sh
 
@@ -47,5 +56,10 @@ loadtest: deps caddy
 demo: deps caddy
 	bash scripts/demo.sh
 
+## clean: remove bin/
 clean:
 	rm -rf bin
+
+## help: this list
+help:
+	@sed -n 's/^## //p' $(firstword $(MAKEFILE_LIST)) | sed 's/\$$\$$/$$/g' | awk -F': ' '{ n = $$1; sub(/^[^:]*: /, ""); printf "  %-9s %s\n", n, $$0 }'
