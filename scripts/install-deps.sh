@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the system packages caddy-xks needs to build, test and run its demo
+# Installs what caddy-xks needs to build, test and run its demo
 # on Debian: SoftHSM2 (the development HSM), OpenSC's pkcs11-tool, a C compiler
-# for cgo, and curl (its --aws-sigv4 signer is one of the test clients).
+# for cgo, curl (its --aws-sigv4 signer is one of the test clients), and the
+# pinned golangci-lint.
 # Go itself (1.26 or later) must already be on PATH.
 set -euo pipefail
 
@@ -20,3 +21,12 @@ fi
 
 command -v go >/dev/null || { echo "go 1.26 or later is required on PATH" >&2; exit 1; }
 go mod download
+
+# golangci-lint at a pinned version (make lint); the Makefile looks for it in
+# $(go env GOPATH)/bin, so it is installed there whatever GOBIN says.
+golangci_lint_version=2.15.0
+golangci_lint="$(go env GOPATH)/bin/golangci-lint"
+if ! "$golangci_lint" version --short 2>/dev/null | grep -qx "v\{0,1\}$golangci_lint_version"; then
+	echo "installing golangci-lint v$golangci_lint_version"
+	GOBIN="$(go env GOPATH)/bin" go install "github.com/golangci/golangci-lint/v2/cmd/golangci-lint@v$golangci_lint_version"
+fi
