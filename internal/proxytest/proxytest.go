@@ -1,0 +1,334 @@
+// Package proxytest runs a real Caddy with the caddy-xks modules for
+// end-to-end tests, in the test process or in a child process, on loopback
+// ports that the kernel handed to this test.
+//
+// Three rules keep such tests truthful on any machine:
+//
+//   - No fixed port. Caddy binds with SO_REUSEPORT, so two test processes
+//     (two packages of one `go test ./...`, or a demo beside a test run)
+//     that listen on the same port silently split each other's
+//     connections. Every port here comes from the kernel (listen on :0), and
+//     the admin endpoint is a unix socket in the test's own directory.
+//   - A load is done when the new config answers: Load returns after Caddy
+//     has started the new config and the proxy's Ready probe has passed.
+//   - Timeouts are generous. The HSM blocks written here give every call
+//     seconds, not the production 200 ms, unless the test sets the value
+//     itself (a test of that timeout makes the HSM hang far beyond it).
+package proxytest
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile" // the Caddyfile adapter
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+)
+
+// Test timeouts: far above anything a loaded 2-core machine needs for one
+// SoftHSM2 call, far below the test binary's own timeout.
+const (
+	CallTimeout = "30s"
+	SessionWait = "10s"
+	Deadline    = "30s"
+)
+
+// readyTimeout bounds how long Load waits for the new config to answer.
+const readyTimeout = 2 * time.Minute
+
+// FreePort returns a TCP port that the kernel picked as free on every
+// interface, for a server that the test starts right after.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", ":0")
+	if err != nil {
+		t.Fatalf("finding a free port: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// Instance is where one proxy lives: its directory, ports, admin socket,
+// storage and log. It serves both an in-process Proxy and a proxy that a
+// test runs as a child process.
+type Instance struct {
+	// Dir holds the admin socket, the storage and the log. It is short
+	// (unix socket paths are limited to 108 bytes) and removed after the
+	// test.
+	Dir string
+	// HTTPPort and HTTPSPort are Caddy's http_port and https_port.
+	HTTPPort, HTTPSPort int
+	// AdminSocket is the admin endpoint's unix socket.
+	AdminSocket string
+	// Storage is Caddy's file_system storage directory.
+	Storage string
+	// LogFile receives every log line, JSON, at DEBUG.
+	LogFile string
+}
+
+// NewInstance makes a directory and takes two free ports.
+func NewInstance(t testing.TB) *Instance {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "xks-proxy-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return &Instance{
+		Dir:         dir,
+		HTTPPort:    FreePort(t),
+		HTTPSPort:   FreePort(t),
+		AdminSocket: filepath.Join(dir, "admin.sock"),
+		Storage:     filepath.Join(dir, "storage"),
+		LogFile:     filepath.Join(dir, "caddy.log"),
+	}
+}
+
+// Global is the Caddyfile's global options block for the instance, with
+// extra (more global options, such as an hsm block) inside it.
+func (in *Instance) Global(extra string) string {
+	return fmt.Sprintf(`{
+	admin unix/%s
+	http_port %d
+	https_port %d
+	persist_config off
+	skip_install_trust
+	storage file_system %s
+	log {
+		output file %s
+		format json
+		level DEBUG
+	}
+%s}
+`, in.AdminSocket, in.HTTPPort, in.HTTPSPort, in.Storage, in.LogFile, extra)
+}
+
+// Origin is the base URL of the instance's HTTPS port on localhost.
+func (in *Instance) Origin() string {
+	return "https://localhost:" + strconv.Itoa(in.HTTPSPort)
+}
+
+// Backend is one pkcs11 backend of the hsm global option.
+type Backend struct {
+	Name   string
+	Module string
+	Token  string
+	// PINEnv names the environment variable holding the PIN: the config
+	// reads it with an {env.*} placeholder, as production does.
+	PINEnv string
+	// IV is the iv mode; caller (SoftHSM2's) when empty.
+	IV string
+	// Extra holds more lines of the pkcs11 block. A call_timeout or
+	// session_wait among them replaces the generous test default.
+	Extra string
+}
+
+// Block is the pkcs11 block, for inside an `hsm { }` global option.
+func (b Backend) Block() string {
+	iv := b.IV
+	if iv == "" {
+		iv = "caller"
+	}
+	var s strings.Builder
+	fmt.Fprintf(&s, "\t\tpkcs11 %s {\n\t\t\tmodule %s\n\t\t\ttoken %s\n\t\t\tpin {env.%s}\n\t\t\tiv %s\n",
+		b.Name, b.Module, b.Token, b.PINEnv, iv)
+	s.WriteString(defaults(b.Extra, "\t\t\t", "call_timeout", CallTimeout, "session_wait", SessionWait))
+	if b.Extra != "" {
+		s.WriteString(strings.TrimRight(b.Extra, "\n") + "\n")
+	}
+	s.WriteString("\t\t}\n")
+	return s.String()
+}
+
+// KeyStoreDefaults are the lines a key_store block of a test needs so that
+// no request depends on the machine's speed: a generous deadline, unless
+// extra (the test's own lines for that block) sets one.
+func KeyStoreDefaults(extra string) string {
+	return defaults(extra, "\t\t\t", "deadline", Deadline)
+}
+
+// defaults writes "name value" lines for each pair whose name is not a
+// directive in extra.
+func defaults(extra, indent string, pairs ...string) string {
+	var s strings.Builder
+	for i := 0; i+1 < len(pairs); i += 2 {
+		if !hasDirective(extra, pairs[i]) {
+			fmt.Fprintf(&s, "%s%s %s\n", indent, pairs[i], pairs[i+1])
+		}
+	}
+	return s.String()
+}
+
+func hasDirective(lines, name string) bool {
+	for _, line := range strings.Split(lines, "\n") {
+		if f := strings.Fields(line); len(f) > 0 && f[0] == name {
+			return true
+		}
+	}
+	return false
+}
+
+// Proxy is Caddy running in the test process. Caddy's state is global, so
+// tests that use a Proxy must not run in parallel with each other.
+type Proxy struct {
+	*Instance
+	t testing.TB
+	// Client calls the proxy's sites: every name dials 127.0.0.1, and it
+	// trusts the certificates given to Trust.
+	Client *http.Client
+	// Ready, when set, is retried after each load until it returns nil:
+	// the new config then answers. A signed health check is a good probe.
+	Ready func() error
+
+	roots *x509.CertPool
+}
+
+// New makes an instance for an in-process Caddy. Nothing runs until Load;
+// the test's cleanup stops Caddy.
+func New(t testing.TB) *Proxy {
+	t.Helper()
+	p := &Proxy{Instance: NewInstance(t), t: t, roots: x509.NewCertPool()}
+	dialer := &net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}
+	p.Client = &http.Client{
+		Timeout: 2 * time.Minute,
+		Transport: &http.Transport{
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				_, port, err := net.SplitHostPort(addr)
+				if err != nil {
+					return nil, err
+				}
+				return dialer.DialContext(ctx, network, net.JoinHostPort("127.0.0.1", port))
+			},
+			ForceAttemptHTTP2:   true,
+			MaxIdleConnsPerHost: 64,
+			IdleConnTimeout:     90 * time.Second,
+			TLSHandshakeTimeout: 30 * time.Second,
+			TLSClientConfig:     &tls.Config{RootCAs: p.roots, MinVersion: tls.VersionTLS12},
+		},
+	}
+	t.Cleanup(func() {
+		p.Client.CloseIdleConnections()
+		if err := caddy.Stop(); err != nil {
+			t.Logf("stopping caddy: %v", err)
+		}
+	})
+	return p
+}
+
+// Trust adds the PEM certificates of file to the roots the Client trusts.
+func (p *Proxy) Trust(file string) {
+	p.t.Helper()
+	pem, err := os.ReadFile(file)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	if !p.roots.AppendCertsFromPEM(pem) {
+		p.t.Fatalf("no certificate in %s", file)
+	}
+}
+
+// Load adapts the Caddyfile and loads it, as `caddy reload` would, then
+// waits for Ready. A config that fails to load fails the test.
+func (p *Proxy) Load(caddyfile string) {
+	p.t.Helper()
+	cfg, err := p.adapt(caddyfile)
+	if err != nil {
+		p.t.Fatalf("%v\n%s", err, caddyfile)
+	}
+	p.LoadJSON(cfg)
+}
+
+// LoadJSON loads a JSON config and waits for Ready.
+func (p *Proxy) LoadJSON(cfg []byte) {
+	p.t.Helper()
+	if err := caddy.Load(cfg, false); err != nil {
+		p.t.Fatalf("loading the proxy's config: %v\n%s", err, cfg)
+	}
+	if p.Ready == nil {
+		return
+	}
+	deadline := time.Now().Add(readyTimeout)
+	for {
+		err := p.Ready()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("the new config does not answer after %s: %v", readyTimeout, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TryLoad adapts and loads the Caddyfile and returns the error that either
+// step failed with. The running config stays when it fails.
+func (p *Proxy) TryLoad(caddyfile string) error {
+	cfg, err := p.adapt(caddyfile)
+	if err != nil {
+		return err
+	}
+	return caddy.Load(cfg, false)
+}
+
+func (p *Proxy) adapt(caddyfile string) ([]byte, error) {
+	adapter := caddyconfig.GetAdapter("caddyfile")
+	cfg, warnings, err := adapter.Adapt([]byte(caddyfile), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		return nil, fmt.Errorf("adapting the Caddyfile: %w", err)
+	}
+	for _, w := range warnings {
+		p.t.Logf("caddyfile: %s", w.String())
+	}
+	return cfg, nil
+}
+
+// Admin sends a request to the admin endpoint over its unix socket.
+func (p *Proxy) Admin(method, path, contentType string, body io.Reader) (int, []byte) {
+	p.t.Helper()
+	client := &http.Client{
+		Timeout: 2 * time.Minute,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", p.AdminSocket)
+		}},
+	}
+	defer client.CloseIdleConnections()
+	req, err := http.NewRequest(method, "http://localhost"+path, body)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		p.t.Fatalf("admin %s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	out, err := io.ReadAll(resp.Body)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	return resp.StatusCode, out
+}
+
+// Metrics returns the admin endpoint's Prometheus metrics.
+func (p *Proxy) Metrics() string {
+	p.t.Helper()
+	code, body := p.Admin(http.MethodGet, "/metrics", "", nil)
+	if code != http.StatusOK {
+		p.t.Fatalf("metrics: %d %s", code, body)
+	}
+	return string(body)
+}
