@@ -12,34 +12,20 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2/caddytest"
+	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 )
 
-// The mTLS tests run a real Caddy in this process (through caddytest) with a
-// client_auth policy that uses the xks_subject verifier, and make real TLS
-// handshakes from Go clients on loopback. The ports are this package's own,
-// so that other packages' Caddy tests can run at the same time.
-const (
-	mtlsAdminPort = 2996
-	mtlsHTTPSPort = 9446
-	mtlsHTTPPort  = 9086
-)
+// The mTLS tests run a real Caddy in this process (internal/proxytest) with
+// a client_auth policy that uses the xks_subject verifier, and make real TLS
+// handshakes from Go clients on loopback, on ports the kernel picked.
 
-const mtlsConfig = `{
-	admin localhost:%[1]d
-	http_port %[2]d
-	https_port %[3]d
-	persist_config off
-	skip_install_trust
-	storage file_system %[4]s
-}
-
-localhost:%[3]d {
-	tls %[5]s %[6]s {
+const mtlsSite = `
+localhost:%[1]d {
+	tls %[2]s %[3]s {
 		client_auth {
-			mode %[9]s
-			trust_pool file %[7]s
-			verifier xks_subject %[8]s
+			mode %[6]s
+			trust_pool file %[4]s
+			verifier xks_subject %[5]s
 		}
 	}
 	respond "xks ok" 200
@@ -49,6 +35,7 @@ localhost:%[3]d {
 // mtlsServer is a running Caddy that asks for client certificates, in a
 // client_auth mode, from clientCA with CN kmsUSEast1.
 type mtlsServer struct {
+	port        int
 	serverRoots *x509.CertPool
 	clientCA    *testCA
 }
@@ -66,13 +53,12 @@ func startMTLSServer(t *testing.T, mode string) *mtlsServer {
 	clientCA := newRootCA(t, "Amazon Root CA test")
 	clientCAFile := writePEM(t, dir, "client-ca.pem", []*x509.Certificate{clientCA.cert}, nil)
 
-	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: mtlsAdminPort})
-	tester.InitServer(fmt.Sprintf(mtlsConfig, mtlsAdminPort, mtlsHTTPPort, mtlsHTTPSPort,
-		dir, certFile, keyFile, clientCAFile, kmsUSEast1, mode), "caddyfile")
+	p := proxytest.New(t)
+	p.Load(p.Global("") + fmt.Sprintf(mtlsSite, p.HTTPSPort, certFile, keyFile, clientCAFile, kmsUSEast1, mode))
 
 	roots := x509.NewCertPool()
 	roots.AddCert(serverCA.cert)
-	return &mtlsServer{serverRoots: roots, clientCA: clientCA}
+	return &mtlsServer{port: p.HTTPSPort, serverRoots: roots, clientCA: clientCA}
 }
 
 // get makes one HTTPS request on a fresh connection with the given client
@@ -88,13 +74,13 @@ func (s *mtlsServer) get(cert *x509.Certificate, key crypto.Signer, version uint
 	if cert != nil {
 		cfg.Certificates = []tls.Certificate{{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}}
 	}
-	dialer := &net.Dialer{Timeout: 5 * time.Second}
-	conn, err := tls.DialWithDialer(dialer, "tcp", fmt.Sprintf("127.0.0.1:%d", mtlsHTTPSPort), cfg)
+	dialer := &net.Dialer{Timeout: time.Minute}
+	conn, err := tls.DialWithDialer(dialer, "tcp", fmt.Sprintf("127.0.0.1:%d", s.port), cfg)
 	if err != nil {
 		return "", err
 	}
 	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	_ = conn.SetDeadline(time.Now().Add(time.Minute))
 	// In TLS 1.3 the client's handshake is over before the server has
 	// looked at the client certificate: the server's verdict arrives as an
 	// alert on the first read.
@@ -178,7 +164,7 @@ func TestMTLSHTTPClient(t *testing.T) {
 	s := startMTLSServer(t, "require_and_verify")
 	cert, key := s.clientCA.leaf(t, leafSpec{cn: kmsUSEast1, usage: x509.ExtKeyUsageClientAuth})
 	client := &http.Client{
-		Timeout: 5 * time.Second,
+		Timeout: time.Minute,
 		Transport: &http.Transport{
 			TLSClientConfig: &tls.Config{
 				RootCAs:      s.serverRoots,
@@ -188,7 +174,7 @@ func TestMTLSHTTPClient(t *testing.T) {
 	}
 	defer client.CloseIdleConnections()
 	for i := range 2 {
-		resp, err := client.Get(fmt.Sprintf("https://localhost:%d/", mtlsHTTPSPort))
+		resp, err := client.Get(fmt.Sprintf("https://localhost:%d/", s.port))
 		if err != nil {
 			t.Fatalf("request %d: %v", i, err)
 		}

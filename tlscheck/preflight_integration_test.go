@@ -10,8 +10,9 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddytest"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 )
 
 // preflightProbe is an HTTP handler that does what the XKS handler does
@@ -46,10 +47,10 @@ func (p *preflightProbe) ServeHTTP(w http.ResponseWriter, _ *http.Request, _ cad
 	return nil
 }
 
-// preflightConfig serves localhost on the package's ports with the probe;
+// preflightConfig serves localhost on the proxy's ports with the probe;
 // %[5]s is the tls app.
 const preflightConfig = `{
-	"admin": {"listen": "localhost:%[1]d", "config": {"persist": false}},
+	"admin": {"listen": "unix/%[1]s", "config": {"persist": false}},
 	"storage": {"module": "file_system", "root": %[4]q},
 	"apps": {
 		"http": {
@@ -73,7 +74,7 @@ const preflightConfig = `{
 // awaitReport waits for a report on a chain whose leaf matches.
 func awaitReport(t *testing.T, match func(leaf *x509.Certificate) bool) Report {
 	t.Helper()
-	timeout := time.After(15 * time.Second)
+	timeout := time.After(2 * time.Minute)
 	for {
 		select {
 		case r := <-probeReports:
@@ -81,7 +82,7 @@ func awaitReport(t *testing.T, match func(leaf *x509.Certificate) bool) Report {
 				return r
 			}
 		case <-timeout:
-			t.Fatal("no preflight report within 15s")
+			t.Fatal("no preflight report within 2 minutes")
 		}
 	}
 }
@@ -94,7 +95,10 @@ func TestPreflightInCaddy(t *testing.T) {
 		t.Skip("starts a Caddy server")
 	}
 	dir := t.TempDir()
-	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: mtlsAdminPort})
+	p := proxytest.New(t)
+	load := func(tlsApp string) {
+		p.LoadJSON([]byte(fmt.Sprintf(preflightConfig, p.AdminSocket, p.HTTPPort, p.HTTPSPort, p.Storage, tlsApp)))
+	}
 
 	t.Run("a loaded certificate is checked at start", func(t *testing.T) {
 		root := newRootCA(t, "XKS test private root")
@@ -102,7 +106,7 @@ func TestPreflightInCaddy(t *testing.T) {
 		certFile := writePEM(t, dir, "loaded.pem", []*x509.Certificate{leaf, root.cert}, nil)
 		keyFile := writePEM(t, dir, "loaded-key.pem", nil, key)
 		tlsApp := fmt.Sprintf(`{"certificates": {"load_files": [{"certificate": %q, "key": %q}]}}`, certFile, keyFile)
-		tester.InitServer(fmt.Sprintf(preflightConfig, mtlsAdminPort, mtlsHTTPPort, mtlsHTTPSPort, dir, tlsApp), "json")
+		load(tlsApp)
 
 		r := awaitReport(t, leaf.Equal)
 		if r.Hostname != "localhost" || !slices.ContainsFunc(r.Problems, func(p Problem) bool {
@@ -114,7 +118,7 @@ func TestPreflightInCaddy(t *testing.T) {
 
 	t.Run("an obtained certificate is checked", func(t *testing.T) {
 		tlsApp := `{"automation": {"policies": [{"subjects": ["localhost"], "issuers": [{"module": "internal"}]}]}}`
-		tester.InitServer(fmt.Sprintf(preflightConfig, mtlsAdminPort, mtlsHTTPPort, mtlsHTTPSPort, dir, tlsApp), "json")
+		load(tlsApp)
 
 		r := awaitReport(t, func(leaf *x509.Certificate) bool {
 			return strings.Contains(leaf.Issuer.CommonName, "Caddy Local Authority")

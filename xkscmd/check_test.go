@@ -42,7 +42,7 @@ func TestCheckPassesAgainstACorrectProxy(t *testing.T) {
 // handshake fails and check says so.
 func TestCheckThroughMTLS(t *testing.T) {
 	p := startProxy(t)
-	url := "https://localhost:" + mtlsPort + "/good/kms/xks/v1"
+	url := p.mtlsOrigin + "/good/kms/xks/v1"
 	args := append(p.clientArgs(), "--key", keyDemo, "--samples", "5")
 	out, err := runCommand(t, "check", append(args, "--client-cert", p.clientCert, "--client-key", p.clientKey, url)...)
 	if err != nil {

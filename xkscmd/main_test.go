@@ -3,6 +3,8 @@ package xkscmd
 import (
 	"bytes"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -11,13 +13,13 @@ import (
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddytest"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/miekg/pkcs11"
 	"github.com/spf13/pflag"
 
 	_ "github.com/caddy-xks/caddy-xks/caddyfile"
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 	"github.com/caddy-xks/caddy-xks/internal/testcert"
 	_ "github.com/caddy-xks/caddy-xks/tlscheck" // the xks_subject client-auth verifier
 )
@@ -65,16 +67,10 @@ func backendBlock(t *testing.T, name string, tk hsmtest.Token) string {
 	t.Helper()
 	env := "XKSCMD_TEST_PIN_" + strings.ToUpper(name)
 	t.Setenv(env, tk.PIN)
-	return fmt.Sprintf("\t\tpkcs11 %s {\n\t\t\tmodule %s\n\t\t\ttoken %s\n\t\t\tpin {env.%s}\n\t\t\tiv caller\n\t\t}\n", name, tk.Module, tk.Label, env)
+	return proxytest.Backend{Name: name, Module: tk.Module, Token: tk.Label, PINEnv: env}.Block()
 }
 
-const (
-	adminPort = 2997
-	httpsPort = "9447"
-	mtlsPort  = "9448" // a site that requires KMS's client certificate
-	httpPort  = "9087"
-	region    = "us-east-1"
-)
+const region = "us-east-1"
 
 // Keys of the proxy's tokens.
 const (
@@ -86,6 +82,8 @@ const (
 // right, and /broken, whose demo-key is an AES-128 key.
 type proxy struct {
 	dir        string
+	origin     string // the site with both key stores
+	mtlsOrigin string // a site that requires KMS's client certificate
 	cacert     string
 	akid       string
 	secretFile string
@@ -95,7 +93,7 @@ type proxy struct {
 }
 
 func (p proxy) url(keyStore string) string {
-	return "https://localhost:" + httpsPort + keyStore + "/kms/xks/v1"
+	return p.origin + keyStore + "/kms/xks/v1"
 }
 
 // clientArgs are the flags that let check and bench call the key store
@@ -127,62 +125,64 @@ func startProxy(t *testing.T) proxy {
 	clientCA, clientCert, clientKey := testcert.ClientPKI(t, p.dir, "cks.kms."+region+".amazonaws.com")
 	p.clientCert, p.clientKey = clientCert, clientKey
 
-	config := fmt.Sprintf(`{
-	admin localhost:%[1]d
-	http_port %[2]s
-	https_port %[3]s
-	persist_config off
-	skip_install_trust
-	storage file_system %[4]s
-	log {
-		output file %[5]s
-	}
-	hsm {
-%[6]s%[7]s	}
-}
-
-localhost:%[3]s {
-	tls %[8]s %[9]s
+	caddy := proxytest.New(t)
+	caddy.Trust(p.cacert)
+	mtlsPort := proxytest.FreePort(t)
+	p.origin = caddy.Origin()
+	p.mtlsOrigin = fmt.Sprintf("https://localhost:%d", mtlsPort)
+	ksDefaults := proxytest.KeyStoreDefaults("")
+	config := caddy.Global("\thsm {\n"+backendBlock(t, "main", good)+backendBlock(t, "broken", broken)+"\t}\n") + fmt.Sprintf(`
+localhost:%[1]d {
+	tls %[2]s %[3]s
 	xks {
 		key_store /good {
 			hsm main
-			region %[10]s
-			credential %[11]s {env.XKSCMD_TEST_SECRET}
-			keys %[12]s %[13]s
-		}
+			region %[4]s
+			credential %[5]s {env.XKSCMD_TEST_SECRET}
+			keys %[6]s %[7]s
+%[10]s		}
 		key_store /broken {
 			hsm broken
-			region %[10]s
-			credential %[11]s {env.XKSCMD_TEST_SECRET}
-			keys %[12]s
-		}
+			region %[4]s
+			credential %[5]s {env.XKSCMD_TEST_SECRET}
+			keys %[6]s
+%[10]s		}
 	}
 }
 
-localhost:%[14]s {
-	tls %[8]s %[9]s {
+localhost:%[8]d {
+	tls %[2]s %[3]s {
 		client_auth {
 			mode require_and_verify
-			trust_pool file %[15]s
-			verifier xks_subject cks.kms.%[10]s.amazonaws.com
+			trust_pool file %[9]s
+			verifier xks_subject cks.kms.%[4]s.amazonaws.com
 		}
 	}
 	xks {
 		key_store /good {
 			hsm main
-			region %[10]s
-			credential %[11]s {env.XKSCMD_TEST_SECRET}
-			keys %[12]s %[13]s
-		}
+			region %[4]s
+			credential %[5]s {env.XKSCMD_TEST_SECRET}
+			keys %[6]s %[7]s
+%[10]s		}
 	}
 }
-`, adminPort, httpPort, httpsPort, filepath.Join(p.dir, "storage"), filepath.Join(p.dir, "caddy.log"),
-		backendBlock(t, "main", good), backendBlock(t, "broken", broken), p.cacert, key,
-		region, p.akid, keyDemo, keyEncryptOnly, mtlsPort, clientCA)
-	caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: adminPort}).InitServer(config, "caddyfile")
-	if t.Failed() {
-		t.FailNow()
+`, caddy.HTTPSPort, p.cacert, key, region, p.akid, keyDemo, keyEncryptOnly, mtlsPort, clientCA, ksDefaults)
+	// The key store answers once its handler runs: an unsigned call is
+	// refused in XKS terms.
+	caddy.Ready = func() error {
+		resp, err := caddy.Client.Post(p.url("/good")+"/health", "application/json", strings.NewReader("{}"))
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(string(body), "AuthenticationFailedException") {
+			return fmt.Errorf("unsigned health: %d %s", resp.StatusCode, body)
+		}
+		return nil
 	}
+	caddy.Load(config)
 	return p
 }
 

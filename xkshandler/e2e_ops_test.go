@@ -100,19 +100,8 @@ func TestPolicyThatFailsToCompileIsAConfigError(t *testing.T) {
 func loadErr(f *fixture) error {
 	f.t.Helper()
 	defer func() { f.ks1Extra = "" }()
-	cfg := f.config(1)
-	req, err := http.NewRequest(http.MethodPost, "http://"+adminAddr+"/load", strings.NewReader(cfg))
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "text/caddyfile")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode == http.StatusOK {
+	code, body := f.proxy.Admin(http.MethodPost, "/load", "text/caddyfile", strings.NewReader(f.config(1)))
+	if code == http.StatusOK {
 		return nil
 	}
 	return &loadError{string(body)}
@@ -195,16 +184,7 @@ func TestDeadlineIsDependencyTimeout(t *testing.T) {
 // metrics fetches the admin endpoint's Prometheus metrics.
 func (f *fixture) metrics() string {
 	f.t.Helper()
-	resp, err := http.Get("http://" + adminAddr + "/metrics")
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	return string(b)
+	return f.proxy.Metrics()
 }
 
 func grepLines(s, sub string) string {
@@ -270,7 +250,7 @@ func TestReadyPath(t *testing.T) {
 	f.xksExtra = "\t\tready_path /ready\n"
 	f.load(2)
 	get := func() int {
-		resp, err := f.tester.Client.Get(origin + "/ready")
+		resp, err := f.proxy.Client.Get(f.origin + "/ready")
 		if err != nil {
 			t.Fatal(err)
 		}

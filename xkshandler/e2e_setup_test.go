@@ -12,7 +12,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -20,11 +19,11 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
-	"github.com/caddyserver/caddy/v2/caddytest"
 	"github.com/miekg/pkcs11"
 
 	_ "github.com/caddy-xks/caddy-xks/caddyfile"
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 	"github.com/caddy-xks/caddy-xks/internal/testcert"
 )
 
@@ -34,13 +33,7 @@ import (
 
 func TestMain(m *testing.M) { os.Exit(hsmtest.Main(m)) }
 
-const (
-	adminAddr = "localhost:2999"
-	httpsPort = "9443"
-	httpPort  = "9080"
-	origin    = "https://localhost:" + httpsPort
-	region    = "us-east-1"
-)
+const region = "us-east-1"
 
 // credential is a SigV4 credential made fresh for a test, so that a secret
 // found in a log can only have come from that test.
@@ -61,7 +54,8 @@ func newCredential(t testing.TB) credential {
 // fixture is one running proxy and what it was configured with.
 type fixture struct {
 	t       *testing.T
-	tester  *caddytest.Tester
+	proxy   *proxytest.Proxy
+	origin  string // https://localhost:<port>
 	token   hsmtest.Token
 	dir     string
 	cert    string
@@ -119,9 +113,11 @@ func newFixtureWith(t *testing.T, change func(*fixture)) *fixture {
 	f.cert, f.key = testcert.Localhost(t, f.dir)
 	f.ks1 = []credential{newCredential(t)}
 	f.ks2 = newCredential(t)
-	f.logFile = filepath.Join(f.dir, "caddy.log")
+	f.proxy = proxytest.New(t)
+	f.proxy.Trust(f.cert)
+	f.origin = f.proxy.Origin()
+	f.logFile = f.proxy.LogFile
 	t.Setenv("XKS_TEST_PIN", f.token.PIN)
-	f.tester = caddytest.NewTester(t)
 	change(f)
 	f.load(1)
 	t.Cleanup(f.checkLog)
@@ -184,8 +180,42 @@ func (f *fixture) remember(body []byte) {
 // it (see TestReloadUnderLoad, which reloads without this).
 func (f *fixture) load(fleetSize int) {
 	f.t.Helper()
-	f.tester.InitServer(f.config(fleetSize), "caddyfile")
-	f.tester.Client.CloseIdleConnections()
+	f.reload(fleetSize)
+	f.proxy.Client.CloseIdleConnections()
+}
+
+// reload loads the config for fleetSize and waits until /ks1 answers a
+// signed health check that reports it: the new config is then serving.
+func (f *fixture) reload(fleetSize int) {
+	f.t.Helper()
+	f.proxy.Ready = func() error { return f.reports(fleetSize) }
+	f.proxy.Load(f.config(fleetSize))
+}
+
+// reports checks that /ks1 answers health with the fleet size.
+func (f *fixture) reports(fleetSize int) error {
+	body := healthBody
+	req, err := http.NewRequest(http.MethodPost, f.origin+"/ks1/kms/xks/v1/health", strings.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	if err := signRequest(req, f.ks1[0], body, region, time.Now()); err != nil {
+		return err
+	}
+	resp, err := f.proxy.Client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	if want := fmt.Sprintf(`"xksProxyFleetSize":%d`, fleetSize); resp.StatusCode != http.StatusOK || !strings.Contains(string(raw), want) {
+		return fmt.Errorf("health: %d %s, want %s", resp.StatusCode, raw, want)
+	}
+	return nil
 }
 
 // config is the proxy's Caddyfile for the fixture's current settings.
@@ -198,61 +228,40 @@ func (f *fixture) config(fleetSize int) string {
 		fmt.Fprintf(&creds, "\t\t\tcredential %s {env.%s}\n", c.akid, env)
 	}
 	f.t.Setenv("XKS_TEST_SECRET_2", f.ks2.secret)
-	return fmt.Sprintf(`{
-	admin %[1]s
-	http_port %[2]s
-	https_port %[3]s
-	persist_config off
-	skip_install_trust
-	storage file_system %[4]s
-	log {
-		output file %[5]s
-		format json
-		level DEBUG
-	}
-	hsm {
-		pkcs11 main {
-			module %[6]s
-			token %[7]s
-			pin {env.XKS_TEST_PIN}
-			iv caller
-%[18]s
-		}
-	}
-}
-
-localhost:%[3]s {
-	tls %[8]s %[9]s
+	hsm := proxytest.Backend{Name: "main", Module: f.module, Token: f.token.Label, PINEnv: "XKS_TEST_PIN", Extra: f.hsmExtra}
+	ksDefaults := proxytest.KeyStoreDefaults(f.ks1Extra)
+	return f.proxy.Global("\thsm {\n"+hsm.Block()+"\t}\n") + fmt.Sprintf(`
+localhost:%[1]d {
+	tls %[2]s %[3]s
 	xks {
-%[20]s
+%[14]s
 		key_store /ks1 {
 			hsm main
-			region %[10]s
-%[11]s			keys %[12]s
-			disable %[17]s
+			region %[4]s
+%[5]s			keys %[6]s
+			disable %[11]s
 			ciphertext_metadata dGVzdC12MQ==
-			fleet_size %[13]d
-%[19]s
+			fleet_size %[7]d
+%[12]s%[13]s
 		}
 		key_store /ks2/kms/xks/v1 {
 			hsm main
-			region %[10]s
-			credential %[14]s {env.XKS_TEST_SECRET_2}
-			keys %[15]s
-		}
+			region %[4]s
+			credential %[8]s {env.XKS_TEST_SECRET_2}
+			keys %[9]s
+%[15]s		}
 		key_store /legacy {
 			hsm main
-			region %[10]s
-			credential %[14]s {env.XKS_TEST_SECRET_2}
-			keys %[16]s
+			region %[4]s
+			credential %[8]s {env.XKS_TEST_SECRET_2}
+			keys %[10]s
 			aad_framing aws_sample
-		}
+%[15]s		}
 	}
 }
-`, adminAddr, httpPort, httpsPort, filepath.Join(f.dir, "storage"), f.logFile,
-		f.module, f.token.Label, f.cert, f.key, region, creds.String(),
+`, f.proxy.HTTPSPort, f.cert, f.key, region, creds.String(),
 		strings.Join([]string{keyBoth, keyEncOnly, keyDecOnly, keyNone, keyAES128, keyClear, keyMissing, keyOff}, " "),
-		fleetSize, f.ks2.akid, keyOtherKS, keyClear, keyOff, f.hsmExtra, f.ks1Extra, f.xksExtra)
+		fleetSize, f.ks2.akid, keyOtherKS, keyClear, keyOff, ksDefaults, f.ks1Extra, f.xksExtra, proxytest.KeyStoreDefaults(""))
 }
 
 // response is an XKS answer: the status and the decoded JSON body.
@@ -284,7 +293,7 @@ func (f *fixture) call(c credential, path, body string) response {
 
 func (f *fixture) send(c credential, method, path, body, signRegion string, at time.Time) response {
 	f.t.Helper()
-	req, err := http.NewRequest(method, origin+path, strings.NewReader(body))
+	req, err := http.NewRequest(method, f.origin+path, strings.NewReader(body))
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -305,7 +314,7 @@ func signRequest(req *http.Request, c credential, body, signRegion string, at ti
 
 func (f *fixture) do(req *http.Request) response {
 	f.t.Helper()
-	resp, err := f.tester.Client.Do(req)
+	resp, err := f.proxy.Client.Do(req)
 	if err != nil {
 		f.t.Fatalf("%s %s: %v", req.Method, req.URL.Path, err)
 	}

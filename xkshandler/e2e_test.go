@@ -328,7 +328,7 @@ func TestErrorTable(t *testing.T) {
 // post sends an unsigned POST.
 func (f *fixture) post(path, body string) response {
 	f.t.Helper()
-	req, err := http.NewRequest(http.MethodPost, origin+path, strings.NewReader(body))
+	req, err := http.NewRequest(http.MethodPost, f.origin+path, strings.NewReader(body))
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -390,7 +390,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	}
 	time.Sleep(200 * time.Millisecond)
 	for i := range 5 {
-		f.tester.InitServer(f.config(10+i), "caddyfile") // not f.load: keep the connections the clients use
+		f.reload(10 + i) // not f.load: keep the connections the clients use
 		if r := f.call(c, "/ks1/kms/xks/v1/health", healthBody); r.body["xksProxyFleetSize"] != float64(10+i) {
 			t.Fatalf("reload %d not in effect: %s", i, r.raw)
 		}
@@ -414,7 +414,7 @@ func (f *fixture) roundTrip(c credential) error {
 		return err
 	}
 	post := func(path, body string) (map[string]string, error) {
-		req, err := http.NewRequest(http.MethodPost, origin+path, strings.NewReader(body))
+		req, err := http.NewRequest(http.MethodPost, f.origin+path, strings.NewReader(body))
 		if err != nil {
 			return nil, err
 		}
@@ -422,7 +422,7 @@ func (f *fixture) roundTrip(c credential) error {
 		if err := signRequest(req, c, body, region, time.Now()); err != nil {
 			return nil, err
 		}
-		resp, err := f.tester.Client.Do(req)
+		resp, err := f.proxy.Client.Do(req)
 		if err != nil {
 			return nil, err
 		}
@@ -477,7 +477,7 @@ func TestCurlSigV4(t *testing.T) {
 	run := func(path, body string) (int, string) {
 		cmd := exec.Command(curl, "-sS", "--cacert", f.cert, "--aws-sigv4", "aws:amz:"+region+":kms-xks-proxy",
 			"--user", c.akid+":"+c.secret, "-H", "Content-Type: application/json", "-d", body,
-			"-w", "\n%{http_code}", origin+path)
+			"-w", "\n%{http_code}", f.origin+path)
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			t.Fatalf("curl: %v\n%s", err, out)

@@ -21,6 +21,7 @@ import (
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 )
 
 // runAsCaddy is set in the environment of a child process of this test
@@ -38,62 +39,43 @@ func init() {
 
 // instance is one proxy process of a fleet.
 type instance struct {
-	port string
-	cmd  *exec.Cmd
-	log  string
+	*proxytest.Instance
+	cmd *exec.Cmd
 }
 
-// startInstance runs a proxy process serving localhost:port with its
-// certificates in the shared storage directory.
-func startInstance(t *testing.T, tk hsmtest.Token, dir, storage, port string, c credential) *instance {
+// startInstance runs a proxy process serving localhost on a port of its
+// own, with its certificates in the shared storage directory.
+func startInstance(t *testing.T, tk hsmtest.Token, storage string, c credential) *instance {
 	t.Helper()
-	in := &instance{port: port, log: filepath.Join(dir, "caddy-"+port+".log")}
-	config := filepath.Join(dir, "Caddyfile-"+port)
-	cfg := fmt.Sprintf(`{
-	admin unix/%[1]s/admin-%[2]s.sock
-	persist_config off
-	skip_install_trust
-	https_port %[2]s
-	http_port 1%[2]s
-	storage file_system %[3]s
-	log {
-		output file %[4]s
-		format json
-	}
-	hsm {
-		pkcs11 main {
-			module %[5]s
-			token %[6]s
-			pin {env.XKS_FLEET_PIN}
-			iv caller
-		}
-	}
-}
-
-localhost:%[2]s {
+	in := &instance{Instance: proxytest.NewInstance(t)}
+	in.Storage = storage
+	config := filepath.Join(in.Dir, "Caddyfile")
+	hsm := proxytest.Backend{Name: "main", Module: tk.Module, Token: tk.Label, PINEnv: "XKS_FLEET_PIN"}
+	cfg := in.Global("\thsm {\n"+hsm.Block()+"\t}\n") + fmt.Sprintf(`
+localhost:%[1]d {
 	tls internal
 	xks {
 		key_store /fleet {
 			hsm main
-			region %[7]s
-			credential %[8]s {env.XKS_FLEET_SECRET}
-			keys %[9]s
+			region %[2]s
+			credential %[3]s {env.XKS_FLEET_SECRET}
+			keys %[4]s
 			fleet_size 2
-		}
+%[5]s		}
 	}
 }
-`, dir, port, storage, in.log, tk.Module, tk.Label, region, c.akid, keyBoth)
+`, in.HTTPSPort, region, c.akid, keyBoth, proxytest.KeyStoreDefaults(""))
 	if err := os.WriteFile(config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	// Not os.Args[0]: caddytest rewrites os.Args when it starts Caddy.
+	// Not os.Args[0]: it may be a relative path.
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
 	in.cmd = exec.Command(self)
 	in.cmd.Env = append(os.Environ(), runAsCaddy+"="+config, "SOFTHSM2_CONF="+tk.Conf,
-		"XKS_FLEET_PIN="+tk.PIN, "XKS_FLEET_SECRET="+c.secret, "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+		"XKS_FLEET_PIN="+tk.PIN, "XKS_FLEET_SECRET="+c.secret, "HOME="+in.Dir, "XDG_DATA_HOME="+in.Dir, "XDG_CONFIG_HOME="+in.Dir)
 	if err := in.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -121,13 +103,13 @@ func TestFleetSharesCertificateStorage(t *testing.T) {
 	}
 	tk := hsmtest.NewToken(t)
 	tk.CreateKey(t, keyBoth)
-	dir, storage := t.TempDir(), t.TempDir()
+	storage := t.TempDir()
 	c := newCredential(t)
 
-	a := startInstance(t, tk, dir, storage, "9461", c)
+	a := startInstance(t, tk, storage, c)
 	root := filepath.Join(storage, "pki", "authorities", "local", "root.crt")
 	leafA := waitServing(t, a, root, c)
-	b := startInstance(t, tk, dir, storage, "9462", c)
+	b := startInstance(t, tk, storage, c)
 	leafB := waitServing(t, b, root, c)
 	if !bytes.Equal(leafA, leafB) {
 		t.Error("the second instance serves another certificate: it did not take the first one's from the shared storage")
@@ -150,10 +132,10 @@ func TestFleetSharesCertificateStorage(t *testing.T) {
 // leaf certificate it served.
 func waitServing(t *testing.T, in *instance, rootFile string, c credential) []byte {
 	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		if in.cmd.ProcessState != nil {
-			t.Fatalf("instance %s exited", in.port)
+			t.Fatalf("instance on port %d exited", in.HTTPSPort)
 		}
 		if _, err := os.Stat(rootFile); err == nil {
 			r, leaf, err := fleetTry(in, rootFile, c, "/health", healthBody)
@@ -162,8 +144,8 @@ func waitServing(t *testing.T, in *instance, rootFile string, c credential) []by
 			}
 		}
 		if time.Now().After(deadline) {
-			logs, _ := os.ReadFile(in.log)
-			t.Fatalf("instance %s does not serve; its log:\n%s", in.port, logs)
+			logs, _ := os.ReadFile(in.LogFile)
+			t.Fatalf("instance on port %d does not serve; its log:\n%s", in.HTTPSPort, logs)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -187,10 +169,10 @@ func fleetTry(in *instance, rootFile string, c credential, path, body string) (r
 	}
 	roots := x509.NewCertPool()
 	roots.AppendCertsFromPEM(pem)
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
+	client := &http.Client{Timeout: time.Minute, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
 	defer client.CloseIdleConnections()
 	req, err := http.NewRequestWithContext(context.Background(), http.MethodPost,
-		"https://localhost:"+in.port+"/fleet/kms/xks/v1"+path, strings.NewReader(body))
+		in.Origin()+"/fleet/kms/xks/v1"+path, strings.NewReader(body))
 	if err != nil {
 		return response{}, nil, err
 	}
