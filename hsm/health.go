@@ -41,11 +41,16 @@ type Health struct {
 	CheckedAt time.Time
 }
 
+// now is the clock of health results; tests move it to age a cached result.
+var now = time.Now
+
+// healthCache holds the last round trip's result. One round trip runs at a
+// time; running is closed when it ends.
 type healthCache struct {
-	mu    sync.Mutex // held while a round trip runs
-	read  sync.Mutex // guards last and valid
-	last  Health
-	valid bool
+	mu      sync.Mutex // guards the fields below; never held during a round trip
+	last    Health
+	valid   bool
+	running chan struct{} // nil when no round trip runs
 }
 
 // failedHealthTTL bounds how long an UNAVAILABLE result is reused.
@@ -54,7 +59,9 @@ const failedHealthTTL = 5 * time.Second
 // Health reports the token's state. It runs a real encrypt/decrypt round
 // trip on a session key at most once per health TTL and returns the cached
 // result in between; a closed token or a reconnecting library is reported
-// at once.
+// at once. It never returns a round trip result older than the spec's
+// limit of one minute: a caller that finds only an older one while a round
+// trip runs waits for it until ctx is done, and then gets UNAVAILABLE.
 func (b *Backend) Health(ctx context.Context) Health {
 	h := b.describe()
 	if b.tok.destroyed.Load() {
@@ -66,38 +73,68 @@ func (b *Backend) Health(ctx context.Context) Health {
 	if down, reason, _ := b.tok.lib.status(); down {
 		return unavailable(h, "reconnecting: "+reason)
 	}
-	// One round trip at a time. A caller that finds one running takes the
-	// last result rather than wait for it: KMS gives a health call 250 ms.
-	if !b.health.mu.TryLock() {
-		b.health.read.Lock()
-		last, valid := b.health.last, b.health.valid
-		b.health.read.Unlock()
-		if valid {
-			return last
-		}
-		b.health.mu.Lock()
-	}
-	defer b.health.mu.Unlock()
-	b.health.read.Lock()
-	last, valid := b.health.last, b.health.valid
-	b.health.read.Unlock()
+	b.health.mu.Lock()
 	ttl := b.healthTTL
-	if last.Status == HealthUnavailable {
+	if b.health.last.Status == HealthUnavailable {
 		// A failed check is retried sooner: it may have been one slow call.
 		ttl = min(ttl, failedHealthTTL)
 	}
-	if valid && time.Since(last.CheckedAt) < ttl {
+	if last, ok := b.health.lastWithin(ttl); ok {
+		b.health.mu.Unlock()
 		return last
 	}
-	h = b.checkHealth(ctx)
-	b.health.read.Lock()
+	running := b.health.running
+	if running == nil {
+		done := make(chan struct{})
+		b.health.running = done
+		b.health.mu.Unlock()
+		return b.refreshHealth(ctx, done)
+	}
+	// KMS gives a health call 250 ms, so rather than wait for the running
+	// round trip a caller takes the last result, if it is young enough.
+	last, ok := b.health.lastWithin(maxHealthTTL)
+	b.health.mu.Unlock()
+	if ok {
+		return last
+	}
+	select {
+	case <-running:
+	case <-ctx.Done():
+		return unavailable(h, "the last health check is over a minute old and the running one did not end in time")
+	}
+	b.health.mu.Lock()
+	last, ok = b.health.lastWithin(maxHealthTTL)
+	b.health.mu.Unlock()
+	if !ok {
+		return unavailable(h, "the health check ended without a result")
+	}
+	return last
+}
+
+// lastWithin returns the last result and whether it is younger than d.
+// c.mu must be held.
+func (c *healthCache) lastWithin(d time.Duration) (Health, bool) {
+	return c.last, c.valid && now().Sub(c.last.CheckedAt) < d
+}
+
+// refreshHealth runs the round trip, caches its result and closes done,
+// which wakes the callers waiting for it.
+func (b *Backend) refreshHealth(ctx context.Context, done chan struct{}) Health {
+	defer func() {
+		b.health.mu.Lock()
+		b.health.running = nil
+		b.health.mu.Unlock()
+		close(done)
+	}()
+	h := b.checkHealth(ctx)
+	b.health.mu.Lock()
 	b.health.last, b.health.valid = h, true
-	b.health.read.Unlock()
+	b.health.mu.Unlock()
 	return h
 }
 
 func unavailable(h Health, reason string) Health {
-	h.Status, h.Reason, h.CheckedAt = HealthUnavailable, reason, time.Now()
+	h.Status, h.Reason, h.CheckedAt = HealthUnavailable, reason, now()
 	return h
 }
 
@@ -139,7 +176,7 @@ func (b *Backend) checkHealth(ctx context.Context) Health {
 	})
 	elapsed := time.Since(start)
 	h := b.describe()
-	h.CheckedAt = time.Now()
+	h.CheckedAt = now()
 	if err != nil {
 		if errors.Is(err, ErrBusy) {
 			h.Status, h.Reason = HealthDegraded, "session pool exhausted"
