@@ -111,7 +111,7 @@ func parallel(b *testing.B, g int, setup func() (op func() error, done func())) 
 	var wg sync.WaitGroup
 	var failed atomic.Value
 	b.ResetTimer()
-	for i := 0; i < g; i++ {
+	for i := range g {
 		wg.Add(1)
 		go func(op func() error) {
 			defer wg.Done()

@@ -98,8 +98,7 @@ func quote(s string) string {
 
 // ckrOf returns the PKCS#11 return value in err's chain.
 func ckrOf(err error) (uint, bool) {
-	var pe pkcs11.Error
-	if errors.As(err, &pe) {
+	if pe, ok := errors.AsType[pkcs11.Error](err); ok {
 		return uint(pe), true
 	}
 	return 0, false
@@ -165,8 +164,9 @@ func kindOf(code uint) error {
 		return ErrKeyUsage
 	case classBusy:
 		return ErrBusy
+	default:
+		return ErrInternal
 	}
-	return ErrInternal
 }
 
 // wrapCKR turns a PKCS#11 error into an *Error of the kind its code implies.

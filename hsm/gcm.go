@@ -78,6 +78,9 @@ func encryptGCM(cs *callSession, key pkcs11.ObjectHandle, mode ivMode, pt, aad [
 		_, _ = rand.Read(ivIn) // never fails (crypto/rand crashes the program instead)
 	case ivHSM:
 		ivIn = make([]byte, gcmIVLen)
+	case ivHSMAppended, ivAuto:
+		// No IV goes in: the HSM appends its own, and the probes that
+		// resolve ivAuto pass one of the other modes.
 	}
 	params := pkcs11.NewGCMParams(ivIn, aad, gcmTagBits)
 	defer params.Free()
@@ -149,8 +152,7 @@ func (b *Backend) Encrypt(ctx context.Context, keyLabel string, plaintext, aad [
 		}
 		iv, ct, tag, err := encryptGCM(cs, k.handle, b.ivMode, plaintext, aad)
 		if err != nil {
-			var le *outputLenError
-			if errors.As(err, &le) {
+			if _, ok := errors.AsType[*outputLenError](err); ok {
 				return &Error{Kind: ErrInternal, Op: "encrypt", Key: keyLabel, Err: err}
 			}
 			return err
@@ -261,8 +263,7 @@ func (b *Backend) probeMode(ctx context.Context, mode ivMode) (appended bool, er
 				// Final (no retry), and the session is not reused.
 				return &Error{Kind: ErrInternal, Op: "iv self-test", CKR: ckrNameOf(err), Err: err}
 			}
-			var e *Error
-			if !errors.As(err, &e) {
+			if _, ok := errors.AsType[*Error](err); !ok {
 				return &Error{Kind: ErrInternal, Op: "iv self-test", Err: err}
 			}
 		}

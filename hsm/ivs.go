@@ -63,7 +63,7 @@ func (r *ivRegistry) observe(iv []byte) error {
 		return errIVLength
 	}
 	var k ivKey
-	k.n = uint8(len(iv))
+	k.n = uint8(len(iv)) //nolint:gosec // 12 or 16, checked above
 	zero := true
 	for i, c := range iv {
 		k.b[i] = c

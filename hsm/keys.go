@@ -82,8 +82,6 @@ func (c *keyCache) clear() {
 
 func (c *keyCache) store(label string, e *keyEntry) { c.m.Store(label, e) }
 
-func (c *keyCache) forget(label string) { c.m.Delete(label) }
-
 // key returns the cached entry for label, searching the token if needed.
 func (cs *callSession) key(op, label string) (*keyEntry, error) {
 	if v, ok := cs.t.keys.m.Load(label); ok {

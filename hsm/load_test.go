@@ -27,12 +27,10 @@ func TestConcurrentOperations(t *testing.T) {
 	ivs := make([][][]byte, goroutines)
 	var wg sync.WaitGroup
 	var failures atomic.Int64
-	for g := 0; g < goroutines; g++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+	for g := range goroutines {
+		wg.Go(func() {
 			aad := []byte(fmt.Sprintf("goroutine %d", g))
-			for i := 0; i < ops; i++ {
+			for i := range ops {
 				pt := []byte(fmt.Sprintf("op %d", i))
 				res, err := b.Encrypt(bg, "k1", pt, aad)
 				if err != nil {
@@ -50,7 +48,7 @@ func TestConcurrentOperations(t *testing.T) {
 					}
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	if failures.Load() > 0 {
@@ -94,7 +92,7 @@ func TestReloadKeepsSharedToken(t *testing.T) {
 	var oldOK, curOK atomic.Int64
 	run := func(b *Backend, ok *atomic.Int64) {
 		defer wg.Done()
-		for i := 0; i < ops; i++ {
+		for range ops {
 			res, err := b.Encrypt(bg, "k1", []byte("payload"), []byte("aad"))
 			if err == nil {
 				_, err = b.Decrypt(bg, "k1", res.IV, res.Ciphertext, res.Tag, []byte("aad"))
@@ -106,7 +104,7 @@ func TestReloadKeepsSharedToken(t *testing.T) {
 			ok.Add(1)
 		}
 	}
-	for i := 0; i < workers; i++ {
+	for range workers {
 		wg.Add(2)
 		go run(old, &oldOK)
 		go run(cur, &curOK)

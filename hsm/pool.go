@@ -240,8 +240,7 @@ func (b *Backend) attempt(c *call, gen uint64, op, key string, body func(*callSe
 		if err == nil {
 			return &s, nil
 		}
-		var final *Error
-		if errors.As(err, &final) {
+		if final, ok := errors.AsType[*Error](err); ok {
 			if final.CKR != "" {
 				// The session saw an error in the middle of an operation;
 				// not every vendor ends the operation, so it is not reused.
@@ -280,8 +279,7 @@ func (b *Backend) attempt(c *call, gen uint64, op, key string, body func(*callSe
 
 // withOp names op and key in an *Error produced outside of them.
 func withOp(err error, op, key string) error {
-	var e *Error
-	if errors.As(err, &e) {
+	if e, ok := errors.AsType[*Error](err); ok {
 		c := *e
 		c.Op, c.Key = op, key
 		return &c
