@@ -23,7 +23,7 @@ var (
 		AccessKeyID:     "BETWEEN2TENAND3TENCHARACTERS",
 		SecretAccessKey: "PleaseReplaceThisWithSomeSecretOfLength43To64",
 	}
-	rotatedCredential = Credential{
+	rotatedCredential = Credential{ //nolint:gosec // made up for these tests, like testCredential
 		AccessKeyID:     "NEWKEYIDAFTERROTATION2345",
 		SecretAccessKey: "c2VjcmV0LWFmdGVyLXJvdGF0aW9uLW9mLTUyLWNoYXJzLWxvbmc+/=",
 	}
@@ -258,7 +258,7 @@ func TestVerifyAcrossMidnightUsesEachDaysKey(t *testing.T) {
 // goroutines under the race detector.
 func TestVerifyConcurrentlyAcrossDays(t *testing.T) {
 	base := time.Date(2026, 3, 1, 23, 58, 0, 0, time.UTC)
-	var views []serverView
+	views := make([]serverView, 0, 2*8)
 	for i := range 8 {
 		views = append(views, sdkSignedView(t, testCredential, base.Add(time.Duration(i)*30*time.Second), nil))
 		views = append(views, sdkSignedView(t, rotatedCredential, base.Add(time.Duration(i)*30*time.Second), nil))

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -17,8 +18,7 @@ import (
 )
 
 func reasonOf(err error) Reason {
-	var e *Error
-	if errors.As(err, &e) {
+	if e, ok := errors.AsType[*Error](err); ok {
 		return e.Reason
 	}
 	return ""
@@ -201,12 +201,11 @@ func TestVerifyRejectsEachMutation(t *testing.T) {
 func assertNoSecrets(t *testing.T, err error, signature string, extraSecrets ...string) {
 	t.Helper()
 	msg := err.Error()
-	var e *Error
-	if errors.As(err, &e) {
+	if e, ok := errors.AsType[*Error](err); ok {
 		msg += e.Detail
 	}
 	forbidden := append([]string{testCredential.SecretAccessKey, rotatedCredential.SecretAccessKey}, extraSecrets...)
-	for _, secret := range forbidden[:len(forbidden):len(forbidden)] {
+	for _, secret := range slices.Clip(forbidden) {
 		key := deriveSigningKey(secret, testSigningTime.Format("20060102"), "us-east-1", DefaultService)
 		forbidden = append(forbidden, hex.EncodeToString(key), string(key))
 	}
