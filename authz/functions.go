@@ -153,7 +153,8 @@ func helperFunctions() []cel.EnvOption {
 		{"arn_account", func(a arnFields) string { return a.account }},
 		{"arn_resource", func(a arnFields) string { return a.resource }},
 	}
-	opts := []cel.EnvOption{
+	opts := make([]cel.EnvOption, 0, 2+len(fields))
+	opts = append(opts,
 		cel.Function("glob",
 			cel.Overload("glob_string_string",
 				[]*cel.Type{cel.StringType, cel.StringType}, cel.BoolType,
@@ -165,7 +166,7 @@ func helperFunctions() []cel.EnvOption {
 			cel.Overload("account_in_string_list_string",
 				[]*cel.Type{cel.StringType, cel.ListType(cel.StringType)}, cel.BoolType,
 				cel.BinaryBinding(accountInBinding))),
-	}
+	)
 	for _, f := range fields {
 		opts = append(opts, cel.Function(f.name,
 			cel.Overload(f.name+"_string",

@@ -191,11 +191,11 @@ func evalBool(t *testing.T, expr, s string) bool {
 // globReference is Glob written as the textbook dynamic programme over
 // characters, to check the backtracking version against.
 func globReference(s, pattern string) bool {
-	sr, pr := []rune(s), []rune(pattern)
+	sr := []rune(s)
 	// m[j] reports whether pattern[:i] matches s[:j] for the current i.
 	m := make([]bool, len(sr)+1)
 	m[0] = true
-	for _, p := range pr {
+	for _, p := range pattern {
 		next := make([]bool, len(sr)+1)
 		for j := range next {
 			switch {

@@ -13,7 +13,7 @@ var (
 		Operation:       "Encrypt",
 		KeyStore:        "/kms/xks/v1",
 		ExternalKeyID:   "hsm-key-1",
-		AccessKeyID:     "AKIA4GBY3I6JCE5M2HPM",
+		AccessKeyID:     "EXAMPLEAPPKEYID23456",
 		AWSPrincipalARN: "arn:aws:iam::111122223333:role/app",
 		KMSOperation:    "GenerateDataKey",
 		KMSKeyARN:       "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
@@ -199,7 +199,7 @@ func TestEvaluate(t *testing.T) {
 		{
 			name: "every variable is bound",
 			rules: []Rule{allow("all", `operation == "Encrypt" && key_store == "/kms/xks/v1" && key_id == "hsm-key-1" &&
-				access_key_id == "AKIA4GBY3I6JCE5M2HPM" && kms_operation == "GenerateDataKey" &&
+				access_key_id == "EXAMPLEAPPKEYID23456" && kms_operation == "GenerateDataKey" &&
 				key_arn.endsWith(":key/1234abcd-12ab-34cd-56ef-1234567890ab") && via_service == "" &&
 				source_vpc == "" && source_vpce == "" && request_id == "4112f4d6-db54-4af4-ae30-c55a22a8dfae"`)},
 			in:   encryptByApp,
