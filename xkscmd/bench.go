@@ -36,7 +36,7 @@ type benchOp struct {
 // parseMix reads --mix, e.g. "encrypt=3,decrypt=1".
 func parseMix(s string) (map[string]int, error) {
 	mix := make(map[string]int)
-	for _, part := range strings.Split(s, ",") {
+	for part := range strings.SplitSeq(s, ",") {
 		name, w, found := strings.Cut(strings.TrimSpace(part), "=")
 		n := 1
 		if found {

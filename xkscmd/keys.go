@@ -45,7 +45,7 @@ func parseUsage(s string) (hsm.Usage, error) {
 	if s == "none" {
 		return u, nil
 	}
-	for _, part := range strings.Split(s, ",") {
+	for part := range strings.SplitSeq(s, ",") {
 		switch strings.TrimSpace(strings.ToLower(part)) {
 		case "encrypt":
 			u.Encrypt = true

@@ -49,9 +49,9 @@ func (f aadFraming) hsmAAD(aad, metadata []byte) []byte {
 		body = sum[:]
 	}
 	out := make([]byte, 0, 2+len(body)+1+len(metadata))
-	out = binary.BigEndian.AppendUint16(out, uint16(len(aad)))
+	out = binary.BigEndian.AppendUint16(out, uint16(len(aad))) //nolint:gosec // callers bound len(aad), see above
 	out = append(out, body...)
-	out = append(out, byte(len(metadata)))
+	out = append(out, byte(len(metadata))) //nolint:gosec // callers bound len(metadata), see above
 	return append(out, metadata...)
 }
 

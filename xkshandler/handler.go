@@ -261,8 +261,7 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 	x.akid, err = x.ks.verifier.VerifyHTTP(r, body)
 	if err != nil {
 		x.err = &xksError{name: AuthenticationFailedException, message: "the request signature could not be verified", cause: err}
-		var verr *sigv4auth.Error
-		if errors.As(err, &verr) {
+		if verr, ok := errors.AsType[*sigv4auth.Error](err); ok {
 			x.akid = verr.AccessKeyID
 		}
 		return
@@ -334,7 +333,7 @@ func readBody(r *http.Request, limit int64) ([]byte, *xksError) {
 
 func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
 	status := http.StatusOK
-	var payload any = x.response
+	payload := x.response
 	if x.err != nil {
 		status = x.err.httpStatus()
 		payload = xksapi.ErrorBody{ErrorName: x.err.name, ErrorMessage: wireMessage(x.err.message)}

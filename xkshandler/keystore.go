@@ -232,7 +232,7 @@ func (ks *KeyStore) provision(app *hsm.App) error {
 		ks.backends = append(ks.backends, b)
 	}
 
-	if !(len(ks.Keys) == 1 && ks.Keys[0] == "*") {
+	if len(ks.Keys) != 1 || ks.Keys[0] != "*" {
 		ks.keys = make(map[string]bool, len(ks.Keys))
 		for _, k := range ks.Keys {
 			ks.keys[k] = true

@@ -53,8 +53,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 	initMetrics()
 	for _, c := range metrics.collectorList {
 		if err := reg.Register(c); err != nil {
-			var already prometheus.AlreadyRegisteredError
-			if !errors.As(err, &already) {
+			if _, ok := errors.AsType[prometheus.AlreadyRegisteredError](err); !ok {
 				return err
 			}
 		}
