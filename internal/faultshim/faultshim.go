@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 //go:embed csrc/faultshim.c
@@ -55,8 +56,9 @@ func New(t testing.TB, target string) *Shim {
 	return s
 }
 
-// Set replaces the fault rules, e.g. Set("C_Encrypt=0x30"). Set() clears
-// them.
+// Set replaces the fault rules, e.g. Set("C_Encrypt=0x30") or
+// Set("C_Encrypt=hang"). Set() clears them, which also releases every hung
+// call.
 func (s *Shim) Set(rules ...string) {
 	data := strings.Join(rules, "\n")
 	if data != "" {
@@ -84,4 +86,27 @@ func (s *Shim) Calls(name string) int {
 		}
 	}
 	return n
+}
+
+// Hung counts the calls of the named function that a hang rule has held,
+// released or not.
+func (s *Shim) Hung(name string) int {
+	return s.Calls(name + " hang")
+}
+
+// settle bounds how long WaitHung waits: a loaded machine can take seconds
+// to reach the HSM, never minutes.
+const settle = 2 * time.Minute
+
+// WaitHung waits until n calls of the named function hang in the shim, so
+// that a test acts only once the HSM is held, however slow the machine.
+func (s *Shim) WaitHung(t testing.TB, name string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(settle)
+	for s.Hung(name) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not reach the HSM within %s", name, settle)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }

@@ -10,7 +10,11 @@
  *   C_Decrypt=0xB3*1      the next C_Decrypt only (counts reset when the
  *                         file changes)
  *   C_Encrypt=sleep:1500  C_Encrypt sleeps 1500 ms, then forwards
- * With P11SHIM_LOG set, the name of every wrapped call is appended to it.
+ *   C_Encrypt=hang        C_Encrypt blocks until its rule leaves the file,
+ *                         then forwards: an HSM that hangs for as long as
+ *                         the test wants, however slow the machine
+ * With P11SHIM_LOG set, the name of every wrapped call is appended to it,
+ * and "<name> hang" when that call starts to hang.
  *
  * No PKCS#11 header is needed: the function list is a version followed by
  * the 68 function pointers of PKCS#11 v2.40, in the standard's order, and the
@@ -46,30 +50,56 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static char last_rules[8192];
 static long fired[NFUNC];
 
-/* inject returns 1 with *rv set when the call must fail now; a sleep rule
- * sleeps and returns 0 so the call is forwarded. */
-static int inject(const char *name, int idx, CK_RV *rv) {
-	char buf[8192];
+static size_t read_rules(char *buf, size_t size) {
 	size_t n = 0;
-	long sleep_ms = 0;
-	int fail = 0;
-
 	if (ctl_path[0]) {
 		FILE *f = fopen(ctl_path, "r");
 		if (f) {
-			n = fread(buf, 1, sizeof buf - 1, f);
+			n = fread(buf, 1, size - 1, f);
 			fclose(f);
 		}
 	}
 	buf[n] = 0;
-	pthread_mutex_lock(&mu);
-	if (log_path[0]) {
-		FILE *l = fopen(log_path, "a");
-		if (l) {
-			fprintf(l, "%s\n", name);
-			fclose(l);
-		}
+	return n;
+}
+
+static void log_line(const char *name, const char *suffix) {
+	if (!log_path[0])
+		return;
+	FILE *l = fopen(log_path, "a");
+	if (l) {
+		fprintf(l, "%s%s\n", name, suffix);
+		fclose(l);
 	}
+}
+
+/* hang_rule_present says whether the rules hold a "name=hang" line. */
+static int hang_rule_present(const char *name) {
+	char buf[8192], want[128];
+	read_rules(buf, sizeof buf);
+	snprintf(want, sizeof want, "%s=hang", name);
+	size_t wl = strlen(want);
+	for (char *line = buf; line && *line;) {
+		char *next = strchr(line, '\n');
+		if (next)
+			*next++ = 0;
+		if (strncmp(line, want, wl) == 0 && (line[wl] == 0 || line[wl] == '*'))
+			return 1;
+		line = next;
+	}
+	return 0;
+}
+
+/* inject returns 1 with *rv set when the call must fail now; a sleep rule
+ * sleeps and returns 0 so the call is forwarded. */
+static int inject(const char *name, int idx, CK_RV *rv) {
+	char buf[8192];
+	long sleep_ms = 0;
+	int fail = 0, hang = 0;
+	size_t n = read_rules(buf, sizeof buf);
+
+	pthread_mutex_lock(&mu);
+	log_line(name, "");
 	if (strcmp(buf, last_rules) != 0) {
 		memcpy(last_rules, buf, n + 1);
 		memset(fired, 0, sizeof fired);
@@ -91,6 +121,9 @@ static int inject(const char *name, int idx, CK_RV *rv) {
 				fired[idx]++;
 				if (strncmp(v, "sleep:", 6) == 0) {
 					sleep_ms = strtol(v + 6, NULL, 10);
+				} else if (strcmp(v, "hang") == 0) {
+					hang = 1;
+					log_line(name, " hang");
 				} else {
 					*rv = strtoul(v, NULL, 0);
 					fail = 1;
@@ -103,6 +136,10 @@ static int inject(const char *name, int idx, CK_RV *rv) {
 	pthread_mutex_unlock(&mu);
 	if (sleep_ms > 0) {
 		struct timespec ts = {sleep_ms / 1000, (sleep_ms % 1000) * 1000000L};
+		nanosleep(&ts, NULL);
+	}
+	while (hang && hang_rule_present(name)) {
+		struct timespec ts = {0, 5 * 1000000L};
 		nanosleep(&ts, NULL);
 	}
 	return fail;
