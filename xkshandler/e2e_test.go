@@ -388,14 +388,26 @@ func TestReloadUnderLoad(t *testing.T) {
 			}
 		})
 	}
-	time.Sleep(200 * time.Millisecond)
+	defer func() { stop.Store(true); wg.Wait() }()
+	// Load is measured in round trips, not time: a slow machine runs
+	// fewer of them per second.
+	awaitRoundTrips := func(n int64) {
+		deadline := time.Now().Add(2 * time.Minute)
+		for done.Load() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("only %d round trips ran, want %d", done.Load(), n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	awaitRoundTrips(10)
 	for i := range 5 {
 		f.reload(10 + i) // not f.load: keep the connections the clients use
 		if r := f.call(c, "/ks1/kms/xks/v1/health", healthBody); r.body["xksProxyFleetSize"] != float64(10+i) {
 			t.Fatalf("reload %d not in effect: %s", i, r.raw)
 		}
 	}
-	time.Sleep(200 * time.Millisecond)
+	awaitRoundTrips(done.Load() + 10)
 	stop.Store(true)
 	wg.Wait()
 	if failures.Load() > 0 {

@@ -28,6 +28,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -48,16 +49,28 @@ const (
 // readyTimeout bounds how long Load waits for the new config to answer.
 const readyTimeout = 2 * time.Minute
 
+// handedOut holds every port FreePort returned in this process, so that two
+// servers of one test never get the same port.
+var handedOut sync.Map
+
 // FreePort returns a TCP port that the kernel picked as free on every
-// interface, for a server that the test starts right after.
+// interface, for a server that the test starts right after. It never
+// returns a port twice in one process.
 func FreePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", ":0")
-	if err != nil {
-		t.Fatalf("finding a free port: %v", err)
+	for range 100 {
+		l, err := net.Listen("tcp", ":0")
+		if err != nil {
+			t.Fatalf("finding a free port: %v", err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		_ = l.Close()
+		if _, taken := handedOut.LoadOrStore(port, true); !taken {
+			return port
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Fatal("the kernel keeps handing out ports this process already uses")
+	return 0
 }
 
 // Instance is where one proxy lives: its directory, ports, admin socket,
