@@ -15,7 +15,7 @@ var checkRows = []string{
 
 func TestCheckPassesAgainstACorrectProxy(t *testing.T) {
 	p := startProxy(t)
-	args := append(p.clientArgs(), "--key", keyDemo, "--encrypt-only-key", keyEncryptOnly, "--samples", "20", p.url("/good"))
+	args := append(p.checkArgs(), "--key", keyDemo, "--encrypt-only-key", keyEncryptOnly, "--samples", "20", p.url("/good"))
 	out, err := runCommand(t, "check", args...)
 	t.Logf("caddy xks check:\n%s", out)
 	if err != nil {
@@ -43,7 +43,7 @@ func TestCheckPassesAgainstACorrectProxy(t *testing.T) {
 func TestCheckThroughMTLS(t *testing.T) {
 	p := startProxy(t)
 	url := p.mtlsOrigin + "/good/kms/xks/v1"
-	args := append(p.clientArgs(), "--key", keyDemo, "--samples", "5")
+	args := append(p.checkArgs(), "--key", keyDemo, "--samples", "5")
 	out, err := runCommand(t, "check", append(args, "--client-cert", p.clientCert, "--client-key", p.clientKey, url)...)
 	if err != nil {
 		t.Fatalf("check with a client certificate: %v\n%s", err, out)
@@ -62,7 +62,7 @@ func TestCheckThroughMTLS(t *testing.T) {
 
 func TestCheckSkipsEncryptOnlyWithoutItsKey(t *testing.T) {
 	p := startProxy(t)
-	out, err := runCommand(t, "check", append(p.clientArgs(), "--samples", "5", p.url("/good"))...)
+	out, err := runCommand(t, "check", append(p.checkArgs(), "--samples", "5", p.url("/good"))...)
 	if err != nil {
 		t.Fatalf("check failed: %v\n%s", err, out)
 	}
@@ -110,7 +110,7 @@ func TestCheckFailsWithAWrongSecret(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.secretFile = writeFile(t, t.TempDir(), "other-secret", other.SecretAccessKey)
-	out, err := runCommand(t, "check", append(p.clientArgs(), "--samples", "5", p.url("/good"))...)
+	out, err := runCommand(t, "check", append(p.checkArgs(), "--samples", "5", p.url("/good"))...)
 	// Only the checks answered before authentication, and the one that
 	// expects an authentication failure, pass.
 	auth := "401 AuthenticationFailedException"
@@ -123,7 +123,7 @@ func TestCheckFailsWithAWrongSecret(t *testing.T) {
 
 func TestCheckFailsWithAnAES128Key(t *testing.T) {
 	p := startProxy(t)
-	out, err := runCommand(t, "check", append(p.clientArgs(), "--samples", "5", p.url("/broken"))...)
+	out, err := runCommand(t, "check", append(p.checkArgs(), "--samples", "5", p.url("/broken"))...)
 	// KMS's CreateKey would refuse the key, and the proxy uses only
 	// AES-256 keys.
 	usage := "InvalidKeyUsageException"
@@ -135,10 +135,27 @@ func TestCheckFailsWithAnAES128Key(t *testing.T) {
 
 func TestCheckFailsWithAKeyThatCannotDecrypt(t *testing.T) {
 	p := startProxy(t)
-	out, err := runCommand(t, "check", append(p.clientArgs(), "--key", keyEncryptOnly, "--samples", "5", p.url("/good"))...)
+	out, err := runCommand(t, "check", append(p.checkArgs(), "--key", keyEncryptOnly, "--samples", "5", p.url("/good"))...)
 	noDecrypt := "InvalidKeyUsageException"
 	expectFailures(t, out, err, map[string]string{
 		"metadata": "keyUsage must contain ENCRYPT and DECRYPT", "round trip": noDecrypt, "round trip with AAD": noDecrypt,
 		"CDIV": noDecrypt, "largest request": noDecrypt, "tampered ciphertext": noDecrypt, "wrong AAD": noDecrypt,
 	})
+}
+
+// TestCheckLatencyLimit: the latency row fails at a p99 of --max-p99 or
+// more, and only that row.
+func TestCheckLatencyLimit(t *testing.T) {
+	p := startProxy(t)
+	out, err := runCommand(t, "check", append(p.clientArgs(), "--max-p99", "1ns", "--samples", "2", p.url("/good"))...)
+	if err == nil {
+		t.Fatalf("check passed with a 1ns latency limit:\n%s", out)
+	}
+	rows := parseTable(t, out)
+	if rows["latency"].result != "FAIL" || !strings.Contains(rows["latency"].detail, "the limit is 1ns") {
+		t.Errorf("latency row %+v", rows["latency"])
+	}
+	if rows["health"].result != "PASS" {
+		t.Errorf("health row %+v", rows["health"])
+	}
 }

@@ -186,6 +186,13 @@ localhost:%[8]d {
 	return p
 }
 
+// checkArgs are clientArgs for check, whose latency row must not fail
+// because the test machine is busy: KMS's 250 ms is the product's limit,
+// not the test's.
+func (p proxy) checkArgs() []string {
+	return append(p.clientArgs(), "--max-p99", "1m")
+}
+
 // tableRow is one row of check's table.
 type tableRow struct{ result, detail string }
 
