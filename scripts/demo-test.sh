@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
 # Runs `make demo` in the background as a new user would, waits until the key
 # store answers GetHealthStatus, does an Encrypt/Decrypt round trip with the
-# credentials from .demo/proxy-config.json (signed by curl --aws-sigv4), and
+# credentials from $XKS_DEMO_DIR/proxy-config.json (signed by curl --aws-sigv4), and
 # stops the demo. Exits non-zero if any step fails.
+#
+# It must hold on a busy machine and beside a running demo: the demo's
+# directory is a temporary one, its ports are ones the kernel picked (Caddy
+# binds with SO_REUSEPORT, so a fixed port could be shared with another
+# run), and the HSM timeouts are seconds instead of the production 200 ms.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-port=${XKS_DEMO_PORT:-18443}
 log=$(mktemp)
+export XKS_DEMO_DIR
+XKS_DEMO_DIR=$(mktemp -d)
+if [ -n "${XKS_DEMO_PORT:-}" ]; then
+	port=$XKS_DEMO_PORT http_port=${XKS_DEMO_HTTP_PORT:-$((port + 1))}
+else
+	{ read -r port; read -r http_port; } < <(go run ./internal/freeport 2)
+fi
+export XKS_DEMO_PORT=$port XKS_DEMO_HTTP_PORT=$http_port
+export XKS_HSM_CALL_TIMEOUT=30s XKS_HSM_SESSION_WAIT=10s XKS_DEADLINE=30s
 base=https://localhost:$port/demo/kms/xks/v1
-ca=$root/.demo/storage/pki/authorities/local/root.crt
+ca=$XKS_DEMO_DIR/storage/pki/authorities/local/root.crt
 
-XKS_DEMO_PORT=$port setsid make demo >"$log" 2>&1 &
+setsid make demo >"$log" 2>&1 &
 demo=$!
 stop() {
 	kill -TERM -- "-$demo" 2>/dev/null || true
 	wait "$demo" 2>/dev/null || true
 }
-trap 'stop; rm -f "$log"' EXIT
+trap 'stop; rm -rf "$log" "$XKS_DEMO_DIR"' EXIT
 fail() {
 	echo "demo test: $*" >&2
 	echo "--- make demo output (last 60 lines) ---" >&2
@@ -31,7 +44,7 @@ field() { # field NAME JSON: the string value of a top-level JSON field
 
 # xks CALL BODY: one signed XKS call; prints the body, then the status.
 xks() {
-	curl -sS --max-time 5 --cacert "$ca" \
+	curl -sS --max-time 60 --cacert "$ca" \
 		--aws-sigv4 "aws:amz:us-east-1:kms-xks-proxy" --user "$akid:$secret" \
 		-H 'Content-Type: application/json' -d "$2" -w '\n%{http_code}' "$base/$1"
 }
@@ -41,8 +54,8 @@ deadline=$((SECONDS + 600))
 status=""
 while ((SECONDS < deadline)); do
 	kill -0 "$demo" 2>/dev/null || fail "make demo exited early"
-	if [ -s .demo/proxy-config.json ] && [ -s "$ca" ]; then
-		config=$(cat .demo/proxy-config.json)
+	if [ -s $XKS_DEMO_DIR/proxy-config.json ] && [ -s "$ca" ]; then
+		config=$(cat $XKS_DEMO_DIR/proxy-config.json)
 		akid=$(field AccessKeyId "$config")
 		secret=$(field RawSecretAccessKey "$config")
 		if out=$(xks health '{"requestMetadata":{"kmsRequestId":"demo-test-1","kmsOperation":"KmsHealthCheck"}}' 2>/dev/null); then
@@ -76,9 +89,9 @@ out=$(xks keys/demo-encrypt-only/decrypt "{$meta,\"ciphertext\":\"$ciphertext\",
 grep -q InvalidKeyUsageException <<<"$out" || fail "decrypt with demo-encrypt-only was not InvalidKeyUsageException: $out"
 
 # The operator's own check and a short load, as the README shows them.
-bin/caddy xks check "https://localhost:$port" --proxy-config .demo/proxy-config.json --cacert "$ca" \
-	--key demo-key --encrypt-only-key demo-encrypt-only || fail "caddy xks check failed against the demo"
-bin/caddy xks bench "https://localhost:$port" --proxy-config .demo/proxy-config.json --cacert "$ca" \
+bin/caddy xks check "https://localhost:$port" --proxy-config "$XKS_DEMO_DIR/proxy-config.json" --cacert "$ca" \
+	--key demo-key --encrypt-only-key demo-encrypt-only --max-p99 1m || fail "caddy xks check failed against the demo"
+bin/caddy xks bench "https://localhost:$port" --proxy-config "$XKS_DEMO_DIR/proxy-config.json" --cacert "$ca" \
 	--key demo-key --duration 2s --concurrency 8 --mix encrypt=3,decrypt=1 || fail "caddy xks bench failed against the demo"
 
 # The binary built from xcaddy.json carries every module of the plugin.
@@ -89,11 +102,11 @@ done
 
 # Running the demo again reuses its token and keys.
 stop
-XKS_DEMO_SETUP_ONLY=1 XKS_DEMO_PORT=$port bash scripts/demo.sh >>"$log" 2>&1 || fail "second demo setup failed"
-tokens=$(SOFTHSM2_CONF=.demo/softhsm2.conf softhsm2-util --show-slots | grep -Ec 'Label: *xks-demo *$' || true)
+XKS_DEMO_SETUP_ONLY=1 bash scripts/demo.sh >>"$log" 2>&1 || fail "second demo setup failed"
+tokens=$(SOFTHSM2_CONF=$XKS_DEMO_DIR/softhsm2.conf softhsm2-util --show-slots | grep -Ec 'Label: *xks-demo *$' || true)
 [ "$tokens" = 1 ] || fail "a second run left $tokens tokens labelled xks-demo"
-keys=$(SOFTHSM2_CONF=.demo/softhsm2.conf pkcs11-tool --module "${XKS_HSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}" --token-label xks-demo \
-	--login --pin "$(cat .demo/pin)" --list-objects --type secrkey 2>/dev/null | grep -c 'label:' || true)
+keys=$(SOFTHSM2_CONF=$XKS_DEMO_DIR/softhsm2.conf pkcs11-tool --module "${XKS_HSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}" --token-label xks-demo \
+	--login --pin "$(cat "$XKS_DEMO_DIR/pin")" --list-objects --type secrkey 2>/dev/null | grep -c 'label:' || true)
 [ "$keys" = 4 ] || fail "a second run left $keys keys on the demo token, want 4"
 
 echo "demo test: health ACTIVE, Encrypt/Decrypt round trip, key usage check and re-run passed"

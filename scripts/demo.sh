@@ -7,10 +7,12 @@
 #
 # It runs Caddyfile.example itself; the variables below are the only
 # differences from production. Running it again reuses the token and keys.
+# XKS_DEMO_DIR (default .demo) is where the token, secrets and storage live,
+# so that a test run can have its own beside a running demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-demo=$root/.demo
+demo=${XKS_DEMO_DIR:-$root/.demo}
 caddy=$root/bin/caddy
 port=${XKS_DEMO_PORT:-8443}
 region=us-east-1
