@@ -12,7 +12,7 @@ GOLANGCI_LINT ?= $(shell $(GO) env GOPATH)/bin/golangci-lint
 
 .PHONY: deps build caddy test vet lint fuzz bench loadtest demo clean help
 
-## deps: install the system packages (softhsm2, opensc, gcc, curl) and Go modules
+## deps: install the system packages (softhsm2, opensc, gcc, curl), Go modules and golangci-lint
 # make test installs once and tells the scripts it runs (the demo test runs
 # make demo) through XKS_DEPS_DONE.
 deps:
