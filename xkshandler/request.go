@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"reflect"
 	"strings"
 
 	"github.com/caddy-xks/caddy-xks/xksapi"
@@ -51,7 +52,8 @@ type requestMetadata = xksapi.RequestMetadata
 
 // requestBody is the union of the four request shapes. Fields that do not
 // belong to an operation are ignored like any other unknown field, as the
-// spec requires. Pointers tell a missing field from an empty one.
+// spec requires. Pointers tell a missing field from an empty one. decodeBody
+// matches names against the json tags, here and in requestMetadata.
 type requestBody struct {
 	RequestMetadata                       *requestMetadata `json:"requestMetadata"`
 	Plaintext                             *string          `json:"plaintext"`
@@ -82,13 +84,9 @@ type xksRequest struct {
 // ValidationException (UnsupportedOperationException for an AAD too long for
 // the HSM framing), whatever the operation, health included.
 func decodeRequest(op operation, body []byte) (*xksRequest, *xksError) {
-	var b requestBody
-	dec := json.NewDecoder(bytes.NewReader(body))
-	if err := dec.Decode(&b); err != nil {
-		return nil, validationError("request body is not a valid JSON object")
-	}
-	if dec.More() {
-		return nil, validationError("request body has data after the JSON object")
+	b, xerr := decodeBody(body)
+	if xerr != nil {
+		return nil, xerr
 	}
 	if b.RequestMetadata == nil {
 		return nil, validationError("requestMetadata is required")
@@ -106,7 +104,6 @@ func decodeRequest(op operation, body []byte) (*xksRequest, *xksError) {
 		return nil, validationError("requestMetadata.kmsKeyArn is required")
 	}
 
-	var xerr *xksError
 	switch op {
 	case opEncrypt:
 		if xerr = requireAlgorithm(b.EncryptionAlgorithm); xerr != nil {
@@ -156,6 +153,119 @@ func decodeRequest(op operation, body []byte) (*xksRequest, *xksError) {
 		}
 	}
 	return req, nil
+}
+
+// decodeBody reads body as exactly one JSON object into a requestBody. It
+// is stricter than encoding/json in three ways: a name fills a field only if
+// it is spelled as the field's json tag, case included ("PLAINTEXT" is an
+// unknown field, not plaintext); a name given twice in the body or in
+// requestMetadata is refused, where encoding/json would keep the last; and
+// only white space may follow the object. Unknown names are skipped, as the
+// spec requires, whatever their value.
+func decodeBody(body []byte) (*requestBody, *xksError) {
+	if !json.Valid(body) {
+		var first json.RawMessage
+		if json.NewDecoder(bytes.NewReader(body)).Decode(&first) == nil {
+			return nil, validationError("request body has data after the JSON object")
+		}
+		return nil, validationError(errNotJSON)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil, validationError("request body is not a JSON object")
+	}
+	var b requestBody
+	if xerr := decodeObject(dec, "", reflect.ValueOf(&b).Elem()); xerr != nil {
+		return nil, xerr
+	}
+	return &b, nil
+}
+
+// errNotJSON is the message for a body encoding/json cannot read.
+const errNotJSON = "request body is not valid JSON"
+
+// decodeObject reads the members of the object whose '{' dec has just
+// returned, up to its '}', into the struct v. path is the object's name in
+// messages, "" for the body itself.
+func decodeObject(dec *json.Decoder, path string, v reflect.Value) *xksError {
+	fields := make(map[string]reflect.Value, v.NumField())
+	for i := range v.NumField() {
+		if name, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("json"), ","); name != "" && name != "-" {
+			fields[name] = v.Field(i)
+		}
+	}
+	seen := make(map[string]bool)
+	for dec.More() {
+		tok, err := dec.Token()
+		name, ok := tok.(string)
+		if err != nil || !ok {
+			return validationError(errNotJSON)
+		}
+		f, known := fields[name]
+		if seen[name] {
+			// An unknown name is not echoed: it is the client's text.
+			if known {
+				return validationError(fieldPath(path, name) + " is given twice")
+			}
+			if path == "" {
+				return validationError("request body has a field name twice")
+			}
+			return validationError(path + " has a field name twice")
+		}
+		seen[name] = true
+		if !known {
+			var skipped json.RawMessage
+			if err := dec.Decode(&skipped); err != nil {
+				return validationError(errNotJSON)
+			}
+			continue
+		}
+		if xerr := decodeField(dec, fieldPath(path, name), f); xerr != nil {
+			return xerr
+		}
+	}
+	if _, err := dec.Token(); err != nil { // the closing '}'
+		return validationError(errNotJSON)
+	}
+	return nil
+}
+
+// decodeField reads the value of one known field: a string, a pointer to a
+// string, or a pointer to a struct read as an object (requestMetadata).
+// JSON null leaves the field unset, as encoding/json does.
+func decodeField(dec *json.Decoder, field string, f reflect.Value) *xksError {
+	tok, err := dec.Token()
+	if err != nil {
+		return validationError(errNotJSON)
+	}
+	if tok == nil {
+		return nil
+	}
+	if f.Kind() == reflect.Pointer && f.Type().Elem().Kind() == reflect.Struct {
+		if tok != json.Delim('{') {
+			return validationError(field + " must be an object")
+		}
+		f.Set(reflect.New(f.Type().Elem()))
+		return decodeObject(dec, field, f.Elem())
+	}
+	s, ok := tok.(string)
+	if !ok {
+		return validationError(field + " must be a string")
+	}
+	if f.Kind() == reflect.Pointer {
+		f.Set(reflect.ValueOf(&s))
+	} else {
+		f.SetString(s)
+	}
+	return nil
+}
+
+// fieldPath names the member name of the object at path in messages.
+func fieldPath(path, name string) string {
+	if path == "" {
+		return name
+	}
+	return path + "." + name
 }
 
 func requireAlgorithm(alg *string) *xksError {

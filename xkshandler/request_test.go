@@ -61,6 +61,19 @@ func TestDecodeRequestRejects(t *testing.T) {
 		{"decrypt: 15-byte tag", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64IV12 + `","authenticationTag":"` + b64(15) + `"}`, ValidationException},
 		{"decrypt: 21-byte ciphertextMetadata", opDecrypt, `{` + metaCrypto + `,` + gcm + `,` + decryptBase + `,"ciphertextMetadata":"` + b64(21) + `"}`, ValidationException},
 		{"decrypt: no encryptionAlgorithm", opDecrypt, `{` + metaCrypto + `,` + decryptBase + `}`, ValidationException},
+		{"JSON null", opHealth, `null`, ValidationException},
+		{"names are case-sensitive: PLAINTEXT is not plaintext", opEncrypt, `{` + metaCrypto + `,"PLAINTEXT":"` + b64Hello + `",` + gcm + `}`, ValidationException},
+		{"names are case-sensitive: RequestMetadata is not requestMetadata", opHealth, `{"RequestMetadata":{"kmsRequestId":"r-1","kmsOperation":"KmsHealthCheck"}}`, ValidationException},
+		{"names are case-sensitive: KMSKEYARN is not kmsKeyArn", opEncrypt, `{"requestMetadata":{"awsPrincipalArn":"a","KMSKEYARN":"k","kmsOperation":"Encrypt","kmsRequestId":"r-1"},"plaintext":"` + b64Hello + `",` + gcm + `}`, ValidationException},
+		{"a field given twice", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"plaintext":"AAAA"}`, ValidationException},
+		{"a field given twice, once with an escaped name", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"plain\u0074ext":"AAAA"}`, ValidationException},
+		{"an unknown field given twice", opHealth, `{` + metaHealth + `,"x":1,"x":1}`, ValidationException},
+		{"requestMetadata given twice", opHealth, `{` + metaHealth + `,` + metaHealth + `}`, ValidationException},
+		{"a requestMetadata field given twice", opHealth, `{"requestMetadata":{"kmsRequestId":"r-1","kmsOperation":"KmsHealthCheck","kmsRequestId":"r-2"}}`, ValidationException},
+		{"an unknown requestMetadata field given twice", opHealth, `{"requestMetadata":{"kmsRequestId":"r-1","kmsOperation":"KmsHealthCheck","x":1,"x":2}}`, ValidationException},
+		{"data after the object: a closing brace", opHealth, `{` + metaHealth + `}}`, ValidationException},
+		{"data after the object: a closing bracket", opHealth, `{` + metaHealth + `}]`, ValidationException},
+		{"data after the object: a word", opHealth, `{` + metaHealth + `} x`, ValidationException},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -70,6 +83,9 @@ func TestDecodeRequestRejects(t *testing.T) {
 			}
 			if xerr.name != tt.wantName {
 				t.Errorf("error %s (%s), want %s", xerr.name, xerr.message, tt.wantName)
+			}
+			if len(xerr.message) >= 512 || strings.Contains(xerr.message, b64Hello) || strings.Contains(xerr.message, "AAAA") {
+				t.Errorf("message %q is too long or echoes a request value", xerr.message)
 			}
 		})
 	}
@@ -96,6 +112,27 @@ func TestDecodeRequestAccepts(t *testing.T) {
 			func(t *testing.T, r *xksRequest) {
 				if !r.wantCDIV {
 					t.Error("CDIV not requested")
+				}
+			}},
+		{"white space after the object", opHealth, `{` + metaHealth + "} \n\t\r", nil},
+		{"a name in another case is an unknown field, ignored", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `","Plaintext":"AAAA",` + gcm + `}`,
+			func(t *testing.T, r *xksRequest) {
+				if string(r.plaintext) != "Hello World!" {
+					t.Errorf("plaintext %q", r.plaintext)
+				}
+			}},
+		{"a requestMetadata name in another case is an unknown field, ignored", opEncrypt, `{"requestMetadata":{"awsPrincipalArn":"a","kmsKeyArn":"k","KMSKEYARN":"other","kmsOperation":"Encrypt","kmsRequestId":"r-1"},"plaintext":"` + b64Hello + `",` + gcm + `}`,
+			func(t *testing.T, r *xksRequest) {
+				if r.meta.KMSKeyARN != "k" {
+					t.Errorf("kmsKeyArn %q", r.meta.KMSKeyARN)
+				}
+			}},
+		{"an escaped name is the same name", opEncrypt, `{` + metaCrypto + `,"plain\u0074ext":"` + b64Hello + `",` + gcm + `}`, nil},
+		{"names inside an unknown field's value are not read", opHealth, `{` + metaHealth + `,"x":{"a":1,"a":2,"A":3}}`, nil},
+		{"null AAD is no AAD", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"additionalAuthenticatedData":null}`,
+			func(t *testing.T, r *xksRequest) {
+				if r.aad != nil {
+					t.Errorf("AAD %q", r.aad)
 				}
 			}},
 		{"encrypt with empty AAD", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"additionalAuthenticatedData":""}`, nil},
