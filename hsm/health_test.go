@@ -56,9 +56,9 @@ func TestHealthWhileACheckRuns(t *testing.T) {
 				endRunning()
 				<-runningDone
 				shim.Set()
-				waitFor(t, 20*time.Second, func() bool { return b.Stats().StuckCalls == 0 })
+				waitFor(t, settle, func() bool { return b.Stats().StuckCalls == 0 })
 			}()
-			waitFor(t, 10*time.Second, func() bool { return shim.Calls("C_Encrypt") > before })
+			waitFor(t, settle, func() bool { return shim.Calls("C_Encrypt") > before })
 
 			ctx := bg
 			if tt.deadline > 0 {

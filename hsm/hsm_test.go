@@ -30,8 +30,12 @@ func TestMain(m *testing.M) {
 	os.Exit(hsmtest.Main(m))
 }
 
+// configFor is a backend config for the token with timeouts that no
+// SoftHSM2 call on a loaded machine reaches; tests of a timeout set their
+// own and make the HSM hang far beyond it.
 func configFor(tk hsmtest.Token) Config {
-	return Config{Module: tk.Module, Token: tk.Label, PIN: tk.PIN}
+	return Config{Module: tk.Module, Token: tk.Label, PIN: tk.PIN,
+		CallTimeout: caddy.Duration(30 * time.Second), SessionWait: caddy.Duration(10 * time.Second)}
 }
 
 func open(t *testing.T, name string, cfg Config) *Backend {

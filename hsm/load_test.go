@@ -109,7 +109,7 @@ func TestReloadKeepsSharedToken(t *testing.T) {
 		go run(old, &oldOK)
 		go run(cur, &curOK)
 	}
-	waitFor(t, 10*time.Second, func() bool { return oldOK.Load() > 100 })
+	waitFor(t, settle, func() bool { return oldOK.Load() > 100 })
 	if err := old.Close(); err != nil {
 		t.Fatal(err)
 	}
