@@ -67,7 +67,7 @@ func TestDeviceErrorThenRecovery(t *testing.T) {
 	// While the device fails, calls fail fast and health says so: a call
 	// reaches the HSM only after a re-initialization, not every time.
 	initsBefore, decryptsBefore := shim.Calls("C_Initialize"), shim.Calls("C_DecryptInit")
-	for i := 0; i < 50; i++ {
+	for range 50 {
 		if _, err := b.Decrypt(bg, "k1", res.IV, res.Ciphertext, res.Tag, nil); !errors.Is(err, ErrUnavailable) {
 			t.Fatalf("Decrypt on a failing device: %v", err)
 		}
@@ -176,12 +176,10 @@ func TestStuckCallsCapped(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 12)
 	for i := 0; i < cap(errs); i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			_, err := b.Encrypt(bg, "k1", []byte("x"), nil)
 			errs <- err
-		}()
+		})
 	}
 	wg.Wait()
 	close(errs)

@@ -125,7 +125,7 @@ func TestPreflightInCaddy(t *testing.T) {
 		})
 		// Caddy's internal CA issues leaves without a CN, and its root is
 		// in no system trust store.
-		var rules []Rule
+		rules := make([]Rule, 0, len(r.Problems))
 		for _, p := range r.Problems {
 			rules = append(rules, p.Rule)
 		}

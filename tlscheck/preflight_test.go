@@ -27,7 +27,7 @@ func (m memStorage) Load(_ context.Context, key string) ([]byte, error) {
 }
 
 func pemChain(chain ...*x509.Certificate) []byte {
-	var out []byte
+	out := make([]byte, 0, 1024*len(chain))
 	for _, c := range chain {
 		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
 	}

@@ -58,7 +58,7 @@ func TestCredentialMeetsKMSRules(t *testing.T) {
 func TestCredentialSecretFile(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "secret")
 	// An existing file must lose its wider mode.
-	if err := os.WriteFile(file, []byte("old\n"), 0o644); err != nil {
+	if err := os.WriteFile(file, []byte("old\n"), 0o644); err != nil { //nolint:gosec // the wide mode is what the test must see removed
 		t.Fatal(err)
 	}
 	out, err := runCommand(t, "credential", "--secret-file", file)
@@ -170,7 +170,7 @@ func consoleFile(t *testing.T, out []byte) consoleProxyConfig {
 }
 
 func mapKeys(m map[string]json.RawMessage) []string {
-	var keys []string
+	keys := make([]string, 0, len(m))
 	for k := range m {
 		keys = append(keys, k)
 	}

@@ -32,7 +32,7 @@ func keyRow(t *testing.T, config, label string) string {
 	if err != nil {
 		t.Fatalf("keys: %v", err)
 	}
-	for _, line := range strings.Split(out, "\n") {
+	for line := range strings.SplitSeq(out, "\n") {
 		if f := strings.Fields(line); len(f) > 0 && f[0] == label {
 			return strings.Join(f, " ")
 		}
@@ -141,7 +141,7 @@ func TestKeygenNeedsALabel(t *testing.T) {
 
 func TestKeysLabels(t *testing.T) {
 	_, config := keygenConfig(t)
-	var want []string
+	want := make([]string, 0, 3)
 	for i := range 3 {
 		label := fmt.Sprintf("xks-key-%d", i)
 		if _, err := runCommand(t, "keygen", "--config", config, "--label", label); err != nil {

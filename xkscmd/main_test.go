@@ -204,7 +204,7 @@ func parseTable(t *testing.T, out string) map[string]tableRow {
 	t.Helper()
 	rows := make(map[string]tableRow)
 	in := false
-	for _, line := range strings.Split(out, "\n") {
+	for line := range strings.SplitSeq(out, "\n") {
 		if strings.HasPrefix(line, "CHECK") {
 			in = true
 			continue

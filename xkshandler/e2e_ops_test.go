@@ -187,7 +187,7 @@ func (f *fixture) metrics() string {
 
 func grepLines(s, sub string) string {
 	var out []string
-	for _, line := range strings.Split(s, "\n") {
+	for line := range strings.SplitSeq(s, "\n") {
 		if strings.Contains(line, sub) {
 			out = append(out, line)
 		}
@@ -198,7 +198,7 @@ func grepLines(s, sub string) string {
 // metricValue reads one sample's value, -1 when absent.
 func metricValue(t testing.TB, metrics, sample string) float64 {
 	t.Helper()
-	for _, line := range strings.Split(metrics, "\n") {
+	for line := range strings.SplitSeq(metrics, "\n") {
 		if v, ok := strings.CutPrefix(line, sample+" "); ok {
 			f, err := strconv.ParseFloat(v, 64)
 			if err != nil {

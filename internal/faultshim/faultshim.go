@@ -80,7 +80,7 @@ func (s *Shim) Calls(name string) int {
 		return 0
 	}
 	n := 0
-	for _, line := range strings.Split(string(data), "\n") {
+	for line := range strings.SplitSeq(string(data), "\n") {
 		if line == name {
 			n++
 		}

@@ -25,7 +25,8 @@ func main() {
 	// Hold every listener until all are picked, so that the ports differ.
 	listeners := make([]net.Listener, 0, n)
 	for range n {
-		l, err := net.Listen("tcp", ":0")
+		// Every interface, as Caddy binds: the port must be free on all.
+		l, err := net.Listen("tcp", ":0") //nolint:gosec // closed at once; see above
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "freeport:", err)
 			os.Exit(1)

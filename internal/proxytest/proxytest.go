@@ -59,7 +59,8 @@ var handedOut sync.Map
 func FreePort(t testing.TB) int {
 	t.Helper()
 	for range 100 {
-		l, err := net.Listen("tcp", ":0")
+		// Every interface, as Caddy binds: the port must be free on all.
+		l, err := net.Listen("tcp", ":0") //nolint:gosec // closed at once; see above
 		if err != nil {
 			t.Fatalf("finding a free port: %v", err)
 		}
@@ -185,7 +186,7 @@ func defaults(extra, indent string, pairs ...string) string {
 }
 
 func hasDirective(lines, name string) bool {
-	for _, line := range strings.Split(lines, "\n") {
+	for line := range strings.SplitSeq(lines, "\n") {
 		if f := strings.Fields(line); len(f) > 0 && f[0] == name {
 			return true
 		}
