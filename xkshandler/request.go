@@ -105,6 +105,8 @@ func decodeRequest(op operation, body []byte) (*xksRequest, *xksError) {
 	}
 
 	switch op {
+	case opHealth, opMetadata:
+		// requestMetadata is all they carry.
 	case opEncrypt:
 		if xerr = requireAlgorithm(b.EncryptionAlgorithm); xerr != nil {
 			return nil, xerr
