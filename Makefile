@@ -10,6 +10,8 @@ XCADDY_ENV := GOPRIVATE=github.com/caddy-xks GOFLAGS=-mod=mod
 # scripts/install-deps.sh installs the pinned golangci-lint here.
 GOLANGCI_LINT ?= $(shell $(GO) env GOPATH)/bin/golangci-lint
 
+.DEFAULT_GOAL := help
+
 .PHONY: deps build caddy test vet lint fuzz bench loadtest demo clean help
 
 ## deps: install the system packages (softhsm2, opensc, gcc, curl), Go modules and golangci-lint
