@@ -24,6 +24,7 @@ declare -A execs=(
 	[FuzzParseAmzDate]=250000
 	[FuzzVerify]=350000
 	[FuzzDecodeRequest]=50000
+	[FuzzDecodeStrict]=50000
 )
 default_execs=50000
 
