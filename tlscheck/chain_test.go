@@ -76,6 +76,8 @@ func TestCheckChain(t *testing.T) {
 		{name: "a chain to an unlisted root fails",
 			chain: []*x509.Certificate{viaUnlisted, p.unlistedIntermediate.cert}, want: []Rule{RuleTrustedRoot}},
 		{name: "a chain without its intermediate fails", chain: []*x509.Certificate{good}, want: []Rule{RuleChain}},
+		{name: "a full chain to a root known nowhere is the root's problem, not the chain's",
+			chain: []*x509.Certificate{viaUnlisted, p.unlistedIntermediate.cert}, roots: x509.NewCertPool(), want: []Rule{RuleTrustedRoot}},
 		{name: "a self-signed certificate fails", chain: []*x509.Certificate{selfSigned}, want: []Rule{RuleTrustedRoot}},
 		{name: "no certificate fails", want: []Rule{RuleCertificate}},
 		{name: "another CN fails",
@@ -121,6 +123,57 @@ func TestCheckChain(t *testing.T) {
 	}
 }
 
+// TestCheckChainRootLists: with KMS's two lists (not a single trusted
+// list), a chain's verdict depends on which lists name its root.
+func TestCheckChainRootLists(t *testing.T) {
+	named := leafSpec{cn: proxyHost, dnsNames: []string{proxyHost}}
+	roots := x509.NewCertPool()
+	lists := map[Fingerprint]KMSRoot{}
+	chainTo := func(name string, on RootLists) []*x509.Certificate {
+		root := newRootCA(t, name)
+		roots.AddCert(root.cert)
+		if on != 0 {
+			lists[FingerprintOf(root.cert.Raw)] = KMSRoot{Subject: "CN=" + name, Lists: on, Certificate: root.cert}
+		}
+		inter := root.intermediate(t, name+" intermediate")
+		leaf, _ := inter.leaf(t, leafSpec{cn: named.cn, dnsNames: named.dnsNames, usage: x509.ExtKeyUsageServerAuth})
+		return []*x509.Certificate{leaf, inter.cert}
+	}
+	// A root on a list whose certificate is not carried: only its name is
+	// known.
+	uncarried := newRootCA(t, "Uncarried Root")
+	lists[Fingerprint{1}] = KMSRoot{Subject: "CN=Uncarried Root, O=Example", Lists: List2022 | List2024}
+	uncarriedInter := uncarried.intermediate(t, "Uncarried intermediate")
+	uncarriedLeaf, _ := uncarriedInter.leaf(t, leafSpec{cn: named.cn, dnsNames: named.dnsNames, usage: x509.ExtKeyUsageServerAuth})
+
+	tests := []struct {
+		name  string
+		chain []*x509.Certificate
+		want  []Rule
+	}{
+		{"a root on both lists is accepted", chainTo("Both Root", List2022|List2024), nil},
+		{"a root on the 2022 list only is accepted today, being removed", chainTo("Old Root", List2022), []Rule{RuleRootBeingRemoved}},
+		{"a root on the 2024 list only is likely accepted", chainTo("New Root", List2024), []Rule{RuleRootUnconfirmed}},
+		{"a root on neither list is refused", chainTo("Private Root", 0), []Rule{RuleTrustedRoot}},
+		{"a listed root whose certificate is not carried is unconfirmed", []*x509.Certificate{uncarriedLeaf, uncarriedInter.cert}, []Rule{RuleRootUnconfirmed}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			problems := CheckChain(proxyHost, tt.chain, CheckOptions{Lists: lists, Roots: roots})
+			var got []Rule
+			for _, pr := range problems {
+				got = append(got, pr.Rule)
+				if pr.Rule.Refused() != (pr.Rule == RuleTrustedRoot) {
+					t.Errorf("rule %s: Refused() = %v", pr.Rule, pr.Rule.Refused())
+				}
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Fatalf("rules %v, want %v; problems:\n%s", got, tt.want, problemList(problems))
+			}
+		})
+	}
+}
+
 func problemList(problems []Problem) string {
 	var b strings.Builder
 	for _, p := range problems {
@@ -144,7 +197,7 @@ func TestCheckChainAdvice(t *testing.T) {
 		{
 			name: "ISRG Root X2",
 			got:  check(p.server(t, p.unlistedIntermediate, named), p.unlistedIntermediate.cert),
-			want: []string{"CN=ISRG Root X2", "KMS trusts ISRG Root X1 but not ISRG Root X2", "key_type rsa2048", `root_common_name "ISRG Root X1"`},
+			want: []string{"CN=ISRG Root X2", "KMS's 2022 list trusts ISRG Root X1 but not ISRG Root X2", "key_type rsa2048", `root_common_name "ISRG Root X1"`},
 		},
 		{
 			name: "missing CN",
@@ -155,6 +208,12 @@ func TestCheckChainAdvice(t *testing.T) {
 			name: "missing intermediate",
 			got:  check(p.server(t, p.listedIntermediate, named)),
 			want: []string{"serve the full chain", `issued by "R11"`},
+		},
+		{
+			name: "full chain to an unknown root names the root, not the chain",
+			got: problemList(CheckChain(proxyHost, []*x509.Certificate{p.server(t, p.unlistedIntermediate, named), p.unlistedIntermediate.cert},
+				CheckOptions{TrustedRoots: p.trusted, Roots: x509.NewCertPool()})),
+			want: []string{"trusted_root", "CN=ISRG Root X2", "a root that is not among the roots KMS trusts"},
 		},
 	}
 	for _, tt := range tests {

@@ -197,8 +197,11 @@ func (p *preflight) check(host string, chain []*x509.Certificate) {
 		p.logger.Info("server certificate chain meets AWS KMS's requirements for an XKS proxy", fields...)
 	}
 	for _, pr := range problems {
-		p.logger.Warn("AWS KMS would refuse this server certificate: "+pr.What,
-			append(fields, zap.String("rule", string(pr.Rule)), zap.String("fix", pr.Fix))...)
+		verdict := "AWS KMS would refuse this server certificate: "
+		if !pr.Rule.Refused() {
+			verdict = "AWS KMS may refuse this server certificate: "
+		}
+		p.logger.Warn(verdict+pr.What, append(fields, zap.String("rule", string(pr.Rule)), zap.String("fix", pr.Fix))...)
 	}
 	if p.onReport != nil {
 		p.onReport(Report{Hostname: host, Chain: chain, NotAfter: leaf.NotAfter, Problems: problems})

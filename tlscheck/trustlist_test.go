@@ -101,3 +101,53 @@ func TestKMSTrustedRootsAgainstSystemBundle(t *testing.T) {
 	}
 	t.Logf("%d of the system bundle's %d roots are in KMS's list", listed, len(found))
 }
+
+// TestKMSRoots checks the carried lists: the 2022 membership is exactly
+// the specification's listing, the 2024 list has the size pull request 22
+// gives it, and the roots a Caddy user meets most are where they belong,
+// with their certificates.
+func TestKMSRoots(t *testing.T) {
+	roots := KMSRoots()
+	var n2022, n2024 int
+	for fp, r := range roots {
+		if r.Lists&List2022 != 0 {
+			n2022++
+			if _, ok := KMSTrustedRoots()[fp]; !ok {
+				t.Errorf("%s is on the 2022 list in kmsroots.txt but not in TrustedCertificateAuthorities", r.Subject)
+			}
+		}
+		if r.Lists&List2024 != 0 {
+			n2024++
+		}
+		if r.Certificate != nil && FingerprintOf(r.Certificate.Raw) != fp {
+			t.Errorf("%s: the carried certificate has another fingerprint", r.Subject)
+		}
+	}
+	if n2022 != len(KMSTrustedRoots()) || n2024 != 145 {
+		t.Errorf("%d roots on the 2022 list (want %d) and %d on the 2024 list (want 145)", n2022, len(KMSTrustedRoots()), n2024)
+	}
+	want := map[string]RootLists{
+		"CN=ISRG Root X1,O=Internet Security Research Group,C=US":                                           List2022 | List2024,
+		"CN=ISRG Root X2,O=Internet Security Research Group,C=US":                                           List2024,
+		"CN=Amazon Root CA 1,O=Amazon,C=US":                                                                 List2022 | List2024,
+		"CN=USERTrust ECC Certification Authority,O=The USERTRUST Network,L=Jersey City,ST=New Jersey,C=US": List2022 | List2024,
+	}
+	found := map[string]bool{}
+	for _, r := range roots {
+		if r.Certificate == nil {
+			continue
+		}
+		name := r.Certificate.Subject.String()
+		if lists, ok := want[name]; ok {
+			found[name] = true
+			if r.Lists != lists {
+				t.Errorf("%s is on lists %b, want %b", name, r.Lists, lists)
+			}
+		}
+	}
+	for name := range want {
+		if !found[name] {
+			t.Errorf("no carried certificate for %s", name)
+		}
+	}
+}
