@@ -1,10 +1,13 @@
 // Package xksapi holds the wire format of the AWS KMS XKS Proxy API v1: the
 // JSON bodies of GetKeyMetadata, Encrypt, Decrypt and GetHealthStatus, and
-// of errors. Field names are the spec's. []byte fields are standard, padded
-// Base64 on the wire, which is what encoding/json writes and reads.
+// of errors, and the spec's limits on their fields (limits.go). Field names
+// are the spec's. []byte fields are standard, padded Base64 on the wire,
+// which is what encoding/json writes and reads.
 //
 // The proxy's handler answers with these types and the `caddy xks` client
-// commands send and read them, so both speak one format.
+// commands send and read them, so both speak one format. The package
+// imports nothing of the project, so that every part of it, the HSM layer
+// included, can use it.
 package xksapi
 
 // RequestMetadata is the KMS context sent with every call. Which fields are
@@ -18,6 +21,27 @@ type RequestMetadata struct {
 	KMSOperation    string `json:"kmsOperation"`
 	KMSRequestID    string `json:"kmsRequestId"`
 	KMSViaService   string `json:"kmsViaService,omitempty"`
+}
+
+// MetadataField is one field of a RequestMetadata: its JSON key and value.
+type MetadataField struct {
+	Key, Value string
+}
+
+// Fields returns every field of m under its JSON key, empty ones included:
+// kmsRequestId and kmsOperation, which every call carries, first. It is for
+// code that handles the fields alike (the audit line, policies' metadata
+// map) and must not spell them out again.
+func (m *RequestMetadata) Fields() [7]MetadataField {
+	return [...]MetadataField{
+		{"kmsRequestId", m.KMSRequestID},
+		{"kmsOperation", m.KMSOperation},
+		{"awsPrincipalArn", m.AWSPrincipalARN},
+		{"kmsKeyArn", m.KMSKeyARN},
+		{"kmsViaService", m.KMSViaService},
+		{"awsSourceVpc", m.AWSSourceVPC},
+		{"awsSourceVpce", m.AWSSourceVPCE},
+	}
 }
 
 // MetadataOnlyRequest is the body of GetKeyMetadata and GetHealthStatus.
