@@ -197,17 +197,29 @@ func (v *Verifier) Verify(method, rawPath, rawQuery, host string, header http.He
 	}()
 
 	key := cred.signingKeyFor(auth.date, v.region, v.service)
-	if path := canonicalPath(rawPath); !needsPathEscape(path) {
+	req := signedRequest{
+		accessKeyID: id,
+		auth:        auth,
+		credential:  credential,
+		dateTime:    requestDateTime,
+		method:      method,
+		path:        canonicalPath(rawPath),
+		query:       query,
+		host:        host,
+		header:      header,
+		payloadHash: payloadHash,
+	}
+	if !needsPathEscape(req.path) {
 		// XKS paths: the received and the escaped form are the same.
-		err = checkSignature(s, key, id, &auth, credential, requestDateTime, method, path, false, query, host, header, payloadHash[:])
+		err = checkSignature(s, key, &req, false)
 	} else {
 		// Signers disagree on paths with other bytes: curl signs the path as
 		// sent, the AWS SDKs escape it once more. Either proves the secret.
-		err = checkSignature(s, key, id, &auth, credential, requestDateTime, method, path, false, query, host, header, payloadHash[:])
+		err = checkSignature(s, key, &req, false)
 		if err == nil {
 			return id, nil
 		}
-		err = checkSignature(s, key, id, &auth, credential, requestDateTime, method, path, true, query, host, header, payloadHash[:])
+		err = checkSignature(s, key, &req, true)
 	}
 	if err != nil {
 		return "", err
@@ -257,33 +269,50 @@ func (v *Verifier) requestTime(auth *authorization, header http.Header, id strin
 	return t, t.Format(amzDateLayout), nil
 }
 
-// checkSignature builds the canonical request and the string to sign straight into
-// scratch buffers, signs it with key and compares the result with the
-// request's signature in constant time.
-func checkSignature(s *scratch, key *signingKey, id string, auth *authorization, credential, requestDateTime,
-	method, path string, escapePath bool, query, host string, header http.Header, payloadHash []byte) error {
+// signedRequest is what a signature covers, as Verify has parsed it from
+// the request. It holds values, not pointers to Verify's variables, so that
+// they stay on the stack.
+type signedRequest struct {
+	accessKeyID string // the credential's, for errors
+	auth        authorization
+	credential  string // the Authorization header's Credential value
+	dateTime    string // the request time, yyyymmddThhmmssZ
+	method      string
+	path        string // canonicalPath of the raw path
+	query       string // canonical
+	host        string
+	header      http.Header
+	payloadHash [2 * sha256.Size]byte // hex SHA-256 of the body
+}
+
+// checkSignature builds the canonical request and the string to sign of req
+// straight into scratch buffers, signs it with key and compares the result
+// with the request's signature in constant time. escapePath escapes the
+// path once more, as the AWS SDKs sign it.
+func checkSignature(s *scratch, key *signingKey, req *signedRequest, escapePath bool) error {
+	auth, id := &req.auth, req.accessKeyID
 	cr := s.canonical[:0]
-	cr = append(cr, method...)
+	cr = append(cr, req.method...)
 	cr = append(cr, '\n')
 	if escapePath {
-		cr = appendEscapedPath(cr, path)
+		cr = appendEscapedPath(cr, req.path)
 	} else {
-		cr = append(cr, path...)
+		cr = append(cr, req.path...)
 	}
 	cr = append(cr, '\n')
-	cr = append(cr, query...)
+	cr = append(cr, req.query...)
 	cr = append(cr, '\n')
 	for rest := auth.signedHeaders; ; {
 		name, more, found := strings.Cut(rest, ";")
 		cr = append(cr, name...)
 		cr = append(cr, ':')
 		if name == "host" {
-			if host == "" {
+			if req.host == "" {
 				return failure(ReasonMissingSignedHeader, id, "host is signed but the request has none")
 			}
-			cr = appendCanonicalValue(cr, host)
+			cr = appendCanonicalValue(cr, req.host)
 		} else {
-			values := headerValues(header, name)
+			values := headerValues(req.header, name)
 			if len(values) == 0 {
 				return failure(ReasonMissingSignedHeader, id, "signed header "+quoteForLog(name)+" is absent from the request")
 			}
@@ -303,15 +332,15 @@ func checkSignature(s *scratch, key *signingKey, id string, auth *authorization,
 	cr = append(cr, '\n')
 	cr = append(cr, auth.signedHeaders...)
 	cr = append(cr, '\n')
-	cr = append(cr, payloadHash...)
+	cr = append(cr, req.payloadHash[:]...)
 	crHash := sha256.Sum256(cr)
 
 	sts := cr[:0]
 	sts = append(sts, algorithm...)
 	sts = append(sts, '\n')
-	sts = append(sts, requestDateTime...)
+	sts = append(sts, req.dateTime...)
 	sts = append(sts, '\n')
-	sts = append(sts, auth.scope(credential)...)
+	sts = append(sts, auth.scope(req.credential)...)
 	sts = append(sts, '\n')
 	sts = hex.AppendEncode(sts, crHash[:])
 	s.canonical = sts
