@@ -20,6 +20,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 
+	"github.com/caddy-xks/caddy-xks/sigv4auth"
 	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
@@ -252,7 +253,7 @@ func (ck *checker) unknownKey() (string, error) {
 }
 
 func (ck *checker) wrongSecret() (string, error) {
-	other, err := newCredential()
+	other, err := sigv4auth.NewCredential()
 	if err != nil {
 		return "", err
 	}

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+
+	"github.com/caddy-xks/caddy-xks/sigv4auth"
 )
 
 // checkRows are the rows check prints with --encrypt-only-key.
@@ -105,7 +107,7 @@ func expectFailures(t *testing.T, out string, err error, failing map[string]stri
 
 func TestCheckFailsWithAWrongSecret(t *testing.T) {
 	p := startProxy(t)
-	other, err := newCredential()
+	other, err := sigv4auth.NewCredential()
 	if err != nil {
 		t.Fatal(err)
 	}

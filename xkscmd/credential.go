@@ -1,9 +1,6 @@
 package xkscmd
 
 import (
-	"crypto/rand"
-	"encoding/base32"
-	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -15,30 +12,8 @@ import (
 	"github.com/caddy-xks/caddy-xks/sigv4auth"
 )
 
-// newCredential makes a SigV4 credential by KMS's rules for external key
-// stores: an access key id of 24 characters of A-Z and 2-7 (Base32 of 120
-// random bits, unrelated to the secret) and a secret access key of 44
-// characters of A-Z, a-z, 0-9, + and / (Base64 of 264 random bits).
-func newCredential() (sigv4auth.Credential, error) {
-	var idBytes [15]byte
-	var secretBytes [33]byte
-	if _, err := rand.Read(idBytes[:]); err != nil {
-		return sigv4auth.Credential{}, err
-	}
-	if _, err := rand.Read(secretBytes[:]); err != nil {
-		return sigv4auth.Credential{}, err
-	}
-	c := sigv4auth.Credential{
-		AccessKeyID:     base32.StdEncoding.EncodeToString(idBytes[:]),
-		SecretAccessKey: base64.StdEncoding.EncodeToString(secretBytes[:]),
-	}
-	// The lengths above always satisfy the rules; checking costs nothing
-	// and keeps this function honest if they are ever changed.
-	return c, sigv4auth.ValidateCredential(c)
-}
-
 func cmdCredential(fl caddycmd.Flags, out io.Writer) (int, error) {
-	c, err := newCredential()
+	c, err := sigv4auth.NewCredential()
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}

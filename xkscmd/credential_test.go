@@ -100,7 +100,7 @@ func ownerOnly(t *testing.T, file string) {
 func proxyConfigFixture(t *testing.T) (config string, creds []sigv4auth.Credential) {
 	t.Helper()
 	for range 3 {
-		c, err := newCredential()
+		c, err := sigv4auth.NewCredential()
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -21,6 +21,7 @@ import (
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 	"github.com/caddy-xks/caddy-xks/internal/testcert"
+	"github.com/caddy-xks/caddy-xks/sigv4auth"
 	_ "github.com/caddy-xks/caddy-xks/tlscheck" // the xks_subject client-auth verifier
 )
 
@@ -113,7 +114,7 @@ func startProxy(t *testing.T) proxy {
 	broken.CreateKey(t, keyDemo, hsmtest.Bytes(16))
 
 	p := proxy{dir: t.TempDir()}
-	cred, err := newCredential()
+	cred, err := sigv4auth.NewCredential()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,9 +2,7 @@ package xkshandler_test
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
-	"encoding/base32"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -25,6 +23,7 @@ import (
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 	"github.com/caddy-xks/caddy-xks/internal/testcert"
+	"github.com/caddy-xks/caddy-xks/sigv4auth"
 )
 
 // The end-to-end tests run a real Caddy (in this process, through
@@ -41,14 +40,11 @@ type credential struct{ akid, secret string }
 
 func newCredential(t testing.TB) credential {
 	t.Helper()
-	id, secret := make([]byte, 15), make([]byte, 33)
-	if _, err := rand.Read(id); err != nil {
+	c, err := sigv4auth.NewCredential()
+	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := rand.Read(secret); err != nil {
-		t.Fatal(err)
-	}
-	return credential{base32.StdEncoding.EncodeToString(id), base64.StdEncoding.EncodeToString(secret)}
+	return credential{c.AccessKeyID, c.SecretAccessKey}
 }
 
 // fixture is one running proxy and what it was configured with.
