@@ -31,6 +31,9 @@ const (
 	RuleChain Rule = "chain"
 	// RuleTrustedRoot: a chain leads to a root on KMS's list.
 	RuleTrustedRoot Rule = "trusted_root"
+	// RuleIPv4: the proxy's hostname resolves to an IPv4 address; KMS
+	// cannot reach a proxy over IPv6.
+	RuleIPv4 Rule = "ipv4"
 	// RuleRootBeingRemoved: the chain ends in a root that KMS's 2022 list
 	// names and its newer list drops: accepted today, not for long.
 	RuleRootBeingRemoved Rule = "root_being_removed"

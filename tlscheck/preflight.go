@@ -6,6 +6,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -106,8 +107,17 @@ func (p *preflight) names() []string {
 
 // preflightEvents are the events after which the served chains may have
 // changed. certmagic emits cert_obtained before it swaps a renewed
-// certificate into its cache, so that one is read from storage.
-var preflightEvents = []string{"started", "cached_managed_cert", "cached_unmanaged_cert", "cert_obtained"}
+// certificate into its cache, so that one is read from storage; cert_failed
+// says that a certificate could not be obtained or renewed.
+var preflightEvents = []string{"started", "cached_managed_cert", "cached_unmanaged_cert", "cert_obtained", "cert_failed"}
+
+// Resolver looks up a hostname's addresses; net.DefaultResolver is one.
+type Resolver interface {
+	LookupIPAddr(ctx context.Context, host string) ([]net.IPAddr, error)
+}
+
+// resolveTimeout bounds the preflight's DNS lookup of a hostname.
+const resolveTimeout = 10 * time.Second
 
 // preflight is the events handler behind Preflight.
 type preflight struct {
@@ -122,13 +132,16 @@ type preflight struct {
 	storage interface {
 		Load(ctx context.Context, key string) ([]byte, error)
 	}
+	// resolver looks the hostnames up, once each, to warn of a name that
+	// KMS cannot reach.
+	resolver Resolver
 
 	mu   sync.Mutex
-	seen map[string]bool // hostname + leaf fingerprint
+	seen map[string]bool // hostname + leaf fingerprint, or hostname + what was reported
 }
 
 func newPreflight(hostnames []string, logger *zap.Logger, onReport func(Report)) *preflight {
-	p := &preflight{logger: logger, onReport: onReport, cached: cachedChains, seen: make(map[string]bool)}
+	p := &preflight{logger: logger, onReport: onReport, cached: cachedChains, resolver: net.DefaultResolver, seen: make(map[string]bool)}
 	for _, h := range hostnames {
 		p.hostnames = append(p.hostnames, strings.TrimSuffix(strings.ToLower(h), "."))
 	}
@@ -138,7 +151,12 @@ func newPreflight(hostnames []string, logger *zap.Logger, onReport func(Report))
 // Handle checks the chains an event may have changed. It never returns an
 // error: a warning must not abort certificate management.
 func (p *preflight) Handle(ctx context.Context, e caddy.Event) error {
-	if e.Name() != "cert_obtained" {
+	switch e.Name() {
+	case "cert_failed":
+		p.certFailed(e.Data)
+		return nil
+	case "cert_obtained":
+	default:
 		p.checkCached()
 		return nil
 	}
@@ -166,6 +184,63 @@ func (p *preflight) Handle(ctx context.Context, e caddy.Event) error {
 	return nil
 }
 
+// certFailed reports a watched hostname whose certificate could not be
+// obtained, when none is served for it, or not renewed.
+func (p *preflight) certFailed(data map[string]any) {
+	identifier, _ := data["identifier"].(string)
+	renewal, _ := data["renewal"].(bool)
+	cause, _ := data["error"].(error)
+	reason := "unknown error"
+	if cause != nil {
+		reason = cause.Error()
+	}
+	for _, host := range p.names() {
+		if !nameCovers(identifier, host) {
+			continue
+		}
+		chains := p.cached(host)
+		var problem Problem
+		switch {
+		case len(chains) == 0:
+			problem = Problem{
+				Rule: RuleCertificate,
+				What: fmt.Sprintf("no certificate is served for %s: obtaining one failed: %s", host, reason),
+				Fix:  "make sure the ACME CA is reachable and that the name resolves to this proxy from the internet (ports 80 and 443 open); Caddy keeps trying",
+			}
+		case renewal:
+			remaining, _ := data["remaining"].(time.Duration)
+			problem = Problem{
+				Rule: RuleValidity,
+				What: fmt.Sprintf("the certificate for %s could not be renewed (%s left): %s", host, remaining.Round(time.Minute), reason),
+				Fix:  "make sure the ACME CA is reachable; Caddy keeps trying, and KMS stops connecting when the certificate expires",
+			}
+		default:
+			continue
+		}
+		if p.firstTime(host + " " + string(problem.Rule) + " failed") {
+			p.report(host, nil, []Problem{problem})
+		}
+	}
+}
+
+// nameCovers reports whether a certificate identifier (a name or a
+// wildcard) covers host.
+func nameCovers(identifier, host string) bool {
+	identifier = strings.TrimSuffix(strings.ToLower(identifier), ".")
+	return identifier == host || commonNameMatches(identifier, host)
+}
+
+// firstTime records key and reports whether it is new.
+func (p *preflight) firstTime(key string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.seen[key] {
+		return false
+	}
+	p.seen[key] = true
+	return true
+}
+
 func (p *preflight) checkCached() {
 	for _, host := range p.names() {
 		for _, chain := range p.cached(host) {
@@ -178,23 +253,34 @@ func (p *preflight) checkCached() {
 // outcome and reports it.
 func (p *preflight) check(host string, chain []*x509.Certificate) {
 	leaf := chain[0]
-	key := host + " " + FingerprintOf(leaf.Raw).String()
-	p.mu.Lock()
-	seen := p.seen[key]
-	p.seen[key] = true
-	p.mu.Unlock()
-	if seen {
+	if !p.firstTime(host + " " + FingerprintOf(leaf.Raw).String()) {
 		return
 	}
 	problems := CheckChain(host, chain, p.opts)
-	fields := []zap.Field{
-		zap.String("hostname", host),
-		zap.String("subject", leaf.Subject.String()),
-		zap.String("issuer", leaf.Issuer.String()),
-		zap.Time("not_after", leaf.NotAfter),
+	if p.firstTime(host + " resolved") {
+		if pr := p.checkAddresses(host); pr != nil {
+			problems = append(problems, *pr)
+		}
 	}
-	if len(problems) == 0 {
-		p.logger.Info("server certificate chain meets AWS KMS's requirements for an XKS proxy", fields...)
+	p.report(host, chain, problems)
+}
+
+// report logs the outcome of a check of host (chain is nil when none is
+// served) and hands it to onReport.
+func (p *preflight) report(host string, chain []*x509.Certificate, problems []Problem) {
+	fields := []zap.Field{zap.String("hostname", host)}
+	r := Report{Hostname: host, Chain: chain, Problems: problems}
+	if len(chain) > 0 {
+		leaf := chain[0]
+		r.NotAfter = leaf.NotAfter
+		fields = append(fields,
+			zap.String("subject", leaf.Subject.String()),
+			zap.String("issuer", leaf.Issuer.String()),
+			zap.Time("not_after", leaf.NotAfter),
+		)
+		if len(problems) == 0 {
+			p.logger.Info("server certificate chain meets AWS KMS's requirements for an XKS proxy", fields...)
+		}
 	}
 	for _, pr := range problems {
 		verdict := "AWS KMS would refuse this server certificate: "
@@ -204,7 +290,33 @@ func (p *preflight) check(host string, chain []*x509.Certificate) {
 		p.logger.Warn(verdict+pr.What, append(fields, zap.String("rule", string(pr.Rule)), zap.String("fix", pr.Fix))...)
 	}
 	if p.onReport != nil {
-		p.onReport(Report{Hostname: host, Chain: chain, NotAfter: leaf.NotAfter, Problems: problems})
+		p.onReport(r)
+	}
+}
+
+// checkAddresses warns of a hostname that resolves to IPv6 addresses only:
+// KMS connects to an XKS proxy over IPv4. A name that does not resolve
+// (yet) is not reported: the certificate can come before the DNS record.
+func (p *preflight) checkAddresses(host string) *Problem {
+	if p.resolver == nil || net.ParseIP(host) != nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), resolveTimeout)
+	defer cancel()
+	addrs, err := p.resolver.LookupIPAddr(ctx, host)
+	if err != nil || len(addrs) == 0 {
+		p.logger.Debug("looking up the proxy's hostname", zap.String("hostname", host), zap.Error(err))
+		return nil
+	}
+	for _, a := range addrs {
+		if a.IP.To4() != nil {
+			return nil
+		}
+	}
+	return &Problem{
+		Rule: RuleIPv4,
+		What: fmt.Sprintf("%s resolves only to IPv6 addresses (%s); KMS connects to an XKS proxy over IPv4", host, addrs[0].IP),
+		Fix:  "publish an A record for the name, or put the proxy behind an endpoint with an IPv4 address",
 	}
 }
 

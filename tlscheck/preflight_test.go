@@ -6,9 +6,11 @@ import (
 	"encoding/pem"
 	"errors"
 	"io/fs"
+	"net"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
@@ -34,8 +36,22 @@ func pemChain(chain ...*x509.Certificate) []byte {
 	return out
 }
 
+// fakeResolver answers every lookup with its addresses.
+type fakeResolver []string
+
+func (r fakeResolver) LookupIPAddr(context.Context, string) ([]net.IPAddr, error) {
+	if len(r) == 0 {
+		return nil, &net.DNSError{Err: "no such host", IsNotFound: true}
+	}
+	addrs := make([]net.IPAddr, 0, len(r))
+	for _, a := range r {
+		addrs = append(addrs, net.IPAddr{IP: net.ParseIP(a)})
+	}
+	return addrs, nil
+}
+
 // preflightFixture is a preflight for proxyHost over a fake certificate
-// cache and storage, checking against testPKI's list.
+// cache, storage and DNS, checking against testPKI's list.
 type preflightFixture struct {
 	*preflight
 	pki     *testPKI
@@ -52,6 +68,7 @@ func newPreflightFixture(t *testing.T) *preflightFixture {
 	f.opts = CheckOptions{TrustedRoots: f.pki.trusted, Roots: f.pki.roots}
 	f.cached = func(host string) [][]*x509.Certificate { return f.cache[host] }
 	f.storage = f.store
+	f.resolver = fakeResolver{"192.0.2.10", "2001:db8::10"}
 	return f
 }
 
@@ -152,7 +169,7 @@ func TestWatchAddsHostnames(t *testing.T) {
 	f := newPreflightFixture(t)
 	f.cache[proxyHost] = [][]*x509.Certificate{f.goodChain(t)}
 	w := &Watcher{p: newPreflight(nil, f.preflight.logger, f.preflight.onReport)}
-	w.p.cached, w.p.opts = f.cached, f.opts
+	w.p.cached, w.p.opts, w.p.resolver = f.cached, f.opts, f.resolver
 	w.Watch("XKS.example.com")
 	w.Watch("xks.example.com.")
 	w.Watch("XKS.example.com")
@@ -176,5 +193,65 @@ func TestParsePEMChain(t *testing.T) {
 	bad := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("junk")})
 	if _, err := parsePEMChain(bad); err == nil || errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("error %v for a malformed certificate", err)
+	}
+}
+
+// TestPreflightIPv6Only: KMS cannot reach a proxy over IPv6, so a name
+// with AAAA records only is reported, once; a name with an A record, or
+// none yet, is not.
+func TestPreflightIPv6Only(t *testing.T) {
+	tests := []struct {
+		name  string
+		addrs fakeResolver
+		warn  bool
+	}{
+		{"IPv4 and IPv6", fakeResolver{"192.0.2.10", "2001:db8::10"}, false},
+		{"IPv4 only", fakeResolver{"192.0.2.10"}, false},
+		{"IPv6 only", fakeResolver{"2001:db8::10", "2001:db8::11"}, true},
+		{"no record yet", nil, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newPreflightFixture(t)
+			f.resolver = tt.addrs
+			f.cache[proxyHost] = [][]*x509.Certificate{f.goodChain(t)}
+			f.emit(t, "started", nil)
+			f.cache[proxyHost] = append(f.cache[proxyHost], f.goodChain(t)) // a renewal: the name is not looked up again
+			f.emit(t, "cached_managed_cert", nil)
+			var rules []Rule
+			for _, r := range f.reports {
+				for _, p := range r.Problems {
+					rules = append(rules, p.Rule)
+				}
+			}
+			if want := tt.warn; slices.Contains(rules, RuleIPv4) != want || len(rules) > 1 {
+				t.Fatalf("rules %v; want an ipv4 problem: %v, at most once", rules, want)
+			}
+		})
+	}
+}
+
+// TestPreflightCertFailed: a certificate that cannot be obtained leaves a
+// watched name without one, which is said once; a failed renewal of a
+// served certificate is said too.
+func TestPreflightCertFailed(t *testing.T) {
+	f := newPreflightFixture(t)
+	failed := map[string]any{"renewal": false, "identifier": proxyHost, "error": errors.New("connection refused")}
+	f.emit(t, "cert_failed", failed)
+	f.emit(t, "cert_failed", failed)
+	f.emit(t, "cert_failed", map[string]any{"renewal": false, "identifier": "other.example.com", "error": errors.New("x")})
+	if len(f.reports) != 1 || f.reports[0].Chain != nil || len(f.reports[0].Problems) != 1 ||
+		f.reports[0].Problems[0].Rule != RuleCertificate || !strings.Contains(f.reports[0].Problems[0].What, "connection refused") {
+		t.Fatalf("reports %+v, want one: no certificate for %s, with the reason", f.reports, proxyHost)
+	}
+	if w := f.logs.FilterLevelExact(zapcore.WarnLevel).FilterMessageSnippet("no certificate is served for xks.example.com").Len(); w != 1 {
+		t.Fatalf("%d warnings about the missing certificate, want 1", w)
+	}
+
+	f.cache[proxyHost] = [][]*x509.Certificate{f.goodChain(t)}
+	f.emit(t, "cert_failed", map[string]any{"renewal": true, "identifier": proxyHost, "remaining": 48 * time.Hour, "error": errors.New("rate limited")})
+	last := f.reports[len(f.reports)-1]
+	if len(f.reports) != 2 || last.Problems[0].Rule != RuleValidity || !strings.Contains(last.Problems[0].What, "48h0m0s left") {
+		t.Fatalf("reports %+v, want the failed renewal with the time left", f.reports)
 	}
 }
