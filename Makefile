@@ -41,9 +41,11 @@ vet:
 	$(GO) vet ./...
 
 ## lint: golangci-lint with .golangci.yml (installed by `make deps`)
+# Another checkout's make test may lint at the same time: golangci-lint
+# refuses a second run unless told to wait for the first.
 lint:
 	@test -x $(GOLANGCI_LINT) || { echo "$(GOLANGCI_LINT) missing: run make deps" >&2; exit 1; }
-	$(GOLANGCI_LINT) run ./...
+	$(GOLANGCI_LINT) run --allow-serial-runners ./...
 
 ## fuzz: every fuzz target for a bounded budget (scripts/fuzz.sh)
 fuzz:
