@@ -9,7 +9,6 @@ package caddyxks
 import (
 	_ "github.com/caddy-xks/caddy-xks/caddyfile"
 	_ "github.com/caddy-xks/caddy-xks/hsm"
-	_ "github.com/caddy-xks/caddy-xks/sigv4auth"
 	_ "github.com/caddy-xks/caddy-xks/tlscheck"
 	_ "github.com/caddy-xks/caddy-xks/xkscmd"
 	_ "github.com/caddy-xks/caddy-xks/xkshandler"
