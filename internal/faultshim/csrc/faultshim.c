@@ -39,9 +39,10 @@ typedef struct {
 
 enum {
 	I_Initialize = 0, I_Finalize = 1, I_GetSlotList = 4, I_GetTokenInfo = 6,
-	I_OpenSession = 12, I_Login = 18, I_GetAttributeValue = 24,
-	I_FindObjectsInit = 26, I_FindObjects = 27, I_EncryptInit = 29,
-	I_Encrypt = 30, I_DecryptInit = 33, I_Decrypt = 34, I_GenerateKey = 58,
+	I_OpenSession = 12, I_GetSessionInfo = 15, I_Login = 18,
+	I_GetAttributeValue = 24, I_FindObjectsInit = 26, I_FindObjects = 27,
+	I_EncryptInit = 29, I_Encrypt = 30, I_DecryptInit = 33, I_Decrypt = 34,
+	I_GenerateKey = 58,
 };
 
 static function_list shim, *real;
@@ -160,6 +161,7 @@ WRAP(I_Finalize, C_Finalize, (P a), (a))
 WRAP(I_GetSlotList, C_GetSlotList, (unsigned char a, P b, P c), (a, b, c))
 WRAP(I_GetTokenInfo, C_GetTokenInfo, (U a, P b), (a, b))
 WRAP(I_OpenSession, C_OpenSession, (U a, U b, P c, P d, P e), (a, b, c, d, e))
+WRAP(I_GetSessionInfo, C_GetSessionInfo, (U a, P b), (a, b))
 WRAP(I_Login, C_Login, (U a, U b, P c, U d), (a, b, c, d))
 WRAP(I_GetAttributeValue, C_GetAttributeValue, (U a, U b, P c, U d), (a, b, c, d))
 WRAP(I_FindObjectsInit, C_FindObjectsInit, (U a, P b, U c), (a, b, c))
@@ -191,6 +193,7 @@ CK_RV C_GetFunctionList(function_list **list) {
 		shim.fn[I_GetSlotList] = (P)w_C_GetSlotList;
 		shim.fn[I_GetTokenInfo] = (P)w_C_GetTokenInfo;
 		shim.fn[I_OpenSession] = (P)w_C_OpenSession;
+		shim.fn[I_GetSessionInfo] = (P)w_C_GetSessionInfo;
 		shim.fn[I_Login] = (P)w_C_Login;
 		shim.fn[I_GetAttributeValue] = (P)w_C_GetAttributeValue;
 		shim.fn[I_FindObjectsInit] = (P)w_C_FindObjectsInit;
