@@ -17,6 +17,7 @@
 package proxytest
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -253,7 +254,8 @@ func (p *Proxy) Trust(file string) {
 	}
 }
 
-// Load adapts the Caddyfile and loads it, as `caddy reload` would, then
+// Load adapts the Caddyfile and loads it, as a plain `caddy reload` would
+// (a config equal to the running one is left alone; see ForceReload), then
 // waits for Ready. A config that fails to load fails the test.
 func (p *Proxy) Load(caddyfile string) {
 	p.t.Helper()
@@ -270,6 +272,12 @@ func (p *Proxy) LoadJSON(cfg []byte) {
 	if err := caddy.Load(cfg, false); err != nil {
 		p.t.Fatalf("loading the proxy's config: %v\n%s", err, cfg)
 	}
+	p.waitReady()
+}
+
+// waitReady waits until Ready passes, if it is set.
+func (p *Proxy) waitReady() {
+	p.t.Helper()
 	if p.Ready == nil {
 		return
 	}
@@ -284,6 +292,29 @@ func (p *Proxy) LoadJSON(cfg []byte) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// ForceReload adapts the Caddyfile and posts it to the admin endpoint's
+// /load with "Cache-Control: must-revalidate", as `caddy reload --force`
+// does: Caddy provisions it even if it is the running config, where Load
+// (like a plain `caddy reload`) leaves an unchanged config alone. It returns
+// the admin endpoint's error, and the running config stays, if the load
+// fails; otherwise it waits for Ready.
+func (p *Proxy) ForceReload(caddyfile string) error {
+	p.t.Helper()
+	cfg, err := p.adapt(caddyfile)
+	if err != nil {
+		return err
+	}
+	header := http.Header{}
+	header.Set("Content-Type", "application/json")
+	header.Set("Cache-Control", "must-revalidate")
+	code, body := p.adminRequest(http.MethodPost, "/load", header, bytes.NewReader(cfg))
+	if code != http.StatusOK {
+		return fmt.Errorf("forced reload: %d %s", code, bytes.TrimSpace(body))
+	}
+	p.waitReady()
+	return nil
 }
 
 // TryLoad adapts and loads the Caddyfile and returns the error that either
@@ -311,6 +342,15 @@ func (p *Proxy) adapt(caddyfile string) ([]byte, error) {
 // Admin sends a request to the admin endpoint over its unix socket.
 func (p *Proxy) Admin(method, path, contentType string, body io.Reader) (int, []byte) {
 	p.t.Helper()
+	header := http.Header{}
+	if contentType != "" {
+		header.Set("Content-Type", contentType)
+	}
+	return p.adminRequest(method, path, header, body)
+}
+
+func (p *Proxy) adminRequest(method, path string, header http.Header, body io.Reader) (int, []byte) {
+	p.t.Helper()
 	client := &http.Client{
 		Timeout: 2 * time.Minute,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -322,9 +362,7 @@ func (p *Proxy) Admin(method, path, contentType string, body io.Reader) (int, []
 	if err != nil {
 		p.t.Fatal(err)
 	}
-	if contentType != "" {
-		req.Header.Set("Content-Type", contentType)
-	}
+	req.Header = header
 	resp, err := client.Do(req)
 	if err != nil {
 		p.t.Fatalf("admin %s %s: %v", method, path, err)
