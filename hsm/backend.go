@@ -176,7 +176,7 @@ func Open(name string, cfg Config, logger *zap.Logger) (*Backend, error) {
 	}
 	if loaded {
 		logger.Debug("sharing an open token", zap.String("token", b.tok.ident.String()))
-		if !b.tok.adoptPIN(logger, name, cfg.PIN) {
+		if !b.tok.retryLogin(logger, name, cfg.PIN) {
 			b.tok.warnUnappliedSettings(logger, name, &cfg)
 		}
 	}

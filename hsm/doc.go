@@ -42,8 +42,13 @@
 // says so. Module-class errors (DEVICE_ERROR, DEVICE_REMOVED,
 // TOKEN_NOT_PRESENT, CRYPTOKI_NOT_INITIALIZED, ...) drain the pool and start
 // a re-initialization with exponential backoff, at most one per interval;
-// meanwhile every call fails fast with ErrUnavailable. PIN errors are never
-// retried: real HSMs lock the PIN after a few tries.
+// meanwhile every call fails fast with ErrUnavailable.
+//
+// Logins. A PIN the token refuses is never tried again by the package
+// (real HSMs lock the PIN, or zeroize the partition, after a few tries):
+// the token stays unavailable, which is logged at ERROR and counted, until
+// a configuration load opens a backend on it, which is one deliberate
+// attempt with the PIN that load brings.
 //
 // Keys. A key is the one CKO_SECRET_KEY token object whose CKA_LABEL is the
 // external key id; two with one label is ErrDuplicateKey, never "first one

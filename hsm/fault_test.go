@@ -9,7 +9,10 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/caddy-xks/caddy-xks/internal/faultshim"
@@ -21,6 +24,14 @@ import (
 // C_Finalize, so every test leaves SoftHSM2 initialized again before it ends.
 func shimBackend(t *testing.T, mod func(*Config)) (*Backend, *faultshim.Shim, hsmtest.Token) {
 	t.Helper()
+	b, shim, tk, _ := shimBackendObserved(t, mod)
+	return b, shim, tk
+}
+
+// shimBackendObserved is shimBackend that also keeps the log lines of the
+// backend and its token, at INFO and above, for the test to read.
+func shimBackendObserved(t *testing.T, mod func(*Config)) (*Backend, *faultshim.Shim, hsmtest.Token, *observer.ObservedLogs) {
+	t.Helper()
 	tk := hsmtest.NewToken(t)
 	tk.CreateKey(t, "k1")
 	shim := faultshim.New(t, tk.Module)
@@ -29,12 +40,17 @@ func shimBackend(t *testing.T, mod func(*Config)) (*Backend, *faultshim.Shim, hs
 	if mod != nil {
 		mod(&cfg)
 	}
-	b := open(t, "shimmed", cfg)
+	core, logs := observer.New(zapcore.InfoLevel)
+	b, err := Open("shimmed", cfg, zap.New(zapcore.NewTee(zaptest.NewLogger(t).Core(), core)))
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
 	t.Cleanup(func() {
 		shim.Set()
 		waitFor(t, settle, func() bool { return !b.tok.lib.down.Load() })
+		_ = b.Close()
 	})
-	return b, shim, tk
+	return b, shim, tk, logs
 }
 
 // settle is how long a test waits for a state the HSM layer reaches by

@@ -203,7 +203,7 @@ func (l *library) reinitLoop() {
 		if wait > 0 {
 			time.Sleep(wait)
 		}
-		err := l.reinit()
+		refused, err := l.reinit()
 		l.mu.Lock()
 		l.lastReinit = time.Now()
 		if err == nil {
@@ -213,6 +213,11 @@ func (l *library) reinitLoop() {
 			l.recoveredAt = time.Now()
 			l.down.Store(false)
 			l.mu.Unlock()
+			if refused > 0 {
+				l.logger.Warn("pkcs11 module reconnected, but a token refused its PIN and stays unavailable",
+					zap.Uint64("generation", l.gen.Load()), zap.Int("tokens_refusing_pin", refused))
+				return
+			}
 			l.logger.Info("pkcs11 module reconnected", zap.Uint64("generation", l.gen.Load()))
 			return
 		}
@@ -225,16 +230,18 @@ func (l *library) reinitLoop() {
 }
 
 // reinit runs C_Finalize and C_Initialize under the write lock, then
-// reconnects every token still using the library.
-func (l *library) reinit() error {
+// reconnects every token still using the library. It returns how many
+// tokens refused their PIN: those stay unusable, since retrying would lock
+// the PIN, but the library itself works again.
+func (l *library) reinit() (refused int, err error) {
 	if !l.tryLockFor(reinitLockWait) {
-		return errors.New("calls still stuck in the pkcs11 module")
+		return 0, errors.New("calls still stuck in the pkcs11 module")
 	}
 	_ = l.ctx.Finalize()
-	err := l.ctx.Initialize()
+	err = l.ctx.Initialize()
 	if err != nil && !isCKR(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 		l.lifecycle.Unlock()
-		return fmt.Errorf("C_Initialize: %w", err)
+		return 0, fmt.Errorf("C_Initialize: %w", err)
 	}
 	gen := l.gen.Add(1)
 	l.lifecycle.Unlock()
@@ -248,18 +255,17 @@ func (l *library) reinit() error {
 	l.lifecycle.RLock()
 	defer l.lifecycle.RUnlock()
 	if l.gen.Load() != gen {
-		return errors.New("pkcs11 module re-initialized concurrently")
+		return 0, errors.New("pkcs11 module re-initialized concurrently")
 	}
 	for _, t := range tokens {
 		t.pool.drain()
 		if _, err := t.connect(gen); err != nil {
-			var he *Error
-			if errors.As(err, &he) && errors.Is(he.Err, errPINRefused) {
-				// The token stays unusable, but retrying would lock the PIN.
+			if errors.Is(err, errPINRefused) {
+				refused++
 				continue
 			}
-			return fmt.Errorf("reconnecting token %s: %w", t.ident, err)
+			return refused, fmt.Errorf("reconnecting token %s: %w", t.ident, err)
 		}
 	}
-	return nil
+	return refused, nil
 }

@@ -8,7 +8,7 @@ import (
 )
 
 // backendCollector exports the state of an app's backends: the session
-// pool's figures and the health status. It reads them at scrape time, so it
+// pool's figures, the health status and the token's failed logins. It reads them at scrape time, so it
 // keeps no state of its own; health comes from the backend's cached check.
 type backendCollector struct {
 	app *App
@@ -27,11 +27,13 @@ var (
 		"Size of the session pool.", []string{"backend"}, nil)
 	descHealth = prometheus.NewDesc("caddy_xks_hsm_health",
 		"1 for the backend's current health status (ACTIVE, DEGRADED or UNAVAILABLE), 0 for the others.", []string{"backend", "status"}, nil)
+	descLoginFailures = prometheus.NewDesc("caddy_xks_hsm_login_failures_total",
+		"Failed C_Login calls on the backend's token since it was opened, refused PINs among them.", []string{"backend"}, nil)
 )
 
 // Describe implements prometheus.Collector.
 func (c backendCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descSessionsInUse, descSessionsIdle, descSessionWaiters, descStuckCalls, descMaxSessions, descHealth} {
+	for _, d := range []*prometheus.Desc{descSessionsInUse, descSessionsIdle, descSessionWaiters, descStuckCalls, descMaxSessions, descHealth, descLoginFailures} {
 		ch <- d
 	}
 }
@@ -48,6 +50,7 @@ func (c backendCollector) Collect(ch chan<- prometheus.Metric) {
 		}{{descSessionsInUse, s.SessionsInUse}, {descSessionsIdle, s.SessionsIdle}, {descSessionWaiters, s.Waiters}, {descStuckCalls, s.StuckCalls}, {descMaxSessions, s.MaxSessions}} {
 			ch <- prometheus.MustNewConstMetric(m.desc, prometheus.GaugeValue, float64(m.v), name)
 		}
+		ch <- prometheus.MustNewConstMetric(descLoginFailures, prometheus.CounterValue, float64(b.tok.loginFailures.Load()), name)
 		status := b.Health(ctx).Status
 		for _, st := range []string{HealthActive, HealthDegraded, HealthUnavailable} {
 			v := 0.0

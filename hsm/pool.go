@@ -263,8 +263,8 @@ func (b *Backend) attempt(c *call, gen uint64, op, key string, body func(*callSe
 		case classHandle:
 			t.keys.clear()
 		case classLogin:
-			if err := t.relogin(st); err != nil {
-				retry = false
+			if lerr := t.relogin(st); lerr != nil {
+				return nil, withOp(lerr, op, key)
 			}
 		case classSession:
 		default:

@@ -19,8 +19,15 @@ import (
 // logs out nor re-opens a token the new config still uses.
 var tokens = caddy.NewUsagePool()
 
-// errPINRefused marks a login failure caused by the PIN. It is never retried.
-var errPINRefused = errors.New("pin refused by token")
+// errPINRefused marks a login failure caused by the PIN. Nothing retries it
+// on its own; a configuration load tries once more (see retryLogin).
+var errPINRefused = errors.New("pin refused by token; not tried again until a configuration reload")
+
+// pinRefusedAction is what the log tells the operator to do about a refused
+// PIN.
+const pinRefusedAction = "check the pin (its file or environment variable) and the token's PIN state on the HSM, " +
+	"then reload the configuration with `caddy reload --force` (systemctl reload caddy runs it), or start the proxy: " +
+	"each load of the configuration tries the login once"
 
 // tokenIdent selects a token: by serial, label or slot id, whichever are set
 // (all of them must match).
@@ -75,8 +82,12 @@ type token struct {
 	maxSessions int
 
 	state     atomic.Pointer[tokenState]
-	connectMu sync.Mutex
+	connectMu sync.Mutex // serializes logins: connect, relogin, retryLogin
+	// pinFailed is the error of the last login refused for the PIN; while
+	// it is set nothing logs in.
 	pinFailed atomic.Pointer[Error]
+	// loginFailures counts failed C_Login calls, for metrics.
+	loginFailures atomic.Uint64
 
 	pool *sessionPool
 	// ops counts operations in flight on the token through any backend;
@@ -161,13 +172,14 @@ func (t *token) connect(gen uint64) (*tokenState, error) {
 	if st := t.state.Load(); st != nil && st.gen == gen {
 		return st, st.err
 	}
+	// A caller that waited for the lock behind a refused login must not
+	// try the same PIN again.
+	if pe := t.pinFailed.Load(); pe != nil {
+		return nil, pe
+	}
 	st := &tokenState{gen: gen}
 	st.err = t.dial(st)
 	if st.err != nil {
-		var he *Error
-		if errors.As(st.err, &he) && errors.Is(he.Err, errPINRefused) {
-			t.pinFailed.Store(he)
-		}
 		if code, ok := ckrOf(st.err); ok && classify(code) == classModule {
 			t.lib.fail(gen, st.err)
 		}
@@ -195,19 +207,37 @@ func (t *token) dial(st *tokenState) error {
 		return &Error{Kind: kindOf(codeOr(err)), Op: "open session", CKR: ckrNameOf(err), Err: err}
 	}
 	if !t.noLogin {
-		err := ctx.Login(sh, pkcs11.CKU_USER, *t.pin.Load())
-		if err != nil && !isCKR(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
+		if err := t.login(sh); err != nil {
 			_ = ctx.CloseSession(sh)
-			if code, ok := ckrOf(err); ok && classify(code) == classPIN {
-				// Never retried: a real HSM locks the PIN after a few tries.
-				return &Error{Kind: ErrUnavailable, Op: "login", CKR: ckrName(code),
-					Err: fmt.Errorf("token %s: %w", t.ident, errPINRefused)}
-			}
-			return &Error{Kind: ErrUnavailable, Op: "login", CKR: ckrNameOf(err), Err: err}
+			return err
 		}
 	}
 	st.anchor = sh
 	return nil
+}
+
+// login runs C_Login on sh; CKR_USER_ALREADY_LOGGED_IN is success. A PIN
+// the token refuses is recorded in pinFailed, so that nothing tries it
+// again (HSMs such as Luna lock the PIN, or zeroize the partition, after a
+// few failed logins) until a configuration load asks for one more attempt,
+// and it is logged at ERROR with what the operator must do: every call fails
+// meanwhile, and this line is what says why. The caller holds connectMu.
+func (t *token) login(sh pkcs11.SessionHandle) error {
+	err := t.lib.ctx.Login(sh, pkcs11.CKU_USER, *t.pin.Load())
+	if err == nil || isCKR(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
+		return nil
+	}
+	t.loginFailures.Add(1)
+	code, ok := ckrOf(err)
+	if !ok || classify(code) != classPIN {
+		return &Error{Kind: ErrUnavailable, Op: "login", CKR: ckrNameOf(err), Err: err}
+	}
+	pe := &Error{Kind: ErrUnavailable, Op: "login", CKR: ckrName(code),
+		Err: fmt.Errorf("token %s: %w", t.ident, errPINRefused)}
+	t.pinFailed.Store(pe)
+	t.logger.Error("the token refused the PIN; the proxy will not try it again on its own, and the token is unavailable",
+		zap.String("token", t.ident.String()), zap.String("ckr", pe.CKR), zap.String("action", pinRefusedAction))
+	return pe
 }
 
 func codeOr(err error) uint {
@@ -267,16 +297,18 @@ func findSlot(ctx *pkcs11.Ctx, id tokenIdent) (uint, tokenInfo, error) {
 	return 0, tokenInfo{}, &Error{Kind: ErrUnavailable, Op: "find token", Err: fmt.Errorf("%d tokens match %s; add serial or slot_id", len(found), id)}
 }
 
-// relogin logs in again after the token reported USER_NOT_LOGGED_IN.
+// relogin logs in again after the token reported USER_NOT_LOGGED_IN, unless
+// the token refused the PIN before.
 func (t *token) relogin(st *tokenState) error {
 	if t.noLogin {
 		return nil
 	}
-	err := t.lib.ctx.Login(st.anchor, pkcs11.CKU_USER, *t.pin.Load())
-	if err != nil && !isCKR(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
-		return err
+	t.connectMu.Lock()
+	defer t.connectMu.Unlock()
+	if pe := t.pinFailed.Load(); pe != nil {
+		return pe
 	}
-	return nil
+	return t.login(st.anchor)
 }
 
 // Destruct closes the token's idle sessions and its anchor session when the
@@ -317,21 +349,47 @@ func (t *token) sinceRecovery() time.Duration {
 
 var _ caddy.Destructor = (*token)(nil)
 
-// adoptPIN takes the PIN of a newly loaded config when the token refused
-// the one it had: an operator who changed the PIN on the HSM fixes the config
-// and reloads, and the token logs in again with the new PIN, once, without
-// a restart. A PIN that was not refused is never replaced, and a refused one
-// is never retried (real HSMs lock it).
-func (t *token) adoptPIN(logger *zap.Logger, backend, pin string) bool {
+// retryLogin is a configuration load's one attempt to log in to a token
+// whose PIN was refused: the operator fixed the PIN (in the config, or on
+// the HSM) and reloaded. An unchanged config counts too, through `caddy
+// reload --force`; a plain reload of an unchanged config is a no-op in
+// Caddy and never reaches here. The load's PIN replaces the refused one.
+// Nothing else tries a refused PIN again, so each load is one deliberate
+// login. It reports whether the token had refused its PIN; the load's
+// self-test then fails if this login did.
+func (t *token) retryLogin(logger *zap.Logger, backend, pin string) bool {
 	t.connectMu.Lock()
-	defer t.connectMu.Unlock()
-	if t.pinFailed.Load() == nil || t.noLogin || pin == *t.pin.Load() {
+	if t.pinFailed.Load() == nil || t.noLogin {
+		t.connectMu.Unlock()
 		return false
 	}
+	changed := pin != *t.pin.Load()
 	t.pin.Store(&pin)
 	t.pinFailed.Store(nil)
-	logger.Info("the token refused its PIN; trying the PIN of the new configuration",
-		zap.String("backend", backend), zap.String("token", t.ident.String()))
+	t.connectMu.Unlock()
+	logger.Warn("the token refused its PIN earlier; this configuration load tries to log in once",
+		zap.String("backend", backend), zap.String("token", t.ident.String()), zap.Bool("pin_changed", changed))
+	gen, ok := t.lib.acquire()
+	if !ok {
+		// The library is reconnecting: the reconnection logs in, once.
+		return true
+	}
+	defer t.lib.release()
+	var err error
+	if st := t.state.Load(); st != nil && st.gen == gen && st.err == nil {
+		// Connected in this generation, but logged out since (the token
+		// answered USER_NOT_LOGGED_IN).
+		err = t.relogin(st)
+	} else {
+		_, err = t.connect(gen)
+	}
+	switch {
+	case err == nil:
+		logger.Info("token logged in; it serves again", zap.String("backend", backend), zap.String("token", t.ident.String()))
+	case !errors.Is(err, errPINRefused):
+		// A refusal was logged by login.
+		logger.Error("logging in to the token failed", zap.String("backend", backend), zap.String("token", t.ident.String()), zap.Error(err))
+	}
 	return true
 }
 

@@ -1,0 +1,158 @@
+package hsm
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/caddy-xks/caddy-xks/internal/faultshim"
+)
+
+// refusePIN drives a backend's token into the state the PIN tests start
+// from: a device error makes the library reconnect, and the token refuses
+// the PIN when it is logged in again. The fault rules are cleared
+// afterwards, so that any further C_Login would succeed: only the count of
+// C_Login calls tells whether something tried the PIN again.
+func refusePIN(t *testing.T, b *Backend, shim *faultshim.Shim) {
+	t.Helper()
+	if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); err != nil {
+		t.Fatal(err)
+	}
+	logins := shim.Calls("C_Login")
+	shim.Set("C_EncryptInit=0x30*1", "C_Login=0xA0*1") // CKR_DEVICE_ERROR, then CKR_PIN_INCORRECT
+	if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Encrypt on a failing device: %v", err)
+	}
+	waitFor(t, settle, func() bool { return b.tok.pinFailed.Load() != nil && !b.tok.lib.down.Load() })
+	shim.Set()
+	if n := shim.Calls("C_Login") - logins; n != 1 {
+		t.Fatalf("the reconnection made %d C_Login calls, want 1", n)
+	}
+}
+
+// TestRefusedPINIsReportedAndNotRetried: a PIN refused when the token is
+// logged in again after a reconnection is logged at ERROR (the token, the
+// CKR name and what to do), counted, and reported by health; and nothing
+// tries it again on its own, since real HSMs lock the PIN after a few
+// failed logins.
+func TestRefusedPINIsReportedAndNotRetried(t *testing.T) {
+	b, shim, tk, logs := shimBackendObserved(t, func(c *Config) { c.HealthTTL = caddy.Duration(time.Millisecond) })
+	res, err := b.Encrypt(bg, "k1", []byte("sealed before"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	refusePIN(t, b, shim)
+
+	refusals := logs.FilterMessageSnippet("refused the PIN").FilterLevelExact(zapcore.ErrorLevel).All()
+	if len(refusals) != 1 {
+		t.Fatalf("want one ERROR line for the refused PIN, got: %v", logs.All())
+	}
+	fields := refusals[0].ContextMap()
+	if !strings.Contains(fmt.Sprint(fields["token"]), tk.Label) || fields["ckr"] != "CKR_PIN_INCORRECT" ||
+		!strings.Contains(fmt.Sprint(fields["action"]), "caddy reload --force") {
+		t.Fatalf("the refusal's fields: %v", fields)
+	}
+	if n := b.tok.loginFailures.Load(); n != 1 {
+		t.Fatalf("%d login failures counted, want 1", n)
+	}
+
+	logins := shim.Calls("C_Login")
+	for range 10 {
+		if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "CKR_PIN_INCORRECT") {
+			t.Fatalf("Encrypt with a refused PIN: %v", err)
+		}
+		if _, err := b.Decrypt(bg, "k1", res.IV, res.Ciphertext, res.Tag, nil); !errors.Is(err, ErrUnavailable) {
+			t.Fatalf("Decrypt with a refused PIN: %v", err)
+		}
+		if _, err := b.Metadata(bg, "k1"); !errors.Is(err, ErrUnavailable) {
+			t.Fatalf("Metadata with a refused PIN: %v", err)
+		}
+		if h := b.Health(bg); h.Status != HealthUnavailable || !strings.Contains(h.Reason, "CKR_PIN_INCORRECT") {
+			t.Fatalf("health with a refused PIN: %+v", h)
+		}
+	}
+	if n := shim.Calls("C_Login") - logins; n != 0 {
+		t.Fatalf("%d more C_Login calls with a refused PIN, want none", n)
+	}
+}
+
+// TestALoadTriesARefusedPINOnce: opening a backend on a token whose PIN was
+// refused (what a configuration reload does, `caddy reload --force` for an
+// unchanged one) is one deliberate attempt to log in. Refused again, the
+// load fails and the token stays as it was; accepted, the token serves
+// again, through the new backend and the old one, without a restart.
+func TestALoadTriesARefusedPINOnce(t *testing.T) {
+	b, shim, tk := shimBackend(t, nil)
+	refusePIN(t, b, shim)
+	cfg := configFor(tk)
+	cfg.Module = shim.Path
+
+	logins := shim.Calls("C_Login")
+	shim.Set("C_Login=0xA0*1")
+	if _, err := Open("reloaded", cfg, nil); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "CKR_PIN_INCORRECT") {
+		t.Fatalf("a load whose login is refused again: %v", err)
+	}
+	shim.Set()
+	if n := shim.Calls("C_Login") - logins; n != 1 {
+		t.Fatalf("the load made %d C_Login calls, want 1", n)
+	}
+	if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Encrypt after a refused retry: %v", err)
+	}
+	if n := shim.Calls("C_Login") - logins; n != 1 {
+		t.Fatalf("%d C_Login calls after a refused retry, want still 1", n)
+	}
+	if n := b.tok.loginFailures.Load(); n != 2 {
+		t.Fatalf("%d login failures counted, want 2", n)
+	}
+
+	nb := open(t, "reloaded", cfg)
+	if n := shim.Calls("C_Login") - logins; n != 2 {
+		t.Fatalf("%d C_Login calls after the second load, want 2", n)
+	}
+	for _, backend := range []*Backend{nb, b} {
+		if _, err := backend.Encrypt(bg, "k1", []byte("x"), nil); err != nil {
+			t.Fatalf("Encrypt through %s after the login: %v", backend.Name(), err)
+		}
+	}
+	if h := b.Health(bg); h.Status == HealthUnavailable {
+		t.Fatalf("health after the login: %+v", h)
+	}
+}
+
+// TestRefusedReloginIsNotRetried: the token forgets the login
+// (CKR_USER_NOT_LOGGED_IN) and refuses the PIN when the backend logs in
+// again on the spot. That refusal, too, is never tried again by the calls
+// that follow, until a load asks for one attempt.
+func TestRefusedReloginIsNotRetried(t *testing.T) {
+	b, shim, tk := shimBackend(t, nil)
+	logins := shim.Calls("C_Login")
+	shim.Set("C_Encrypt=0x101", "C_Login=0xA0") // CKR_USER_NOT_LOGGED_IN, CKR_PIN_INCORRECT
+	var err error
+	for range 5 {
+		if _, err = b.Encrypt(bg, "k1", []byte("x"), nil); !errors.Is(err, ErrUnavailable) {
+			t.Fatalf("Encrypt after a refused relogin: %v", err)
+		}
+	}
+	if n := shim.Calls("C_Login") - logins; n != 1 {
+		t.Fatalf("%d C_Login calls, want the one refused", n)
+	}
+	if !strings.Contains(err.Error(), "CKR_PIN_INCORRECT") {
+		t.Fatalf("Encrypt after a refused relogin: %v, want the refusal", err)
+	}
+	if h := b.Health(bg); h.Status != HealthUnavailable {
+		t.Fatalf("health after a refused relogin: %+v", h)
+	}
+	shim.Set()
+	cfg := configFor(tk)
+	cfg.Module = shim.Path
+	open(t, "reloaded", cfg)
+	if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); err != nil {
+		t.Fatalf("Encrypt after the load logged in: %v", err)
+	}
+}
