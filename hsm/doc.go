@@ -42,7 +42,8 @@
 // says so. Module-class errors (DEVICE_ERROR, DEVICE_REMOVED,
 // TOKEN_NOT_PRESENT, CRYPTOKI_NOT_INITIALIZED, ...) drain the pool and start
 // a re-initialization with exponential backoff, at most one per interval;
-// meanwhile every call fails fast with ErrUnavailable.
+// meanwhile every call fails fast with ErrUnavailable, and a device error or
+// a reconnection makes the cached health result stale.
 //
 // Logins. A PIN the token refuses is never tried again by the package
 // (real HSMs lock the PIN, or zeroize the partition, after a few tries):

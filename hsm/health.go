@@ -47,9 +47,13 @@ var now = time.Now
 // healthCache holds the last round trip's result. One round trip runs at a
 // time; running is closed when it ends.
 type healthCache struct {
-	mu      sync.Mutex // guards the fields below; never held during a round trip
-	last    Health
-	valid   bool
+	mu    sync.Mutex // guards the fields below; never held during a round trip
+	last  Health
+	valid bool
+	// events is the library's event count when the round trip started: a
+	// device error or a reconnection since makes the result stale, however
+	// young, so that the next check reports it.
+	events  uint64
 	running chan struct{} // nil when no round trip runs
 }
 
@@ -61,7 +65,9 @@ const failedHealthTTL = 5 * time.Second
 // result in between; a closed token or a reconnecting library is reported
 // at once. It never returns a round trip result older than the spec's
 // limit of one minute: a caller that finds only an older one while a round
-// trip runs waits for it until ctx is done, and then gets UNAVAILABLE.
+// trip runs waits for it until ctx is done, and then gets UNAVAILABLE. A
+// device error or a reconnection of the library makes the cached result
+// stale at once.
 func (b *Backend) Health(ctx context.Context) Health {
 	h := b.describe()
 	if b.tok.destroyed.Load() {
@@ -73,13 +79,14 @@ func (b *Backend) Health(ctx context.Context) Health {
 	if down, reason, _ := b.tok.lib.status(); down {
 		return unavailable(h, "reconnecting: "+reason)
 	}
+	events := b.tok.lib.events.Load()
 	b.health.mu.Lock()
 	ttl := b.healthTTL
 	if b.health.last.Status == HealthUnavailable {
 		// A failed check is retried sooner: it may have been one slow call.
 		ttl = min(ttl, failedHealthTTL)
 	}
-	if last, ok := b.health.lastWithin(ttl); ok {
+	if last, ok := b.health.lastWithin(ttl, events); ok {
 		b.health.mu.Unlock()
 		return last
 	}
@@ -92,7 +99,7 @@ func (b *Backend) Health(ctx context.Context) Health {
 	}
 	// KMS gives a health call 250 ms, so rather than wait for the running
 	// round trip a caller takes the last result, if it is young enough.
-	last, ok := b.health.lastWithin(maxHealthTTL)
+	last, ok := b.health.lastWithin(maxHealthTTL, events)
 	b.health.mu.Unlock()
 	if ok {
 		return last
@@ -103,7 +110,9 @@ func (b *Backend) Health(ctx context.Context) Health {
 		return unavailable(h, "the last health check is over a minute old and the running one did not end in time")
 	}
 	b.health.mu.Lock()
-	last, ok = b.health.lastWithin(maxHealthTTL)
+	// The round trip waited for may have started before the latest event:
+	// its result is still the freshest there is.
+	last, ok = b.health.lastWithin(maxHealthTTL, b.health.events)
 	b.health.mu.Unlock()
 	if !ok {
 		return unavailable(h, "the health check ended without a result")
@@ -111,10 +120,10 @@ func (b *Backend) Health(ctx context.Context) Health {
 	return last
 }
 
-// lastWithin returns the last result and whether it is younger than d.
-// c.mu must be held.
-func (c *healthCache) lastWithin(d time.Duration) (Health, bool) {
-	return c.last, c.valid && now().Sub(c.last.CheckedAt) < d
+// lastWithin returns the last result and whether it is younger than d and
+// no library event came after its round trip started. c.mu must be held.
+func (c *healthCache) lastWithin(d time.Duration, events uint64) (Health, bool) {
+	return c.last, c.valid && c.events == events && now().Sub(c.last.CheckedAt) < d
 }
 
 // refreshHealth runs the round trip, caches its result and closes done,
@@ -126,9 +135,10 @@ func (b *Backend) refreshHealth(ctx context.Context, done chan struct{}) Health 
 		b.health.mu.Unlock()
 		close(done)
 	}()
+	events := b.tok.lib.events.Load()
 	h := b.checkHealth(ctx)
 	b.health.mu.Lock()
-	b.health.last, b.health.valid = h, true
+	b.health.last, b.health.valid, b.health.events = h, true, events
 	b.health.mu.Unlock()
 	return h
 }

@@ -43,6 +43,9 @@ type library struct {
 	// down is set from the first module-class error until a
 	// re-initialization succeeded; calls fail fast meanwhile.
 	down atomic.Bool
+	// events counts module-class errors and reconnections. A health result
+	// cached before the latest one no longer describes the token.
+	events atomic.Uint64
 
 	mu            sync.Mutex
 	tokens        map[*token]struct{}
@@ -177,6 +180,7 @@ func (l *library) status() (down bool, reason string, recoveredAt time.Time) {
 // re-initialization unless one is already pending. Errors from an older
 // generation are ignored: that generation is gone already.
 func (l *library) fail(gen uint64, cause error) {
+	l.events.Add(1)
 	if gen != l.gen.Load() {
 		return
 	}
@@ -211,6 +215,7 @@ func (l *library) reinitLoop() {
 			l.reinitRunning = false
 			l.downReason = ""
 			l.recoveredAt = time.Now()
+			l.events.Add(1)
 			l.down.Store(false)
 			l.mu.Unlock()
 			if refused > 0 {

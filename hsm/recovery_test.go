@@ -156,3 +156,21 @@ func TestRefusedReloginIsNotRetried(t *testing.T) {
 		t.Fatalf("Encrypt after the load logged in: %v", err)
 	}
 }
+
+// TestHealthIsNotCachedAcrossAReconnect: a device error and the
+// reconnection that follows make the cached health result stale, however
+// young: the first health check afterwards is not the ACTIVE of before.
+func TestHealthIsNotCachedAcrossAReconnect(t *testing.T) {
+	b, shim, _ := shimBackend(t, func(c *Config) { c.HealthTTL = caddy.Duration(maxHealthTTL) })
+	if h := b.Health(bg); h.Status != HealthActive {
+		t.Fatalf("health before: %+v", h)
+	}
+	shim.Set("C_EncryptInit=0x30*1")
+	if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Encrypt on a failing device: %v", err)
+	}
+	waitFor(t, settle, func() bool { return !b.tok.lib.down.Load() })
+	if h := b.Health(bg); h.Status != HealthDegraded || !strings.Contains(h.Reason, "reconnected") {
+		t.Fatalf("first health after the reconnection: %+v", h)
+	}
+}
