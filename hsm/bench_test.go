@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -211,5 +212,48 @@ func BenchmarkDecrypt(b *testing.B) {
 				})
 			})
 		}
+	}
+}
+
+// BenchmarkInvalidCiphertext is a Decrypt whose tag does not authenticate,
+// which SoftHSM2 answers CKR_GENERAL_ERROR: through the backend, which then
+// checks the token before it answers ErrInvalidCiphertext, and the bare
+// check alone (C_GetSessionInfo and C_GetTokenInfo).
+func BenchmarkInvalidCiphertext(b *testing.B) {
+	env := setupBench(b)
+	res, err := env.b.Encrypt(bg, "bench", make([]byte, 32), benchAAD)
+	if err != nil {
+		b.Fatal(err)
+	}
+	badTag := append([]byte{}, res.Tag...)
+	badTag[0] ^= 1
+	for _, g := range []int{1, 4} {
+		b.Run(fmt.Sprintf("check/g%d", g), func(b *testing.B) {
+			parallel(b, g, func() (func() error, func()) {
+				sh := env.session(b)
+				info, err := env.ctx.GetSessionInfo(sh)
+				if err != nil {
+					b.Fatal(err)
+				}
+				return func() error {
+					if _, err := env.ctx.GetSessionInfo(sh); err != nil {
+						return err
+					}
+					_, err := env.ctx.GetTokenInfo(info.SlotID)
+					return err
+				}, func() { _ = env.ctx.CloseSession(sh) }
+			})
+		})
+		b.Run(fmt.Sprintf("backend/32B/g%d", g), func(b *testing.B) {
+			parallel(b, g, func() (func() error, func()) {
+				return func() error {
+					_, err := env.b.Decrypt(bg, "bench", res.IV, res.Ciphertext, badTag, benchAAD)
+					if errors.Is(err, ErrInvalidCiphertext) {
+						return nil
+					}
+					return fmt.Errorf("decrypting a bad tag: %w", err)
+				}, nil
+			})
+		})
 	}
 }

@@ -43,7 +43,10 @@
 // TOKEN_NOT_PRESENT, CRYPTOKI_NOT_INITIALIZED, ...) drain the pool and start
 // a re-initialization with exponential backoff, at most one per interval;
 // meanwhile every call fails fast with ErrUnavailable, and a device error or
-// a reconnection makes the cached health result stale.
+// a reconnection makes the cached health result stale. A CKR_GENERAL_ERROR
+// or CKR_FUNCTION_FAILED from C_Decrypt is a bad tag (ErrInvalidCiphertext)
+// only if the token answers a cheap check right after; otherwise the
+// check's error is handled as above.
 //
 // Logins. A PIN the token refuses is never tried again by the package
 // (real HSMs lock the PIN, or zeroize the partition, after a few tries):

@@ -291,16 +291,77 @@ func TestDecryptVendorFailureIsInvalidCiphertext(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// nShield reports a bad tag as CKR_FUNCTION_FAILED; on decrypt that is
-	// the ciphertext's fault, not the session's, and is not retried.
-	before := shim.Calls("C_Decrypt")
-	shim.Set("C_Decrypt=0x6")
-	_, err = b.Decrypt(bg, "k1", res.IV, res.Ciphertext, res.Tag, nil)
-	if !errors.Is(err, ErrInvalidCiphertext) || !strings.Contains(err.Error(), "CKR_FUNCTION_FAILED") {
-		t.Fatalf("Decrypt: %v", err)
+	// nShield reports a bad tag as CKR_FUNCTION_FAILED, SoftHSM2 as
+	// CKR_GENERAL_ERROR; on decrypt, while the token answers otherwise, that
+	// is the ciphertext's fault, not the session's, and is not retried.
+	for _, tc := range []struct{ rule, ckr string }{
+		{"C_Decrypt=0x6", "CKR_FUNCTION_FAILED"},
+		{"C_Decrypt=0x5", "CKR_GENERAL_ERROR"},
+	} {
+		before, checks := shim.Calls("C_Decrypt"), shim.Calls("C_GetSessionInfo")
+		shim.Set(tc.rule)
+		_, err = b.Decrypt(bg, "k1", res.IV, res.Ciphertext, res.Tag, nil)
+		if !errors.Is(err, ErrInvalidCiphertext) || !strings.Contains(err.Error(), tc.ckr) {
+			t.Fatalf("%s: Decrypt: %v", tc.rule, err)
+		}
+		if n := shim.Calls("C_Decrypt") - before; n != 1 {
+			t.Fatalf("%s: C_Decrypt called %d times, want once", tc.rule, n)
+		}
+		if shim.Calls("C_GetSessionInfo") == checks {
+			t.Fatalf("%s: the token was not checked before the answer", tc.rule)
+		}
 	}
-	if n := shim.Calls("C_Decrypt") - before; n != 1 {
-		t.Fatalf("C_Decrypt called %d times, want once", n)
+}
+
+// TestDecryptFailureOfAFailingTokenIsADeviceError: C_Decrypt answers
+// CKR_GENERAL_ERROR or CKR_FUNCTION_FAILED, and the token fails the check
+// that follows. Then it is the HSM that fails, not the ciphertext: the error
+// of the check decides, as for any other call. A device error is
+// ErrUnavailable and reconnects the library; a dead session is retried on a
+// new one.
+func TestDecryptFailureOfAFailingTokenIsADeviceError(t *testing.T) {
+	tests := []struct {
+		name  string
+		rules []string
+		want  error  // nil: the retry decrypts
+		ckr   string // in the error
+	}{
+		{"general error, then the session check fails with a device error",
+			[]string{"C_Decrypt=0x5", "C_GetSessionInfo=0x30", "C_GetTokenInfo=0x30", "C_EncryptInit=0x30"}, ErrUnavailable, "CKR_DEVICE_ERROR"},
+		{"function failed, then the token is not present",
+			[]string{"C_Decrypt=0x6", "C_GetTokenInfo=0xE0"}, ErrUnavailable, "CKR_TOKEN_NOT_PRESENT"},
+		{"general error on a session that died: retried on a new one",
+			[]string{"C_Decrypt=0x5*1", "C_GetSessionInfo=0xB3*1"}, nil, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b, shim, _ := shimBackend(t, nil)
+			res, err := b.Encrypt(bg, "k1", []byte("hello"), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			inits, decrypts := shim.Calls("C_Initialize"), shim.Calls("C_DecryptInit")
+			shim.Set(tt.rules...)
+			pt, err := b.Decrypt(bg, "k1", res.IV, res.Ciphertext, res.Tag, nil)
+			if tt.want == nil {
+				if err != nil || string(pt) != "hello" {
+					t.Fatalf("Decrypt: %q %v", pt, err)
+				}
+				if n := shim.Calls("C_DecryptInit") - decrypts; n != 2 {
+					t.Fatalf("%d decryptions, want 2: the failure and its retry", n)
+				}
+				return
+			}
+			if !errors.Is(err, tt.want) || errors.Is(err, ErrInvalidCiphertext) || !strings.Contains(err.Error(), tt.ckr) {
+				t.Fatalf("Decrypt: %v, want %v with %s", err, tt.want, tt.ckr)
+			}
+			// The library reconnects once the token works again.
+			shim.Set()
+			waitFor(t, settle, func() bool { return shim.Calls("C_Initialize") > inits && !b.tok.lib.down.Load() })
+			if pt, err := b.Decrypt(bg, "k1", res.IV, res.Ciphertext, res.Tag, nil); err != nil || string(pt) != "hello" {
+				t.Fatalf("Decrypt after the reconnection: %q %v", pt, err)
+			}
+		})
 	}
 }
 
