@@ -191,6 +191,9 @@ type exchange struct {
 	elapsed  time.Duration
 	err      *xksError
 	response any
+	// healthReason says why a GetHealthStatus reports a backend that is
+	// not ACTIVE.
+	healthReason string
 }
 
 // ServeHTTP answers one XKS API call. Protocol errors are written here as
@@ -302,7 +305,7 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 	hsmStart := time.Now()
 	switch x.op {
 	case opHealth:
-		x.response = x.ks.health(ctx)
+		x.response, x.healthReason = x.ks.health(ctx)
 	case opMetadata:
 		x.response, err = x.ks.metadataOf(ctx, x.keyID)
 	case opEncrypt:
@@ -395,8 +398,11 @@ func (h *Handler) log(x *exchange) {
 	if x.rule != "" {
 		fields = append(fields, zap.String("authz_rule", x.rule))
 	}
-	if x.err != nil && x.err.cause != nil {
+	switch {
+	case x.err != nil && x.err.cause != nil:
 		fields = append(fields, zap.String("reason", x.err.cause.Error()))
+	case x.healthReason != "":
+		fields = append(fields, zap.String("reason", x.healthReason))
 	}
 	fields = append(fields, zap.Duration("hsm_time", x.hsmTime), zap.Duration("total_time", x.elapsed))
 	ce.Write(fields...)

@@ -403,15 +403,21 @@ func (ks *KeyStore) decrypt(ctx context.Context, keyID string, req *xksRequest) 
 }
 
 // health reports every backend of the key store. It is never an error: KMS
-// expects 200 with truthful statuses, UNAVAILABLE included.
-func (ks *KeyStore) health(ctx context.Context) xksapi.HealthResponse {
-	resp := xksapi.HealthResponse{
+// expects 200 with truthful statuses, UNAVAILABLE included. KMS's answer has
+// no room for why a backend is not ACTIVE, so that comes back separately,
+// for the audit line.
+func (ks *KeyStore) health(ctx context.Context) (resp xksapi.HealthResponse, reason string) {
+	resp = xksapi.HealthResponse{
 		XKSProxyFleetSize: ks.FleetSize,
 		XKSProxyVendor:    "caddy-xks",
 		XKSProxyModel:     proxyModel(),
 	}
+	var reasons []string
 	for _, b := range ks.backends {
 		h := b.Health(ctx)
+		if h.Status != hsm.HealthActive {
+			reasons = append(reasons, fmt.Sprintf("backend %s %s: %s", b.Name(), h.Status, h.Reason))
+		}
 		if resp.EKMVendor == "" {
 			resp.EKMVendor = h.Manufacturer
 		}
@@ -431,5 +437,5 @@ func (ks *KeyStore) health(ctx context.Context) xksapi.HealthResponse {
 	if resp.EKMVendor == "" {
 		resp.EKMVendor = "unknown"
 	}
-	return resp
+	return resp, strings.Join(reasons, "; ")
 }
