@@ -7,6 +7,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/aws/aws-sdk-go-v2/aws/arn"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 func TestGlob(t *testing.T) {
@@ -165,7 +167,7 @@ func evalString(t *testing.T, expr, s string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, _, err := prg.Eval(&activation{in: &Input{AWSPrincipalARN: s}})
+	out, _, err := prg.Eval(&activation{in: &Input{RequestMetadata: xksapi.RequestMetadata{AWSPrincipalARN: s}}})
 	if err != nil {
 		t.Fatalf("%s with principal %q: %v", expr, s, err)
 	}
@@ -181,7 +183,7 @@ func evalBool(t *testing.T, expr, s string) bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := p.Evaluate(&Input{AWSPrincipalARN: s})
+	d := p.Evaluate(&Input{RequestMetadata: xksapi.RequestMetadata{AWSPrincipalARN: s}})
 	if d.Rule == "t" && !d.Allowed {
 		t.Fatalf("%s with principal %q: %s", expr, s, d.Reason)
 	}

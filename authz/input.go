@@ -5,6 +5,8 @@ import (
 	"cel.dev/cel-go/common/types"
 	"cel.dev/cel-go/common/types/ref"
 	"cel.dev/cel-go/interpreter"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // Input is what a rule can see of one XKS request: where it went, who signed
@@ -21,48 +23,49 @@ type Input struct {
 	// AccessKeyID is the SigV4 access key id that signed the request.
 	AccessKeyID string
 
-	// The requestMetadata fields, named after their JSON keys.
-	AWSPrincipalARN string
-	KMSOperation    string
-	KMSKeyARN       string
-	KMSViaService   string
-	AWSSourceVPC    string
-	AWSSourceVPCE   string
-	KMSRequestID    string
+	// RequestMetadata is the request's requestMetadata as KMS sent it.
+	xksapi.RequestMetadata
 }
 
-// Indexes of the CEL variables in activation.values.
-const (
-	varOperation = iota
-	varKeyStore
-	varKeyID
-	varAccessKeyID
-	varPrincipal
-	varKMSOperation
-	varKeyARN
-	varViaService
-	varSourceVPC
-	varSourceVPCE
-	varRequestID
-	varMetadata
-	varCount
-)
+// variables are the names a rule may use, each with its value for an Input.
+// A variable's index in this list is its index in activation.values.
+var variables = [...]struct {
+	name  string
+	typ   *cel.Type
+	value func(*Input) ref.Val
+}{
+	{"operation", cel.StringType, func(in *Input) ref.Val { return types.String(in.Operation) }},
+	{"key_store", cel.StringType, func(in *Input) ref.Val { return types.String(in.KeyStore) }},
+	{"key_id", cel.StringType, func(in *Input) ref.Val { return types.String(in.ExternalKeyID) }},
+	{"access_key_id", cel.StringType, func(in *Input) ref.Val { return types.String(in.AccessKeyID) }},
+	{"principal", cel.StringType, func(in *Input) ref.Val { return types.String(in.AWSPrincipalARN) }},
+	{"kms_operation", cel.StringType, func(in *Input) ref.Val { return types.String(in.KMSOperation) }},
+	{"key_arn", cel.StringType, func(in *Input) ref.Val { return types.String(in.KMSKeyARN) }},
+	{"via_service", cel.StringType, func(in *Input) ref.Val { return types.String(in.KMSViaService) }},
+	{"source_vpc", cel.StringType, func(in *Input) ref.Val { return types.String(in.AWSSourceVPC) }},
+	{"source_vpce", cel.StringType, func(in *Input) ref.Val { return types.String(in.AWSSourceVPCE) }},
+	{"request_id", cel.StringType, func(in *Input) ref.Val { return types.String(in.KMSRequestID) }},
+	{"metadata", cel.MapType(cel.StringType, cel.StringType), metadataMap},
+}
 
-// variables declares every name a rule may use. Each must have a case in
-// activation.ResolveName.
-var variables = []cel.EnvOption{
-	cel.Variable("operation", cel.StringType),
-	cel.Variable("key_store", cel.StringType),
-	cel.Variable("key_id", cel.StringType),
-	cel.Variable("access_key_id", cel.StringType),
-	cel.Variable("principal", cel.StringType),
-	cel.Variable("kms_operation", cel.StringType),
-	cel.Variable("key_arn", cel.StringType),
-	cel.Variable("via_service", cel.StringType),
-	cel.Variable("source_vpc", cel.StringType),
-	cel.Variable("source_vpce", cel.StringType),
-	cel.Variable("request_id", cel.StringType),
-	cel.Variable("metadata", cel.MapType(cel.StringType, cel.StringType)),
+// variableIndex finds a variable by name, or returns -1. A scan of a dozen
+// names is faster than a map: most differ in length or first byte.
+func variableIndex(name string) int {
+	for i := range variables {
+		if variables[i].name == name {
+			return i
+		}
+	}
+	return -1
+}
+
+// declarations declares every variable to the CEL environment.
+func declarations() []cel.EnvOption {
+	opts := make([]cel.EnvOption, 0, len(variables))
+	for _, v := range variables {
+		opts = append(opts, cel.Variable(v.name, v.typ))
+	}
+	return opts
 }
 
 // activation hands the fields of one Input to the rules of a policy. It is
@@ -71,19 +74,17 @@ var variables = []cel.EnvOption{
 // and no conversion of fields that no rule looks at.
 type activation struct {
 	in     *Input
-	values [varCount]ref.Val
+	values [len(variables)]ref.Val
 }
-
-var _ interpreter.Activation = (*activation)(nil)
 
 // ResolveName implements interpreter.Activation.
 func (a *activation) ResolveName(name string) (any, bool) {
-	i := varIndex(name)
+	i := variableIndex(name)
 	if i < 0 {
 		return nil, false
 	}
 	if a.values[i] == nil {
-		a.values[i] = a.value(i)
+		a.values[i] = variables[i].value(a.in)
 	}
 	return a.values[i], true
 }
@@ -91,83 +92,19 @@ func (a *activation) ResolveName(name string) (any, bool) {
 // Parent implements interpreter.Activation.
 func (a *activation) Parent() interpreter.Activation { return nil }
 
-func varIndex(name string) int {
-	switch name {
-	case "operation":
-		return varOperation
-	case "key_store":
-		return varKeyStore
-	case "key_id":
-		return varKeyID
-	case "access_key_id":
-		return varAccessKeyID
-	case "principal":
-		return varPrincipal
-	case "kms_operation":
-		return varKMSOperation
-	case "key_arn":
-		return varKeyARN
-	case "via_service":
-		return varViaService
-	case "source_vpc":
-		return varSourceVPC
-	case "source_vpce":
-		return varSourceVPCE
-	case "request_id":
-		return varRequestID
-	case "metadata":
-		return varMetadata
-	}
-	return -1
-}
-
-func (a *activation) value(i int) ref.Val {
-	in := a.in
-	switch i {
-	case varOperation:
-		return types.String(in.Operation)
-	case varKeyStore:
-		return types.String(in.KeyStore)
-	case varKeyID:
-		return types.String(in.ExternalKeyID)
-	case varAccessKeyID:
-		return types.String(in.AccessKeyID)
-	case varPrincipal:
-		return types.String(in.AWSPrincipalARN)
-	case varKMSOperation:
-		return types.String(in.KMSOperation)
-	case varKeyARN:
-		return types.String(in.KMSKeyARN)
-	case varViaService:
-		return types.String(in.KMSViaService)
-	case varSourceVPC:
-		return types.String(in.AWSSourceVPC)
-	case varSourceVPCE:
-		return types.String(in.AWSSourceVPCE)
-	case varRequestID:
-		return types.String(in.KMSRequestID)
-	default: // varMetadata
-		return metadataMap(in)
-	}
-}
-
 // metadataMap is the requestMetadata under the keys KMS uses. Empty fields,
 // which are the fields the request did not carry, are left out, so that
 // has(metadata.kmsViaService) asks whether KMS sent the field.
 func metadataMap(in *Input) ref.Val {
-	m := make(map[string]string, 7)
-	for _, f := range [...]struct{ key, value string }{
-		{"awsPrincipalArn", in.AWSPrincipalARN},
-		{"kmsOperation", in.KMSOperation},
-		{"kmsKeyArn", in.KMSKeyARN},
-		{"kmsViaService", in.KMSViaService},
-		{"awsSourceVpc", in.AWSSourceVPC},
-		{"awsSourceVpce", in.AWSSourceVPCE},
-		{"kmsRequestId", in.KMSRequestID},
-	} {
-		if f.value != "" {
-			m[f.key] = f.value
+	fields := in.RequestMetadata.Fields()
+	m := make(map[string]string, len(fields))
+	for _, f := range fields {
+		if f.Value != "" {
+			m[f.Key] = f.Value
 		}
 	}
 	return types.NewStringStringMap(types.DefaultTypeAdapter, m)
 }
+
+// Interface guards
+var _ interpreter.Activation = (*activation)(nil)

@@ -63,7 +63,7 @@ type rule struct {
 // env holds the declarations every policy is compiled against. Building it
 // is costly and it is safe for concurrent use, so all policies share one.
 var env = sync.OnceValues(func() (*cel.Env, error) {
-	return cel.NewEnv(append(variables, helperFunctions()...)...)
+	return cel.NewEnv(append(declarations(), helperFunctions()...)...)
 })
 
 // Compile checks and compiles rules, in the order given, into a Policy. Every

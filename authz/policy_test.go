@@ -5,19 +5,23 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // Requests as KMS sends them, trimmed to what the rules below look at.
 var (
 	encryptByApp = Input{
-		Operation:       "Encrypt",
-		KeyStore:        "/kms/xks/v1",
-		ExternalKeyID:   "hsm-key-1",
-		AccessKeyID:     "EXAMPLEAPPKEYID23456",
-		AWSPrincipalARN: "arn:aws:iam::111122223333:role/app",
-		KMSOperation:    "GenerateDataKey",
-		KMSKeyARN:       "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
-		KMSRequestID:    "4112f4d6-db54-4af4-ae30-c55a22a8dfae",
+		Operation:     "Encrypt",
+		KeyStore:      "/kms/xks/v1",
+		ExternalKeyID: "hsm-key-1",
+		AccessKeyID:   "EXAMPLEAPPKEYID23456",
+		RequestMetadata: xksapi.RequestMetadata{
+			AWSPrincipalARN: "arn:aws:iam::111122223333:role/app",
+			KMSOperation:    "GenerateDataKey",
+			KMSKeyARN:       "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+			KMSRequestID:    "4112f4d6-db54-4af4-ae30-c55a22a8dfae",
+		},
 	}
 	encryptViaEBS = with(encryptByApp, func(in *Input) { in.KMSViaService = "ebs" })
 	decryptByApp  = with(encryptByApp, func(in *Input) { in.Operation, in.KMSOperation = "Decrypt", "Decrypt" })

@@ -298,19 +298,12 @@ func (ks *KeyStore) admit() (release func(), xerr *xksError) {
 
 // authorize runs the secondary authorization policy.
 func (ks *KeyStore) authorize(x *exchange) authz.Decision {
-	m := x.meta
 	return ks.policy.Evaluate(&authz.Input{
 		Operation:       x.op.String(),
 		KeyStore:        ks.URIPath,
 		ExternalKeyID:   x.keyID,
 		AccessKeyID:     x.akid,
-		AWSPrincipalARN: m.AWSPrincipalARN,
-		KMSOperation:    m.KMSOperation,
-		KMSKeyARN:       m.KMSKeyARN,
-		KMSViaService:   m.KMSViaService,
-		AWSSourceVPC:    m.AWSSourceVPC,
-		AWSSourceVPCE:   m.AWSSourceVPCE,
-		KMSRequestID:    m.KMSRequestID,
+		RequestMetadata: *x.meta,
 	})
 }
 
