@@ -170,12 +170,15 @@ func (f *fixture) remember(body []byte) {
 // load (re)loads the proxy's config with the fixture's current credentials;
 // fleetSize is reported in health, and changing it makes a reload real.
 //
-// The client's idle connections are dropped afterwards, so that the test's
-// next request opens one to the new server: a connection left idle across a
-// reload can be closed by the old server just as a request is written on
-// it (see TestReloadUnderLoad, which reloads without this).
+// The client's idle connections are dropped before and after, so that the
+// readiness probe and the test's next request open connections to the new
+// server: an HTTP/2 connection left open across a reload goes on being
+// served by the old config for a while, and can be closed by the old server
+// just as a request is written on it (see TestReloadUnderLoad, which
+// reloads without this).
 func (f *fixture) load(fleetSize int) {
 	f.t.Helper()
+	f.proxy.Client.CloseIdleConnections()
 	f.reload(fleetSize)
 	f.proxy.Client.CloseIdleConnections()
 }

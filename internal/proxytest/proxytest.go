@@ -290,6 +290,9 @@ func (p *Proxy) waitReady() {
 		if time.Now().After(deadline) {
 			p.t.Fatalf("the new config does not answer after %s: %v", readyTimeout, err)
 		}
+		// An idle connection may lead to the old config's server, which
+		// serves what is already open until it closes: ask on a new one.
+		p.Client.CloseIdleConnections()
 		time.Sleep(20 * time.Millisecond)
 	}
 }
