@@ -71,7 +71,7 @@ func verifyingServer(v *Verifier) http.Handler {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
-		id, err := v.VerifyHTTP(r, body)
+		id, err := v.VerifyHTTP(r, RawPath(r), body)
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusUnauthorized)
 			return
@@ -291,7 +291,7 @@ func TestVerifyHTTPTakesPathFromRequestTarget(t *testing.T) {
 			r := httptest.NewRequest(view.method, target, bytes.NewReader(view.body))
 			r.Host = view.host
 			r.Header = view.header
-			if _, err := v.VerifyHTTP(r, view.body); err != nil {
+			if _, err := v.VerifyHTTP(r, RawPath(r), view.body); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -302,7 +302,7 @@ func TestVerifyHTTPTakesPathFromRequestTarget(t *testing.T) {
 			t.Fatal(err)
 		}
 		r.Header = view.header
-		if _, err := v.VerifyHTTP(r, view.body); err != nil {
+		if _, err := v.VerifyHTTP(r, RawPath(r), view.body); err != nil {
 			t.Fatal(err)
 		}
 	})
@@ -310,7 +310,7 @@ func TestVerifyHTTPTakesPathFromRequestTarget(t *testing.T) {
 		r := httptest.NewRequest(view.method, strings.Replace(view.path, "encrypt", "decrypt", 1), nil)
 		r.Host = view.host
 		r.Header = view.header
-		if _, err := v.VerifyHTTP(r, view.body); reasonOf(err) != ReasonSignatureMismatch {
+		if _, err := v.VerifyHTTP(r, RawPath(r), view.body); reasonOf(err) != ReasonSignatureMismatch {
 			t.Fatalf("err = %v, want %s", err, ReasonSignatureMismatch)
 		}
 	})

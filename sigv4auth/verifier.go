@@ -363,29 +363,34 @@ func describeUnknownAccessKeyID(id string) string {
 	return fmt.Sprintf("the request's access key id (%d characters) is not a valid access key id", len(id))
 }
 
-// VerifyHTTP verifies a request received by a net/http server. It takes the
-// path and query from the raw request target (r.RequestURI), so that the
-// path is checked exactly as the client signed it, and the host from
-// r.Host. body is the complete request body, already read by the caller.
-// The request must be the one received, before any rewrite.
-func (v *Verifier) VerifyHTTP(r *http.Request, body []byte) (accessKeyID string, err error) {
-	var rawPath, rawQuery string
+// RawPath is the path of r's request target exactly as it was on the
+// request line, before '?': nothing is cleaned or decoded. It is the path a
+// SigV4 signer signed, and a server that routes on the path must route on
+// this one and hand the same string to VerifyHTTP, so that the route and the
+// signature cannot see two different paths. For an absolute-form target
+// (RFC 9112 section 3.2.2), and for a request built in-process rather than
+// read from the wire, it is r.URL's escaped path.
+func RawPath(r *http.Request) string {
+	target := r.RequestURI
+	if !strings.HasPrefix(target, "/") { // absolute-form or empty
+		return r.URL.EscapedPath()
+	}
+	path, _, _ := strings.Cut(target, "?")
+	return path
+}
+
+// VerifyHTTP verifies a request received by a net/http server. rawPath is
+// RawPath(r), as the server routed on it. The query comes from the raw
+// request target too (r.RequestURI), and the host from r.Host. body is the
+// complete request body, already read by the caller. The request must be
+// the one received, before any rewrite.
+func (v *Verifier) VerifyHTTP(r *http.Request, rawPath string, body []byte) (accessKeyID string, err error) {
+	var rawQuery string
 	if r.RequestURI != "" {
-		target := r.RequestURI
-		// An absolute-form target (RFC 9112 section 3.2.2) carries the
-		// scheme and authority before the path.
-		if i := strings.Index(target, "://"); i > 0 && !strings.HasPrefix(target, "/") {
-			target = target[i+len("://"):]
-			if j := strings.IndexAny(target, "/?"); j >= 0 {
-				target = target[j:]
-			} else {
-				target = ""
-			}
-		}
-		rawPath, rawQuery, _ = strings.Cut(target, "?")
+		_, rawQuery, _ = strings.Cut(r.RequestURI, "?")
 	} else {
 		// A request built in-process rather than read from the wire.
-		rawPath, rawQuery = r.URL.EscapedPath(), r.URL.RawQuery
+		rawQuery = r.URL.RawQuery
 	}
 	host := r.Host
 	if host == "" && r.URL != nil {

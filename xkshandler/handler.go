@@ -134,8 +134,8 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
-// route splits a raw request path into its key store, operation and
-// external key id. Routing is on the path exactly as received: nothing is
+// route splits a raw request path (sigv4auth.RawPath) into its key store,
+// operation and external key id. Routing is on the path exactly as received: nothing is
 // cleaned or decoded, so what is routed is what was signed.
 func (h *Handler) route(path string) (ks *KeyStore, op operation, keyID string, ok bool) {
 	marker := APIPathSuffix + "/"
@@ -168,16 +168,6 @@ func (h *Handler) route(path string) (ks *KeyStore, op operation, keyID string, 
 	return ks, op, id, true
 }
 
-// rawPath is the path of the request target as it was on the request line.
-func rawPath(r *http.Request) string {
-	target := r.RequestURI
-	if !strings.HasPrefix(target, "/") { // absolute-form or empty
-		return r.URL.EscapedPath()
-	}
-	path, _, _ := strings.Cut(target, "?")
-	return path
-}
-
 // exchange is the state of one XKS call, for the response and the audit log.
 type exchange struct {
 	start    time.Time
@@ -204,7 +194,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if r.TLS != nil {
 		h.preflight.Watch(r.TLS.ServerName)
 	}
-	path := rawPath(r)
+	path := sigv4auth.RawPath(r)
 	if h.ReadyPath != "" && path == h.ReadyPath {
 		h.ready(w, r)
 		return nil
@@ -261,7 +251,7 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 	// A configured access key id is logged even when verification fails:
 	// it says which credential a failing client claims to hold.
 	var err error
-	x.akid, err = x.ks.verifier.VerifyHTTP(r, body)
+	x.akid, err = x.ks.verifier.VerifyHTTP(r, path, body)
 	if err != nil {
 		x.err = &xksError{name: AuthenticationFailedException, message: "the request signature could not be verified", cause: err}
 		if verr, ok := errors.AsType[*sigv4auth.Error](err); ok {
