@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"strings"
 
 	"github.com/caddy-xks/caddy-xks/hsm"
 )
@@ -100,18 +99,4 @@ func fromHSM(err error) *xksError {
 	}
 	e.cause = err
 	return e
-}
-
-// wireMessage makes a message fit the spec's rules for errorMessage: printable
-// ASCII only and fewer than 512 characters.
-func wireMessage(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s) && b.Len() < 511; i++ {
-		c := s[i]
-		if c < 0x20 || c > 0x7e {
-			c = '?'
-		}
-		b.WriteByte(c)
-	}
-	return b.String()
 }

@@ -40,8 +40,9 @@ func parseFraming(name string) (aadFraming, error) {
 }
 
 // hsmAAD frames aad and metadata for the HSM. Callers have checked
-// len(aad) ≤ 65535 and len(metadata) ≤ 20; the explicit lengths stop an AAD
-// from being passed off as metadata or the other way round.
+// len(aad) ≤ xksapi.MaxAADLen and len(metadata) ≤
+// xksapi.MaxCiphertextMetadataLen; the explicit lengths stop an AAD from
+// being passed off as metadata or the other way round.
 func (f aadFraming) hsmAAD(aad, metadata []byte) []byte {
 	body := aad
 	if f == framingAWSSample && len(aad) > 0 {

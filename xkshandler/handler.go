@@ -170,17 +170,17 @@ func (h *Handler) route(path string) (ks *KeyStore, op operation, keyID string, 
 
 // exchange is the state of one XKS call, for the response and the audit log.
 type exchange struct {
-	start    time.Time
-	ks       *KeyStore
-	op       operation
-	keyID    string
-	akid     string
-	meta     *requestMetadata
-	rule     string // the authorization rule that decided, if any
-	hsmTime  time.Duration
-	elapsed  time.Duration
-	err      *xksError
-	response any
+	start           time.Time
+	ks              *KeyStore
+	op              operation
+	keyID           string
+	akid            string
+	requestMetadata *xksapi.RequestMetadata
+	rule            string // the authorization rule that decided, if any
+	hsmTime         time.Duration
+	elapsed         time.Duration
+	err             *xksError
+	response        any
 	// healthReason says why a GetHealthStatus reports a backend that is
 	// not ACTIVE.
 	healthReason string
@@ -264,7 +264,7 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 		x.err = xerr
 		return
 	}
-	x.meta = &req.meta
+	x.requestMetadata = &req.requestMetadata
 	if x.op != opHealth && !x.ks.allows(x.keyID) {
 		x.err = newError(KeyNotFoundException, "the external key is not configured for this key store")
 		return
@@ -297,7 +297,7 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 	case opHealth:
 		x.response, x.healthReason = x.ks.health(ctx)
 	case opMetadata:
-		x.response, err = x.ks.metadataOf(ctx, x.keyID)
+		x.response, err = x.ks.keyMetadata(ctx, x.keyID)
 	case opEncrypt:
 		x.response, err = x.ks.encrypt(ctx, x.keyID, req)
 	case opDecrypt:
@@ -329,7 +329,7 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
 	payload := x.response
 	if x.err != nil {
 		status = x.err.httpStatus()
-		payload = xksapi.ErrorBody{ErrorName: x.err.name, ErrorMessage: wireMessage(x.err.message)}
+		payload = xksapi.ErrorBody{ErrorName: x.err.name, ErrorMessage: xksapi.ErrorMessage(x.err.message)}
 		if status == http.StatusMethodNotAllowed {
 			w.Header().Set("Allow", http.MethodPost)
 		}
@@ -347,6 +347,25 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
 	w.WriteHeader(status)
 	_, _ = w.Write(out)
 }
+
+// auditKeys are the audit line's names of the requestMetadata fields, in
+// the order of RequestMetadata.Fields: their JSON keys in snake case
+// (kmsRequestId is kms_request_id).
+var auditKeys = func() []string {
+	var keys []string
+	for _, f := range (&xksapi.RequestMetadata{}).Fields() {
+		var b strings.Builder
+		for _, c := range f.Key {
+			if 'A' <= c && c <= 'Z' {
+				b.WriteByte('_')
+				c += 'a' - 'A'
+			}
+			b.WriteRune(c)
+		}
+		keys = append(keys, b.String())
+	}
+	return keys
+}()
 
 // log writes the audit line of a call. It names who asked for what and how
 // it ended; it never carries plaintext, AAD, secrets or signatures.
@@ -374,16 +393,10 @@ func (h *Handler) log(x *exchange) {
 	if x.akid != "" {
 		fields = append(fields, zap.String("access_key_id", x.akid))
 	}
-	if m := x.meta; m != nil {
-		fields = append(fields,
-			zap.String("kms_request_id", m.KMSRequestID),
-			zap.String("kms_operation", m.KMSOperation),
-			zap.String("aws_principal_arn", m.AWSPrincipalARN),
-			zap.String("kms_key_arn", m.KMSKeyARN),
-			zap.String("kms_via_service", m.KMSViaService),
-			zap.String("aws_source_vpc", m.AWSSourceVPC),
-			zap.String("aws_source_vpce", m.AWSSourceVPCE),
-		)
+	if m := x.requestMetadata; m != nil {
+		for i, f := range m.Fields() {
+			fields = append(fields, zap.String(auditKeys[i], f.Value))
+		}
 	}
 	if x.rule != "" {
 		fields = append(fields, zap.String("authz_rule", x.rule))

@@ -133,8 +133,10 @@ type KeyStore struct {
 	policy   *authz.Policy
 	limiter  *rate.Limiter // nil: no quota
 	slots    chan struct{} // nil: no bound on concurrent HSM work
-	metadata []byte
 	framing  aadFraming
+	// ciphertextMetadata is CiphertextMetadata decoded: what Encrypt
+	// returns and binds into the AAD.
+	ciphertextMetadata []byte
 }
 
 // Credential is one SigV4 access key id and secret access key.
@@ -247,10 +249,10 @@ func (ks *KeyStore) provision(app *hsm.App) error {
 		if err != nil {
 			return fmt.Errorf("key store %s: ciphertext_metadata is not valid Base64: %w", ks.URIPath, err)
 		}
-		if len(md) > maxCiphertextMetadataLen {
-			return fmt.Errorf("key store %s: ciphertext_metadata is %d bytes, at most %d are allowed", ks.URIPath, len(md), maxCiphertextMetadataLen)
+		if len(md) > xksapi.MaxCiphertextMetadataLen {
+			return fmt.Errorf("key store %s: ciphertext_metadata is %d bytes, at most %d are allowed", ks.URIPath, len(md), xksapi.MaxCiphertextMetadataLen)
 		}
-		ks.metadata = md
+		ks.ciphertextMetadata = md
 	}
 	ks.framing, _ = parseFraming(ks.AADFraming)
 	if ks.FleetSize == 0 {
@@ -303,7 +305,7 @@ func (ks *KeyStore) authorize(x *exchange) authz.Decision {
 		KeyStore:        ks.URIPath,
 		ExternalKeyID:   x.keyID,
 		AccessKeyID:     x.akid,
-		RequestMetadata: *x.meta,
+		RequestMetadata: *x.requestMetadata,
 	})
 }
 
@@ -323,7 +325,8 @@ func (ks *KeyStore) withBackend(fn func(*hsm.Backend) error) error {
 	return err
 }
 
-func (ks *KeyStore) metadataOf(ctx context.Context, keyID string) (any, error) {
+// keyMetadata answers GetKeyMetadata: the key's spec, usage and status.
+func (ks *KeyStore) keyMetadata(ctx context.Context, keyID string) (any, error) {
 	var md hsm.KeyMetadata
 	err := ks.withBackend(func(b *hsm.Backend) (err error) {
 		md, err = b.Metadata(ctx, keyID)
@@ -339,21 +342,24 @@ func (ks *KeyStore) metadataOf(ctx context.Context, keyID string) (any, error) {
 	return xksapi.MetadataResponse{KeySpec: md.KeySpec, KeyUsage: md.KeyUsage, KeyStatus: status}, nil
 }
 
+// encrypt answers Encrypt: AES-GCM in the HSM over the framed AAD, the
+// key store's ciphertextMetadata with the ciphertext and, if asked for, the
+// CDIV of what was proved decryptable.
 func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
-	aad := ks.framing.hsmAAD(req.aad, ks.metadata)
+	aad := ks.framing.hsmAAD(req.aad, ks.ciphertextMetadata)
 	var resp xksapi.EncryptResponse
 	err := ks.withBackend(func(b *hsm.Backend) error {
 		res, err := b.Encrypt(ctx, keyID, req.plaintext, aad)
 		if err != nil {
 			return err
 		}
-		if len(res.Ciphertext) != len(req.plaintext) || len(res.Tag) != tagLen || (len(res.IV) != 12 && len(res.IV) != 16) {
+		if len(res.Ciphertext) != len(req.plaintext) || len(res.Tag) != xksapi.TagLen || !xksapi.ValidIVLen(len(res.IV)) {
 			return fmt.Errorf("%w: HSM returned %d bytes of ciphertext for %d of plaintext, a %d-byte tag and a %d-byte IV",
 				hsm.ErrInternal, len(res.Ciphertext), len(req.plaintext), len(res.Tag), len(res.IV))
 		}
 		resp = xksapi.EncryptResponse{
 			Ciphertext:           res.Ciphertext,
-			CiphertextMetadata:   ks.metadata,
+			CiphertextMetadata:   ks.ciphertextMetadata,
 			InitializationVector: res.IV,
 			AuthenticationTag:    res.Tag,
 		}
@@ -363,7 +369,7 @@ func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) 
 		// Appendix C: compute the CDIV over the bytes about to be returned
 		// first, then prove them decryptable, so a corruption after the
 		// check cannot hide behind a matching CDIV.
-		resp.CiphertextDataIntegrityValue = cdiv(req.aad, ks.metadata, res.IV, res.Ciphertext, res.Tag)
+		resp.CiphertextDataIntegrityValue = cdiv(req.aad, ks.ciphertextMetadata, res.IV, res.Ciphertext, res.Tag)
 		pt, err := b.Decrypt(ctx, keyID, res.IV, res.Ciphertext, res.Tag, aad)
 		if err != nil {
 			if errors.Is(err, hsm.ErrKeyUsage) {
@@ -382,8 +388,10 @@ func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) 
 	return resp, nil
 }
 
+// decrypt answers Decrypt, over the AAD framed with the ciphertextMetadata
+// the request carries.
 func (ks *KeyStore) decrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
-	aad := ks.framing.hsmAAD(req.aad, req.metadata)
+	aad := ks.framing.hsmAAD(req.aad, req.ciphertextMetadata)
 	var pt []byte
 	err := ks.withBackend(func(b *hsm.Backend) (err error) {
 		pt, err = b.Decrypt(ctx, keyID, req.iv, req.ciphertext, req.tag, aad)

@@ -36,48 +36,37 @@ func (op operation) String() string {
 	return "unknown"
 }
 
-// Field limits from the XKS spec. The spec gives minimums the proxy must
-// support (4300-byte plaintext, 8192-byte AAD); the framing of the AAD given
-// to the HSM carries the AAD length in two bytes, which is the real ceiling.
-const (
-	maxAADLen                = 1<<16 - 1
-	maxCiphertextMetadataLen = 20
-	tagLen                   = 16
-)
-
-// requestMetadata is validated only for the presence of the required
-// fields; their content is opaque (kmsRequestId in particular MUST NOT be
-// validated) and feeds logging and authorization.
-type requestMetadata = xksapi.RequestMetadata
-
 // requestBody is the union of the four request shapes. Fields that do not
 // belong to an operation are ignored like any other unknown field, as the
 // spec requires. Pointers tell a missing field from an empty one. decodeBody
-// matches names against the json tags, here and in requestMetadata.
+// matches names against the json tags, here and in xksapi.RequestMetadata.
 type requestBody struct {
-	RequestMetadata                       *requestMetadata `json:"requestMetadata"`
-	Plaintext                             *string          `json:"plaintext"`
-	Ciphertext                            *string          `json:"ciphertext"`
-	EncryptionAlgorithm                   *string          `json:"encryptionAlgorithm"`
-	AdditionalAuthenticatedData           *string          `json:"additionalAuthenticatedData"`
-	CiphertextDataIntegrityValueAlgorithm *string          `json:"ciphertextDataIntegrityValueAlgorithm"`
-	CiphertextMetadata                    *string          `json:"ciphertextMetadata"`
-	InitializationVector                  *string          `json:"initializationVector"`
-	AuthenticationTag                     *string          `json:"authenticationTag"`
+	RequestMetadata                       *xksapi.RequestMetadata `json:"requestMetadata"`
+	Plaintext                             *string                 `json:"plaintext"`
+	Ciphertext                            *string                 `json:"ciphertext"`
+	EncryptionAlgorithm                   *string                 `json:"encryptionAlgorithm"`
+	AdditionalAuthenticatedData           *string                 `json:"additionalAuthenticatedData"`
+	CiphertextDataIntegrityValueAlgorithm *string                 `json:"ciphertextDataIntegrityValueAlgorithm"`
+	CiphertextMetadata                    *string                 `json:"ciphertextMetadata"`
+	InitializationVector                  *string                 `json:"initializationVector"`
+	AuthenticationTag                     *string                 `json:"authenticationTag"`
 }
 
 // xksRequest is a decoded and validated request: binary fields are decoded
 // from Base64 and checked against the spec's limits.
 type xksRequest struct {
-	meta requestMetadata
+	// requestMetadata is validated only for the presence of the required
+	// fields; their content is opaque (kmsRequestId in particular MUST NOT
+	// be validated) and feeds logging and authorization.
+	requestMetadata xksapi.RequestMetadata
 
-	plaintext  []byte // Encrypt
-	ciphertext []byte // Decrypt
-	aad        []byte // Encrypt, Decrypt; nil when absent
-	iv         []byte // Decrypt
-	tag        []byte // Decrypt
-	metadata   []byte // Decrypt: ciphertextMetadata as received
-	wantCDIV   bool   // Encrypt
+	plaintext          []byte // Encrypt
+	ciphertext         []byte // Decrypt
+	aad                []byte // Encrypt, Decrypt; nil when absent
+	iv                 []byte // Decrypt
+	tag                []byte // Decrypt
+	ciphertextMetadata []byte // Decrypt, as received
+	wantCDIV           bool   // Encrypt
 }
 
 // decodeRequest parses and validates the body of op. Every failure is a
@@ -91,8 +80,8 @@ func decodeRequest(op operation, body []byte) (*xksRequest, *xksError) {
 	if b.RequestMetadata == nil {
 		return nil, validationError("requestMetadata is required")
 	}
-	req := &xksRequest{meta: *b.RequestMetadata}
-	m := &req.meta
+	req := &xksRequest{requestMetadata: *b.RequestMetadata}
+	m := &req.requestMetadata
 	switch {
 	case m.KMSRequestID == "":
 		return nil, validationError("requestMetadata.kmsRequestId is required")
@@ -136,21 +125,21 @@ func decodeRequest(op operation, body []byte) (*xksRequest, *xksError) {
 		if req.iv, xerr = requiredBase64("initializationVector", b.InitializationVector); xerr != nil {
 			return nil, xerr
 		}
-		if n := len(req.iv); n != 12 && n != 16 {
-			return nil, validationError(fmt.Sprintf("initializationVector must be 12 or 16 bytes, got %d", n))
+		if n := len(req.iv); !xksapi.ValidIVLen(n) {
+			return nil, validationError(fmt.Sprintf("initializationVector must be %d or %d bytes, got %d", xksapi.IVLen, xksapi.LongIVLen, n))
 		}
 		if req.tag, xerr = requiredBase64("authenticationTag", b.AuthenticationTag); xerr != nil {
 			return nil, xerr
 		}
-		if n := len(req.tag); n != tagLen {
-			return nil, validationError(fmt.Sprintf("authenticationTag must be 16 bytes, got %d", n))
+		if n := len(req.tag); n != xksapi.TagLen {
+			return nil, validationError(fmt.Sprintf("authenticationTag must be %d bytes, got %d", xksapi.TagLen, n))
 		}
 		if b.CiphertextMetadata != nil {
-			if req.metadata, xerr = decodeBase64("ciphertextMetadata", *b.CiphertextMetadata); xerr != nil {
+			if req.ciphertextMetadata, xerr = decodeBase64("ciphertextMetadata", *b.CiphertextMetadata); xerr != nil {
 				return nil, xerr
 			}
-			if n := len(req.metadata); n > maxCiphertextMetadataLen {
-				return nil, validationError(fmt.Sprintf("ciphertextMetadata must be at most 20 bytes, got %d", n))
+			if n := len(req.ciphertextMetadata); n > xksapi.MaxCiphertextMetadataLen {
+				return nil, validationError(fmt.Sprintf("ciphertextMetadata must be at most %d bytes, got %d", xksapi.MaxCiphertextMetadataLen, n))
 			}
 		}
 	}
@@ -295,8 +284,8 @@ func optionalAAD(s *string) ([]byte, *xksError) {
 	if xerr != nil {
 		return nil, xerr
 	}
-	if len(aad) > maxAADLen {
-		return nil, newError(UnsupportedOperationException, fmt.Sprintf("additionalAuthenticatedData longer than %d bytes is not supported", maxAADLen))
+	if len(aad) > xksapi.MaxAADLen {
+		return nil, newError(UnsupportedOperationException, fmt.Sprintf("additionalAuthenticatedData longer than %d bytes is not supported", xksapi.MaxAADLen))
 	}
 	return aad, nil
 }

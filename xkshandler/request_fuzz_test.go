@@ -7,6 +7,8 @@ import (
 	"io"
 	"reflect"
 	"testing"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // FuzzDecodeStrict: decodeBody accepts exactly the bodies that
@@ -102,7 +104,7 @@ func referenceBody(body []byte) (*requestBody, bool) {
 	switch m := top["requestMetadata"].(type) {
 	case nil:
 	case map[string]any:
-		b.RequestMetadata = &requestMetadata{}
+		b.RequestMetadata = &xksapi.RequestMetadata{}
 		meta := b.RequestMetadata
 		for name, field := range map[string]*string{
 			"awsPrincipalArn": &meta.AWSPrincipalARN,

@@ -123,8 +123,8 @@ func TestDecodeRequestAccepts(t *testing.T) {
 			}},
 		{"a requestMetadata name in another case is an unknown field, ignored", opEncrypt, `{"requestMetadata":{"awsPrincipalArn":"a","kmsKeyArn":"k","KMSKEYARN":"other","kmsOperation":"Encrypt","kmsRequestId":"r-1"},"plaintext":"` + b64Hello + `",` + gcm + `}`,
 			func(t *testing.T, r *xksRequest) {
-				if r.meta.KMSKeyARN != "k" {
-					t.Errorf("kmsKeyArn %q", r.meta.KMSKeyARN)
+				if r.requestMetadata.KMSKeyARN != "k" {
+					t.Errorf("kmsKeyArn %q", r.requestMetadata.KMSKeyARN)
 				}
 			}},
 		{"an escaped name is the same name", opEncrypt, `{` + metaCrypto + `,"plain\u0074ext":"` + b64Hello + `",` + gcm + `}`, nil},
@@ -138,8 +138,8 @@ func TestDecodeRequestAccepts(t *testing.T) {
 		{"encrypt with empty AAD", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"additionalAuthenticatedData":""}`, nil},
 		{"decrypt with 16-byte IV and 20-byte metadata", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64(4300) + `","initializationVector":"` + b64(16) + `","authenticationTag":"` + b64Tag16 + `","ciphertextMetadata":"` + b64(20) + `"}`,
 			func(t *testing.T, r *xksRequest) {
-				if len(r.iv) != 16 || len(r.metadata) != 20 || len(r.ciphertext) != 4300 {
-					t.Errorf("iv %d, metadata %d, ciphertext %d bytes", len(r.iv), len(r.metadata), len(r.ciphertext))
+				if len(r.iv) != 16 || len(r.ciphertextMetadata) != 20 || len(r.ciphertext) != 4300 {
+					t.Errorf("iv %d, metadata %d, ciphertext %d bytes", len(r.iv), len(r.ciphertextMetadata), len(r.ciphertext))
 				}
 			}},
 	}
@@ -212,7 +212,7 @@ func TestErrorBodiesAreSpecShaped(t *testing.T) {
 		if x.httpStatus() != status {
 			t.Errorf("%s: status %d", name, x.httpStatus())
 		}
-		msg := wireMessage(x.message)
+		msg := xksapi.ErrorMessage(x.message)
 		if len(msg) >= 512 {
 			t.Errorf("%s: message of %d characters", name, len(msg))
 		}
@@ -251,14 +251,14 @@ func FuzzDecodeRequest(f *testing.F) {
 			}
 			return
 		}
-		if req.meta.KMSRequestID == "" || req.meta.KMSOperation == "" {
+		if req.requestMetadata.KMSRequestID == "" || req.requestMetadata.KMSOperation == "" {
 			t.Fatal("accepted without the required metadata")
 		}
-		if len(req.aad) > maxAADLen {
+		if len(req.aad) > xksapi.MaxAADLen {
 			t.Fatalf("accepted an AAD of %d bytes", len(req.aad))
 		}
-		if op == opDecrypt && ((len(req.iv) != 12 && len(req.iv) != 16) || len(req.tag) != tagLen || len(req.metadata) > maxCiphertextMetadataLen) {
-			t.Fatalf("accepted iv %d, tag %d, metadata %d bytes", len(req.iv), len(req.tag), len(req.metadata))
+		if op == opDecrypt && ((len(req.iv) != 12 && len(req.iv) != 16) || len(req.tag) != xksapi.TagLen || len(req.ciphertextMetadata) > xksapi.MaxCiphertextMetadataLen) {
+			t.Fatalf("accepted iv %d, tag %d, metadata %d bytes", len(req.iv), len(req.tag), len(req.ciphertextMetadata))
 		}
 	})
 }
