@@ -6,7 +6,6 @@ package caddyfile
 import (
 	"encoding/json"
 	"strconv"
-	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -240,13 +239,7 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 	if d.NextArg() {
 		return nil, d.ArgErr()
 	}
-	if path == "/" {
-		path = ""
-	}
-	if !strings.HasSuffix(path, xkshandler.APIPathSuffix) {
-		path += xkshandler.APIPathSuffix
-	}
-	ks := &xkshandler.KeyStore{URIPath: path}
+	ks := &xkshandler.KeyStore{URIPath: xkshandler.CompleteURIPath(path)}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
 		args := d.RemainingArgs()

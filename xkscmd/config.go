@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
-	"strings"
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 
@@ -117,9 +116,7 @@ func (pc *proxyConfig) keyStore(path string) (*xkshandler.KeyStore, error) {
 		}
 		return pc.keyStores[0], nil
 	}
-	if !strings.HasSuffix(path, xkshandler.APIPathSuffix) {
-		path += xkshandler.APIPathSuffix
-	}
+	path = xkshandler.CompleteURIPath(path)
 	i := slices.IndexFunc(pc.keyStores, func(ks *xkshandler.KeyStore) bool { return ks.URIPath == path })
 	if i < 0 {
 		return nil, fmt.Errorf("no key store %s in the config", path)

@@ -73,16 +73,13 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision resolves secrets, looks up the HSM backends and builds each key
-// store's verifier.
+// Provision sets defaults, resolves secrets, looks up the HSM backends and
+// builds each key store's verifier. Caddy calls Validate after it.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
 	h.audit = h.logger.Named("audit")
 	if h.MaxRequestBody == 0 {
 		h.MaxRequestBody = defaultMaxRequestBody
-	}
-	if err := h.Validate(); err != nil {
-		return err
 	}
 	appIface, err := ctx.AppIfConfigured("hsm")
 	if err != nil {
@@ -108,7 +105,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// Validate checks the configuration without side effects.
+// Validate checks the configuration without side effects. Caddy calls it
+// once the handler is provisioned.
 func (h *Handler) Validate() error {
 	if len(h.KeyStores) == 0 {
 		return errors.New("xks: at least one key store is required")

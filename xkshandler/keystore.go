@@ -3,7 +3,6 @@ package xkshandler
 import (
 	"context"
 	"crypto/subtle"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"regexp"
@@ -152,6 +151,21 @@ type Credential struct {
 	SecretAccessKey string `json:"secret_access_key"`
 }
 
+// CompleteURIPath is the URIPath of a key store given as path, which may
+// leave off the API suffix /kms/xks/v1, as the Caddyfile and the commands
+// allow: "/demo" is "/demo/kms/xks/v1", and "/" or "" is "/kms/xks/v1".
+// It does not check the path; validation does.
+func CompleteURIPath(path string) string {
+	if path == "/" {
+		path = ""
+	}
+	if !strings.HasSuffix(path, APIPathSuffix) {
+		path += APIPathSuffix
+	}
+	return path
+}
+
+// validate checks the key store's configuration without side effects.
 func (ks *KeyStore) validate() error {
 	if len(ks.URIPath) > 128 || !uriPathPattern.MatchString(ks.URIPath) {
 		return fmt.Errorf("uri_path %q must be an optional prefix of a-z, A-Z, 0-9, /, - and _ followed by %s, at most 128 characters", ks.URIPath, APIPathSuffix)
@@ -189,6 +203,9 @@ func (ks *KeyStore) validate() error {
 	if _, err := parseFraming(ks.AADFraming); err != nil {
 		return fmt.Errorf("key store %s: %w", ks.URIPath, err)
 	}
+	if _, err := parseCiphertextMetadata(ks.CiphertextMetadata); err != nil {
+		return fmt.Errorf("key store %s: %w", ks.URIPath, err)
+	}
 	if ks.FleetSize < 0 {
 		return fmt.Errorf("key store %s: fleet_size must be positive", ks.URIPath)
 	}
@@ -198,8 +215,9 @@ func (ks *KeyStore) validate() error {
 	return nil
 }
 
-// provision resolves secrets and builds the key store's runtime state.
-// The handler has validated the key store first.
+// provision sets the key store's defaults, resolves its secrets and builds
+// its runtime state. Caddy validates the configuration after provisioning,
+// so provision must not rely on it being valid, only on failing safely.
 func (ks *KeyStore) provision(app *hsm.App) error {
 	repl := caddy.NewReplacer()
 	creds := make([]sigv4auth.Credential, 0, len(ks.Credentials))
@@ -244,16 +262,8 @@ func (ks *KeyStore) provision(app *hsm.App) error {
 	for _, k := range ks.DisabledKeys {
 		ks.disabled[k] = true
 	}
-	if ks.CiphertextMetadata != "" {
-		md, err := base64.StdEncoding.Strict().DecodeString(ks.CiphertextMetadata)
-		if err != nil {
-			return fmt.Errorf("key store %s: ciphertext_metadata is not valid Base64: %w", ks.URIPath, err)
-		}
-		if len(md) > xksapi.MaxCiphertextMetadataLen {
-			return fmt.Errorf("key store %s: ciphertext_metadata is %d bytes, at most %d are allowed", ks.URIPath, len(md), xksapi.MaxCiphertextMetadataLen)
-		}
-		ks.ciphertextMetadata = md
-	}
+	// Both are checked by validate, which Caddy runs after provisioning.
+	ks.ciphertextMetadata, _ = parseCiphertextMetadata(ks.CiphertextMetadata)
 	ks.framing, _ = parseFraming(ks.AADFraming)
 	if ks.FleetSize == 0 {
 		ks.FleetSize = 1
@@ -279,6 +289,22 @@ func (ks *KeyStore) provision(app *hsm.App) error {
 
 // defaultDeadline leaves KMS's 250 ms for the network and TLS.
 const defaultDeadline = 200 * time.Millisecond
+
+// parseCiphertextMetadata decodes the configured ciphertext_metadata; an
+// empty one is none (nil).
+func parseCiphertextMetadata(s string) ([]byte, error) {
+	if s == "" {
+		return nil, nil
+	}
+	md, err := strictBase64.DecodeString(s)
+	if err != nil {
+		return nil, fmt.Errorf("ciphertext_metadata is not valid Base64: %w", err)
+	}
+	if len(md) > xksapi.MaxCiphertextMetadataLen {
+		return nil, fmt.Errorf("ciphertext_metadata is %d bytes, at most %d are allowed", len(md), xksapi.MaxCiphertextMetadataLen)
+	}
+	return md, nil
+}
 
 // admit takes a place for one request's HSM work, or says why not: the
 // quota or the bound on concurrent work. release must be called when the
