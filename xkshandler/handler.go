@@ -7,17 +7,15 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"runtime/debug"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 
+	"github.com/caddy-xks/caddy-xks/authz"
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/sigv4auth"
 	"github.com/caddy-xks/caddy-xks/tlscheck"
@@ -132,58 +130,6 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
-// route splits a raw request path (sigv4auth.RawPath) into its key store,
-// operation and external key id. Routing is on the path exactly as received: nothing is
-// cleaned or decoded, so what is routed is what was signed.
-func (h *Handler) route(path string) (ks *KeyStore, op operation, keyID string, ok bool) {
-	marker := APIPathSuffix + "/"
-	i := strings.LastIndex(path, marker)
-	if i < 0 {
-		return nil, 0, "", false
-	}
-	ks = h.stores[path[:i+len(APIPathSuffix)]]
-	if ks == nil {
-		return nil, 0, "", false
-	}
-	rest := path[i+len(marker):]
-	if rest == "health" {
-		return ks, opHealth, "", true
-	}
-	id, action, found := strings.Cut(strings.TrimPrefix(rest, "keys/"), "/")
-	if !found || !strings.HasPrefix(rest, "keys/") || !validKeyID(id) {
-		return nil, 0, "", false
-	}
-	switch action {
-	case "metadata":
-		op = opMetadata
-	case "encrypt":
-		op = opEncrypt
-	case "decrypt":
-		op = opDecrypt
-	default:
-		return nil, 0, "", false
-	}
-	return ks, op, id, true
-}
-
-// exchange is the state of one XKS call, for the response and the audit log.
-type exchange struct {
-	start           time.Time
-	ks              *KeyStore
-	op              operation
-	keyID           string
-	akid            string
-	requestMetadata *xksapi.RequestMetadata
-	rule            string // the authorization rule that decided, if any
-	hsmTime         time.Duration
-	elapsed         time.Duration
-	err             *xksError
-	response        any
-	// healthReason says why a GetHealthStatus reports a backend that is
-	// not ACTIVE.
-	healthReason string
-}
-
 // ServeHTTP answers one XKS API call. Protocol errors are written here as
 // XKS JSON; a Go error returned to Caddy would produce an empty body that
 // KMS cannot interpret.
@@ -198,9 +144,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return nil
 	}
 	h.serve(&x, r, path)
+	// Step 7: the answer, the audit line and the metrics.
 	h.respond(w, &x)
 	x.elapsed = time.Since(x.start)
-	h.log(&x)
+	x.log(h.audit)
 	x.observe()
 	return nil
 }
@@ -230,7 +177,10 @@ func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// serve runs steps 1 to 6 of the request path (see the package doc) and
+// leaves the answer, or the XKS error that ended the call, in x.
 func (h *Handler) serve(x *exchange, r *http.Request, path string) {
+	// 1. The route, on the raw path, before authentication.
 	var ok bool
 	x.ks, x.op, x.keyID, ok = h.route(path)
 	if !ok {
@@ -241,6 +191,7 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 		x.err = &xksError{name: ValidationException, message: "method " + r.Method + " is not allowed; XKS API calls use POST", status: http.StatusMethodNotAllowed}
 		return
 	}
+	// 2. The body, bounded, and its signature over the path just routed on.
 	body, xerr := readBody(r, h.MaxRequestBody)
 	if xerr != nil {
 		x.err = xerr
@@ -257,30 +208,17 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 		}
 		return
 	}
+	// 3. The JSON body, decoded and validated.
 	req, xerr := decodeRequest(x.op, body)
 	if xerr != nil {
 		x.err = xerr
 		return
 	}
 	x.requestMetadata = &req.requestMetadata
-	if x.op != opHealth && !x.ks.allows(x.keyID) {
-		x.err = newError(KeyNotFoundException, "the external key is not configured for this key store")
-		return
-	}
+	// 4 and 5. A call about a key must pass the key store's rules;
+	// GetHealthStatus is about the proxy and is subject to none of them.
 	if x.op != opHealth {
-		d := x.ks.authorize(x)
-		x.rule = d.Rule
-		if !d.Allowed {
-			x.err = &xksError{name: AccessDeniedException, message: "the request is not authorized by the key store's policy", cause: errors.New(d.Reason)}
-			return
-		}
-	}
-	if (x.op == opEncrypt || x.op == opDecrypt) && x.ks.disabled[x.keyID] {
-		x.err = newError(InvalidStateException, "the external key is disabled in this key store's configuration")
-		return
-	}
-	if x.op != opHealth {
-		release, xerr := x.ks.admit()
+		release, xerr := admitKeyCall(x)
 		if xerr != nil {
 			x.err = xerr
 			return
@@ -288,6 +226,7 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 		defer release()
 	}
 
+	// 6. The HSM work, within the key store's deadline.
 	ctx, cancel := context.WithDeadline(r.Context(), x.start.Add(time.Duration(x.ks.Deadline)))
 	defer cancel()
 	hsmStart := time.Now()
@@ -307,6 +246,33 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 	}
 }
 
+// admitKeyCall applies the key store's rules to a call about a key: the
+// key must be on its allow-list (step 4) and allowed by its policy (step
+// 5), a disabled key is refused for Encrypt and Decrypt, and the key
+// store's quota and bound on concurrent HSM work must have room. release
+// must be called when the HSM work is done.
+func admitKeyCall(x *exchange) (release func(), xerr *xksError) {
+	ks := x.ks
+	if !ks.allows(x.keyID) {
+		return nil, newError(KeyNotFoundException, "the external key is not configured for this key store")
+	}
+	d := ks.authorize(&authz.Input{
+		Operation:       x.op.String(),
+		KeyStore:        ks.URIPath,
+		ExternalKeyID:   x.keyID,
+		AccessKeyID:     x.akid,
+		RequestMetadata: *x.requestMetadata,
+	})
+	x.rule = d.Rule
+	if !d.Allowed {
+		return nil, &xksError{name: AccessDeniedException, message: "the request is not authorized by the key store's policy", cause: errors.New(d.Reason)}
+	}
+	if (x.op == opEncrypt || x.op == opDecrypt) && ks.disabled[x.keyID] {
+		return nil, newError(InvalidStateException, "the external key is disabled in this key store's configuration")
+	}
+	return ks.admit()
+}
+
 // readBody reads at most limit bytes of the request body.
 func readBody(r *http.Request, limit int64) ([]byte, *xksError) {
 	if r.ContentLength > limit {
@@ -322,6 +288,8 @@ func readBody(r *http.Request, limit int64) ([]byte, *xksError) {
 	return body, nil
 }
 
+// respond writes the call's answer: its response, or its XKS error with the
+// spec's status, as compact JSON.
 func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
 	status := http.StatusOK
 	payload := x.response
@@ -345,90 +313,6 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
 	w.WriteHeader(status)
 	_, _ = w.Write(out)
 }
-
-// auditKeys are the audit line's names of the requestMetadata fields, in
-// the order of RequestMetadata.Fields: their JSON keys in snake case
-// (kmsRequestId is kms_request_id).
-var auditKeys = func() []string {
-	var keys []string
-	for _, f := range (&xksapi.RequestMetadata{}).Fields() {
-		var b strings.Builder
-		for _, c := range f.Key {
-			if 'A' <= c && c <= 'Z' {
-				b.WriteByte('_')
-				c += 'a' - 'A'
-			}
-			b.WriteRune(c)
-		}
-		keys = append(keys, b.String())
-	}
-	return keys
-}()
-
-// log writes the audit line of a call. It names who asked for what and how
-// it ended; it never carries plaintext, AAD, secrets or signatures.
-func (h *Handler) log(x *exchange) {
-	outcome := "ok"
-	level := zapcore.InfoLevel
-	if x.err != nil {
-		outcome = x.err.name
-		if x.err.httpStatus() >= 500 {
-			level = zapcore.ErrorLevel
-		}
-	}
-	ce := h.audit.Check(level, "xks request")
-	if ce == nil {
-		return
-	}
-	fields := make([]zap.Field, 0, 16)
-	fields = append(fields, zap.String("operation", x.op.String()), zap.String("outcome", outcome))
-	if x.ks != nil {
-		fields = append(fields, zap.String("key_store", x.ks.URIPath))
-	}
-	if x.keyID != "" {
-		fields = append(fields, zap.String("external_key_id", x.keyID))
-	}
-	if x.akid != "" {
-		fields = append(fields, zap.String("access_key_id", x.akid))
-	}
-	if m := x.requestMetadata; m != nil {
-		for i, f := range m.Fields() {
-			fields = append(fields, zap.String(auditKeys[i], f.Value))
-		}
-	}
-	if x.rule != "" {
-		fields = append(fields, zap.String("authz_rule", x.rule))
-	}
-	switch {
-	case x.err != nil && x.err.cause != nil:
-		fields = append(fields, zap.String("reason", x.err.cause.Error()))
-	case x.healthReason != "":
-		fields = append(fields, zap.String("reason", x.healthReason))
-	}
-	fields = append(fields, zap.Duration("hsm_time", x.hsmTime), zap.Duration("total_time", x.elapsed))
-	ce.Write(fields...)
-}
-
-// Version is the caddy-xks release this source is. A build from a
-// published module version reports that version instead.
-const Version = "v0.1.0"
-
-// proxyModel is the xksProxyModel of GetHealthStatus: the product and its
-// version, and Caddy's.
-var proxyModel = sync.OnceValue(func() string {
-	version := Version
-	if info, ok := debug.ReadBuildInfo(); ok {
-		for _, m := range append([]*debug.Module{&info.Main}, info.Deps...) {
-			// A local build (replaced module, or "(devel)") has no version
-			// of its own to report.
-			if m.Path == "github.com/caddy-xks/caddy-xks" && m.Replace == nil && strings.HasPrefix(m.Version, "v") && !strings.HasPrefix(m.Version, "v0.0.0-") {
-				version = m.Version
-			}
-		}
-	}
-	caddyVersion, _ := caddy.Version()
-	return "caddy-xks " + version + " (Caddy " + caddyVersion + ")"
-})
 
 // Interface guards
 var (

@@ -1,11 +1,7 @@
 package xkshandler
 
 import (
-	"context"
-	"crypto/subtle"
-	"errors"
 	"fmt"
-	"regexp"
 	"strings"
 	"time"
 
@@ -18,24 +14,6 @@ import (
 	"github.com/caddy-xks/caddy-xks/sigv4auth"
 	"github.com/caddy-xks/caddy-xks/xksapi"
 )
-
-// APIPathSuffix ends every key store's URI path (XksProxyUriPath); v1 is
-// the only version of the XKS API.
-const APIPathSuffix = "/kms/xks/v1"
-
-// uriPathPattern is KMS's rule for XksProxyUriPath (CreateCustomKeyStore),
-// narrowed to the API version this proxy serves.
-var uriPathPattern = regexp.MustCompile(`^(/[a-zA-Z0-9/_-]+)?/kms/xks/v1$`)
-
-// keyIDPattern is KMS's rule for an external key id (XksKeyId).
-var keyIDPattern = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,128}$`)
-
-// validKeyID applies KMS's rule, less "." and "..": as path segments they
-// would be resolved away by any proxy or client that normalizes paths, so a
-// key with such an id could be reached by another path than the one signed.
-func validKeyID(id string) bool {
-	return id != "." && id != ".." && keyIDPattern.MatchString(id)
-}
 
 // KeyStore is one external key store: a URI path that KMS is configured with,
 // the SigV4 credentials KMS signs with, the HSM backend(s) holding the keys
@@ -324,145 +302,13 @@ func (ks *KeyStore) admit() (release func(), xerr *xksError) {
 	}
 }
 
-// authorize runs the secondary authorization policy.
-func (ks *KeyStore) authorize(x *exchange) authz.Decision {
-	return ks.policy.Evaluate(&authz.Input{
-		Operation:       x.op.String(),
-		KeyStore:        ks.URIPath,
-		ExternalKeyID:   x.keyID,
-		AccessKeyID:     x.akid,
-		RequestMetadata: *x.requestMetadata,
-	})
+// authorize runs the key store's secondary authorization policy on one
+// call about a key.
+func (ks *KeyStore) authorize(in *authz.Input) authz.Decision {
+	return ks.policy.Evaluate(in)
 }
 
+// allows applies the key store's allow-list of external key ids.
 func (ks *KeyStore) allows(keyID string) bool {
 	return ks.keys == nil || ks.keys[keyID]
-}
-
-// withBackend runs fn on the first backend that can serve, falling over to
-// the next one only when a backend reports the HSM unavailable.
-func (ks *KeyStore) withBackend(fn func(*hsm.Backend) error) error {
-	var err error
-	for _, b := range ks.backends {
-		if err = fn(b); !errors.Is(err, hsm.ErrUnavailable) {
-			return err
-		}
-	}
-	return err
-}
-
-// keyMetadata answers GetKeyMetadata: the key's spec, usage and status.
-func (ks *KeyStore) keyMetadata(ctx context.Context, keyID string) (any, error) {
-	var md hsm.KeyMetadata
-	err := ks.withBackend(func(b *hsm.Backend) (err error) {
-		md, err = b.Metadata(ctx, keyID)
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	status := md.KeyStatus
-	if ks.disabled[keyID] {
-		status = "DISABLED"
-	}
-	return xksapi.MetadataResponse{KeySpec: md.KeySpec, KeyUsage: md.KeyUsage, KeyStatus: status}, nil
-}
-
-// encrypt answers Encrypt: AES-GCM in the HSM over the framed AAD, the
-// key store's ciphertextMetadata with the ciphertext and, if asked for, the
-// CDIV of what was proved decryptable.
-func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
-	aad := ks.framing.hsmAAD(req.aad, ks.ciphertextMetadata)
-	var resp xksapi.EncryptResponse
-	err := ks.withBackend(func(b *hsm.Backend) error {
-		res, err := b.Encrypt(ctx, keyID, req.plaintext, aad)
-		if err != nil {
-			return err
-		}
-		if len(res.Ciphertext) != len(req.plaintext) || len(res.Tag) != xksapi.TagLen || !xksapi.ValidIVLen(len(res.IV)) {
-			return fmt.Errorf("%w: HSM returned %d bytes of ciphertext for %d of plaintext, a %d-byte tag and a %d-byte IV",
-				hsm.ErrInternal, len(res.Ciphertext), len(req.plaintext), len(res.Tag), len(res.IV))
-		}
-		resp = xksapi.EncryptResponse{
-			Ciphertext:           res.Ciphertext,
-			CiphertextMetadata:   ks.ciphertextMetadata,
-			InitializationVector: res.IV,
-			AuthenticationTag:    res.Tag,
-		}
-		if !req.wantCDIV {
-			return nil
-		}
-		// Appendix C: compute the CDIV over the bytes about to be returned
-		// first, then prove them decryptable, so a corruption after the
-		// check cannot hide behind a matching CDIV.
-		resp.CiphertextDataIntegrityValue = cdiv(req.aad, ks.ciphertextMetadata, res.IV, res.Ciphertext, res.Tag)
-		pt, err := b.Decrypt(ctx, keyID, res.IV, res.Ciphertext, res.Tag, aad)
-		if err != nil {
-			if errors.Is(err, hsm.ErrKeyUsage) {
-				return err
-			}
-			return fmt.Errorf("%w: decrypting the fresh ciphertext for its integrity check: %w", hsm.ErrInternal, err)
-		}
-		if subtle.ConstantTimeCompare(pt, req.plaintext) != 1 {
-			return fmt.Errorf("%w: the fresh ciphertext did not decrypt to the plaintext", hsm.ErrInternal)
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	return resp, nil
-}
-
-// decrypt answers Decrypt, over the AAD framed with the ciphertextMetadata
-// the request carries.
-func (ks *KeyStore) decrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
-	aad := ks.framing.hsmAAD(req.aad, req.ciphertextMetadata)
-	var pt []byte
-	err := ks.withBackend(func(b *hsm.Backend) (err error) {
-		pt, err = b.Decrypt(ctx, keyID, req.iv, req.ciphertext, req.tag, aad)
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	return xksapi.DecryptResponse{Plaintext: pt}, nil
-}
-
-// health reports every backend of the key store. It is never an error: KMS
-// expects 200 with truthful statuses, UNAVAILABLE included. KMS's answer has
-// no room for why a backend is not ACTIVE, so that comes back separately,
-// for the audit line.
-func (ks *KeyStore) health(ctx context.Context) (resp xksapi.HealthResponse, reason string) {
-	resp = xksapi.HealthResponse{
-		XKSProxyFleetSize: ks.FleetSize,
-		XKSProxyVendor:    "caddy-xks",
-		XKSProxyModel:     proxyModel(),
-	}
-	var reasons []string
-	for _, b := range ks.backends {
-		h := b.Health(ctx)
-		if h.Status != hsm.HealthActive {
-			reasons = append(reasons, fmt.Sprintf("backend %s %s: %s", b.Name(), h.Status, h.Reason))
-		}
-		if resp.EKMVendor == "" {
-			resp.EKMVendor = h.Manufacturer
-		}
-		id := b.Name()
-		if h.Serial != "" {
-			id += " " + h.Serial
-		}
-		model := strings.TrimSpace(h.Model)
-		if h.Firmware != "" {
-			model += " firmware " + h.Firmware
-		}
-		if model == "" {
-			model = "unknown"
-		}
-		resp.EKMFleetDetails = append(resp.EKMFleetDetails, xksapi.EKMFleetDetail{ID: id, Model: model, HealthStatus: h.Status})
-	}
-	if resp.EKMVendor == "" {
-		resp.EKMVendor = "unknown"
-	}
-	return resp, strings.Join(reasons, "; ")
 }

@@ -60,22 +60,3 @@ func registerMetrics(reg prometheus.Registerer) error {
 	}
 	return nil
 }
-
-func (x *exchange) observe() {
-	ks, op := "", x.op.String()
-	if x.ks != nil {
-		ks = x.ks.URIPath
-	}
-	outcome := "ok"
-	if x.err != nil {
-		outcome = x.err.name
-	}
-	metrics.requests.WithLabelValues(ks, op, outcome).Inc()
-	metrics.duration.WithLabelValues(ks, op).Observe(x.elapsed.Seconds())
-	if x.hsmTime > 0 {
-		metrics.hsmDuration.WithLabelValues(ks, op).Observe(x.hsmTime.Seconds())
-	}
-	if x.err != nil && x.err.name == AccessDeniedException {
-		metrics.authzDenied.WithLabelValues(ks, x.rule).Inc()
-	}
-}

@@ -11,31 +11,6 @@ import (
 	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
-// operation is one of the four XKS API calls.
-type operation uint8
-
-const (
-	opHealth operation = iota + 1
-	opMetadata
-	opEncrypt
-	opDecrypt
-)
-
-// String is the XKS API name of the operation, as it appears in logs.
-func (op operation) String() string {
-	switch op {
-	case opHealth:
-		return "GetHealthStatus"
-	case opMetadata:
-		return "GetKeyMetadata"
-	case opEncrypt:
-		return "Encrypt"
-	case opDecrypt:
-		return "Decrypt"
-	}
-	return "unknown"
-}
-
 // requestBody is the union of the four request shapes. Fields that do not
 // belong to an operation are ignored like any other unknown field, as the
 // spec requires. Pointers tell a missing field from an empty one. decodeBody
