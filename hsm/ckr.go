@@ -1,6 +1,114 @@
 package hsm
 
-import "fmt"
+import (
+	"errors"
+	"fmt"
+
+	"github.com/miekg/pkcs11"
+)
+
+// The PKCS#11 return values (CKR_*) in one vocabulary: what code an error
+// carries (ckrOf, isCKR), its name for errors, logs and metrics (ckrName,
+// ckrNameOf), what it means for the session, the handle cache and the
+// library (classify), and which error kind a caller sees (kindOf, wrapCKR).
+
+// ckrOf returns the PKCS#11 return value in err's chain.
+func ckrOf(err error) (uint, bool) {
+	if pe, ok := errors.AsType[pkcs11.Error](err); ok {
+		return uint(pe), true
+	}
+	return 0, false
+}
+
+// isCKR reports whether err carries the PKCS#11 return value code.
+func isCKR(err error, code uint) bool {
+	c, ok := ckrOf(err)
+	return ok && c == code
+}
+
+// ckrNameOf names the PKCS#11 return value in err's chain, or is "" when
+// there is none.
+func ckrNameOf(err error) string {
+	if c, ok := ckrOf(err); ok {
+		return ckrName(c)
+	}
+	return ""
+}
+
+// errClass says what a PKCS#11 return value means for the session, the key
+// handle cache and the library, and so what the pool does next.
+type errClass int
+
+const (
+	// classRequest: the call failed for this request only; report it.
+	classRequest errClass = iota
+	// classSession: the session is unusable; close it and retry once.
+	classSession
+	// classHandle: a cached object handle is stale; forget the handles and
+	// retry once.
+	classHandle
+	// classLogin: the token forgot our login; log in again and retry once.
+	classLogin
+	// classModule: the device or library failed; reconnect with backoff.
+	classModule
+	// classPIN: the PIN was refused; never retried, because real HSMs lock
+	// the PIN after a few wrong tries.
+	classPIN
+	// classKeyUsage: the key cannot be used for the mechanism.
+	classKeyUsage
+	// classBusy: the token has no session to give.
+	classBusy
+)
+
+// classify says what a PKCS#11 return value means for the session, the
+// key handle cache and the library.
+func classify(code uint) errClass {
+	switch code {
+	case pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_CLOSED,
+		pkcs11.CKR_OPERATION_ACTIVE, pkcs11.CKR_OPERATION_NOT_INITIALIZED,
+		pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_FUNCTION_FAILED:
+		return classSession
+	case pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID:
+		return classHandle
+	case pkcs11.CKR_USER_NOT_LOGGED_IN:
+		return classLogin
+	case pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_DEVICE_MEMORY,
+		pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_TOKEN_NOT_RECOGNIZED,
+		pkcs11.CKR_SLOT_ID_INVALID, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED:
+		return classModule
+	case pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_EXPIRED,
+		pkcs11.CKR_PIN_LEN_RANGE, pkcs11.CKR_PIN_INVALID, pkcs11.CKR_USER_PIN_NOT_INITIALIZED:
+		return classPIN
+	case pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED, pkcs11.CKR_KEY_TYPE_INCONSISTENT,
+		pkcs11.CKR_KEY_SIZE_RANGE, pkcs11.CKR_MECHANISM_INVALID:
+		return classKeyUsage
+	case pkcs11.CKR_SESSION_COUNT:
+		return classBusy
+	}
+	return classRequest
+}
+
+// kindOf maps a PKCS#11 error that is reported to the caller to an error kind.
+func kindOf(code uint) error {
+	switch classify(code) {
+	case classModule, classPIN, classLogin:
+		return ErrUnavailable
+	case classKeyUsage:
+		return ErrKeyUsage
+	case classBusy:
+		return ErrBusy
+	default:
+		return ErrInternal
+	}
+}
+
+// wrapCKR turns a PKCS#11 error into an *Error of the kind its code implies.
+func wrapCKR(op, key string, err error) *Error {
+	if code, ok := ckrOf(err); ok {
+		return &Error{Kind: kindOf(code), Op: op, Key: key, CKR: ckrName(code), Err: err}
+	}
+	return &Error{Kind: ErrInternal, Op: op, Key: key, Err: err}
+}
 
 // ckrNames names every return value of the PKCS#11 v2.40 headers. It is our
 // own because miekg/pkcs11 prints some codes (CKR_ACTION_PROHIBITED, 0x1B)

@@ -121,11 +121,6 @@ func finalizeLibraries(context.Context) {
 	}
 }
 
-func isCKR(err error, code uint) bool {
-	c, ok := ckrOf(err)
-	return ok && c == code
-}
-
 // acquire takes the lifecycle read lock for one PKCS#11 call sequence and
 // returns the current generation. It fails fast while the library is down.
 func (l *library) acquire() (uint64, bool) {

@@ -204,7 +204,7 @@ func (t *token) dial(st *tokenState) error {
 	}
 	sh, err := ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {
-		return &Error{Kind: kindOf(codeOr(err)), Op: "open session", CKR: ckrNameOf(err), Err: err}
+		return wrapCKR("open session", "", err)
 	}
 	if !t.noLogin {
 		if err := t.login(sh); err != nil {
@@ -238,18 +238,6 @@ func (t *token) login(sh pkcs11.SessionHandle) error {
 	t.logger.Error("the token refused the PIN; the proxy will not try it again on its own, and the token is unavailable",
 		zap.String("token", t.ident.String()), zap.String("ckr", pe.CKR), zap.String("action", pinRefusedAction))
 	return pe
-}
-
-func codeOr(err error) uint {
-	c, _ := ckrOf(err)
-	return c
-}
-
-func ckrNameOf(err error) string {
-	if c, ok := ckrOf(err); ok {
-		return ckrName(c)
-	}
-	return ""
 }
 
 // findSlot returns the one slot whose token matches id. Slots are never
