@@ -9,6 +9,8 @@ import (
 
 	"github.com/miekg/pkcs11"
 	"go.uber.org/zap"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // ivMode is how an AES-GCM IV comes to be, which depends on the HSM vendor.
@@ -44,11 +46,8 @@ func parseIVMode(s string) (ivMode, error) {
 	return 0, fmt.Errorf("unknown iv mode %q (want auto, caller, hsm or hsm_appended)", s)
 }
 
-const (
-	gcmTagLen  = 16
-	gcmTagBits = 8 * gcmTagLen
-	gcmIVLen   = 12
-)
+// gcmTagBits is the tag length asked of the HSM: the spec's 16 bytes.
+const gcmTagBits = 8 * xksapi.TagLen
 
 // EncryptResult is the output of Encrypt.
 type EncryptResult struct {
@@ -74,10 +73,10 @@ func encryptGCM(cs *callSession, key pkcs11.ObjectHandle, mode ivMode, pt, aad [
 	var ivIn []byte
 	switch mode {
 	case ivCaller:
-		ivIn = make([]byte, gcmIVLen)
+		ivIn = make([]byte, xksapi.IVLen)
 		_, _ = rand.Read(ivIn) // never fails (crypto/rand crashes the program instead)
 	case ivHSM:
-		ivIn = make([]byte, gcmIVLen)
+		ivIn = make([]byte, xksapi.IVLen)
 	case ivHSMAppended, ivAuto:
 		// No IV goes in: the HSM appends its own, and the probes that
 		// resolve ivAuto pass one of the other modes.
@@ -93,20 +92,20 @@ func encryptGCM(cs *callSession, key pkcs11.ObjectHandle, mode ivMode, pt, aad [
 		return nil, nil, nil, err
 	}
 	n := len(pt)
-	want := n + gcmTagLen
+	want := n + xksapi.TagLen
 	if mode == ivHSMAppended {
-		want += 16
+		want += xksapi.LongIVLen
 	}
 	if len(out) != want {
 		return nil, nil, nil, &outputLenError{got: len(out), want: want}
 	}
 	if mode == ivHSMAppended {
-		iv = out[n+gcmTagLen:]
+		iv = out[n+xksapi.TagLen:]
 	} else {
 		// The IV the HSM actually used, whatever was passed in.
 		iv = params.IV()
 	}
-	return iv, out[:n:n], out[n : n+gcmTagLen : n+gcmTagLen], nil
+	return iv, out[:n:n], out[n : n+xksapi.TagLen : n+xksapi.TagLen], nil
 }
 
 // decryptGCM decrypts ct‖tag. Failures of C_Decrypt itself mean the
@@ -208,10 +207,10 @@ func (b *Backend) Encrypt(ctx context.Context, keyLabel string, plaintext, aad [
 // keyLabel. A ciphertext, tag, IV or AAD that does not authenticate is
 // ErrInvalidCiphertext.
 func (b *Backend) Decrypt(ctx context.Context, keyLabel string, iv, ciphertext, tag, aad []byte) ([]byte, error) {
-	if len(tag) != gcmTagLen {
-		return nil, &Error{Kind: ErrInvalidCiphertext, Op: "decrypt", Key: keyLabel, Err: fmt.Errorf("tag is %d bytes, not %d", len(tag), gcmTagLen)}
+	if len(tag) != xksapi.TagLen {
+		return nil, &Error{Kind: ErrInvalidCiphertext, Op: "decrypt", Key: keyLabel, Err: fmt.Errorf("tag is %d bytes, not %d", len(tag), xksapi.TagLen)}
 	}
-	if len(iv) != 12 && len(iv) != 16 {
+	if !xksapi.ValidIVLen(len(iv)) {
 		return nil, &Error{Kind: ErrInvalidCiphertext, Op: "decrypt", Key: keyLabel, Err: errIVLength}
 	}
 	var pt []byte
@@ -288,7 +287,7 @@ func (b *Backend) probeMode(ctx context.Context, mode ivMode) (appended bool, er
 		defer func() { _ = cs.ctx.DestroyObject(cs.h, key) }()
 		err = verifyMode(cs, key, mode)
 		var le *outputLenError
-		if errors.As(err, &le) && le.got == le.want+16 {
+		if errors.As(err, &le) && le.got == le.want+xksapi.LongIVLen {
 			appended = true
 		}
 		if err != nil {

@@ -3,6 +3,8 @@ package hsm
 import (
 	"errors"
 	"sync"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // ivWindow is how many of the most recent IVs per token the repeat check
@@ -28,7 +30,7 @@ var (
 
 type ivKey struct {
 	n uint8
-	b [16]byte
+	b [xksapi.LongIVLen]byte
 }
 
 // ivShard is an exact set of the last len(ring) IVs: the ring says which IV
@@ -59,7 +61,7 @@ func newIVRegistry(window int) *ivRegistry {
 
 // observe records iv, refusing an all-zero IV and one seen before.
 func (r *ivRegistry) observe(iv []byte) error {
-	if len(iv) != 12 && len(iv) != 16 {
+	if !xksapi.ValidIVLen(len(iv)) {
 		return errIVLength
 	}
 	var k ivKey
