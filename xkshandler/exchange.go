@@ -33,8 +33,9 @@ type exchange struct {
 // the order of RequestMetadata.Fields: their JSON keys in snake case
 // (kmsRequestId is kms_request_id).
 var auditKeys = func() []string {
-	var keys []string
-	for _, f := range (&xksapi.RequestMetadata{}).Fields() {
+	fields := (&xksapi.RequestMetadata{}).Fields()
+	keys := make([]string, 0, len(fields))
+	for _, f := range fields {
 		var b strings.Builder
 		for _, c := range f.Key {
 			if 'A' <= c && c <= 'Z' {
