@@ -249,6 +249,16 @@ func TestACMEObtain(t *testing.T) {
 			if err := newXKSClient(p.HTTPSPort, acmeHost, roots, a.cred).encrypt(); err != nil {
 				t.Fatalf("Encrypt over the obtained certificate: %v", err)
 			}
+			// Days left on it, as KMS's XksProxyCertificateDaysToExpire
+			// counts them (Pebble's certificates live 90 days).
+			sample := `caddy_xks_certificate_days_to_expire{hostname="` + acmeHost + `"}`
+			days := metricValue(t, p.Metrics(), sample)
+			for deadline := time.Now().Add(settle); days < 0 && time.Now().Before(deadline); days = metricValue(t, p.Metrics(), sample) {
+				time.Sleep(100 * time.Millisecond) // the preflight's report of the obtained chain is on its way
+			}
+			if want := float64(int(time.Until(leaf.NotAfter).Hours() / 24)); days != want && days != want-1 {
+				t.Errorf("caddy_xks_certificate_days_to_expire = %v, want %v", days, want)
+			}
 
 			// The preflight's check, with a trust list holding Pebble's root.
 			pebbleList := tlscheck.RootList{tlscheck.FingerprintOf(a.pebble.Root().Raw): a.pebble.Root().Subject.String()}

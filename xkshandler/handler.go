@@ -95,7 +95,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("xks: registering metrics: %w", err)
 	}
 	h.preflight, err = tlscheck.Preflight(ctx, h.Hostnames, h.logger.Named("certificate"), func(r tlscheck.Report) {
+		if len(r.Chain) == 0 {
+			return // no certificate is served for the name
+		}
 		metrics.certExpiry.WithLabelValues(r.Hostname).Set(float64(r.NotAfter.Unix()))
+		metrics.certDays.set(r.Hostname, r.NotAfter)
 	})
 	if err != nil {
 		return fmt.Errorf("xks: %w", err)

@@ -2,7 +2,9 @@ package xkshandler
 
 import (
 	"errors"
+	"math"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -15,6 +17,7 @@ var metrics = struct {
 	duration      *prometheus.HistogramVec
 	hsmDuration   *prometheus.HistogramVec
 	certExpiry    *prometheus.GaugeVec
+	certDays      *certificateDays
 	authzDenied   *prometheus.CounterVec
 	collectorList []prometheus.Collector
 }{}
@@ -44,8 +47,47 @@ var initMetrics = sync.OnceFunc(func() {
 		Namespace: ns, Subsystem: sub, Name: "certificate_expiry_timestamp_seconds",
 		Help: "When the server certificate served for a hostname expires (Unix time).",
 	}, []string{"hostname"})
-	metrics.collectorList = []prometheus.Collector{metrics.requests, metrics.duration, metrics.hsmDuration, metrics.authzDenied, metrics.certExpiry}
+	metrics.certDays = newCertificateDays(prometheus.NewDesc(prometheus.BuildFQName(ns, sub, "certificate_days_to_expire"),
+		"Whole days left before the server certificate served for a hostname expires, as KMS's XksProxyCertificateDaysToExpire counts them; computed when scraped.",
+		[]string{"hostname"}, nil))
+	metrics.collectorList = []prometheus.Collector{metrics.requests, metrics.duration, metrics.hsmDuration, metrics.authzDenied, metrics.certExpiry, metrics.certDays}
 })
+
+// certificateDays is a gauge of the days left on each hostname's served
+// certificate. It is computed at every scrape from the expiry time, so it
+// goes down by itself between renewals.
+type certificateDays struct {
+	desc *prometheus.Desc
+	now  func() time.Time
+
+	mu       sync.Mutex
+	notAfter map[string]time.Time // by hostname
+}
+
+func newCertificateDays(desc *prometheus.Desc) *certificateDays {
+	return &certificateDays{desc: desc, now: time.Now, notAfter: make(map[string]time.Time)}
+}
+
+// set records when the certificate served for hostname expires.
+func (c *certificateDays) set(hostname string, notAfter time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.notAfter[hostname] = notAfter
+}
+
+// Describe implements prometheus.Collector.
+func (c *certificateDays) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+// Collect implements prometheus.Collector.
+func (c *certificateDays) Collect(ch chan<- prometheus.Metric) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := c.now()
+	for host, notAfter := range c.notAfter {
+		days := math.Floor(notAfter.Sub(now).Hours() / 24)
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, days, host)
+	}
+}
 
 // registerMetrics adds the handler's metrics to a config's registry; several
 // handlers of one config register them once.
@@ -60,3 +102,6 @@ func registerMetrics(reg prometheus.Registerer) error {
 	}
 	return nil
 }
+
+// Interface guards
+var _ prometheus.Collector = (*certificateDays)(nil)
