@@ -20,7 +20,9 @@
 //     KMS (host;x-amz-date), curl --aws-sigv4 (content-type;host;x-amz-date)
 //     and the AWS SDKs (which sign more) all verify.
 //   - The canonical URI is the path exactly as it appeared on the request
-//     line: "//" is not cleaned and percent-encoded bytes are not decoded. XKS
+//     line (RawPath, which a server routes on too, so that what it routes is
+//     what was signed): "//" is not cleaned and percent-encoded bytes are
+//     not decoded. XKS
 //     paths contain only unreserved characters; for any other path the form
 //     that the AWS SDKs sign for non-S3 services (the received path escaped
 //     once more) is accepted as well.
