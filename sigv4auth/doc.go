@@ -22,10 +22,9 @@
 //   - The canonical URI is the path exactly as it appeared on the request
 //     line (RawPath, which a server routes on too, so that what it routes is
 //     what was signed): "//" is not cleaned and percent-encoded bytes are
-//     not decoded. XKS
-//     paths contain only unreserved characters; for any other path the form
-//     that the AWS SDKs sign for non-S3 services (the received path escaped
-//     once more) is accepted as well.
+//     not decoded. XKS paths contain only unreserved characters; for any
+//     other path the form that the AWS SDKs sign for non-S3 services (the
+//     received path escaped once more) is accepted as well.
 //   - The request time must lie within MaxSkew (five minutes by default) of
 //     the proxy's clock in either direction. SigV4 has no nonce, so this
 //     window is the only replay protection besides TLS.
