@@ -244,8 +244,13 @@ func TestACMEObtain(t *testing.T) {
 			roots := pebbleRoots(a.pebble)
 			chain := awaitChain(t, p.HTTPSPort, acmeHost, roots, anyChain)
 			leaf := chain[0]
-			t.Logf("obtained over ACME: leaf CN %q, SANs %v, issuer %q, chain %s, root %q; %d order(s) at Pebble",
-				leaf.Subject.CommonName, leaf.DNSNames, leaf.Issuer.CommonName, describe(chain), a.pebble.Root().Subject.CommonName, a.pebble.Orders())
+			logs, _ := os.ReadFile(p.LogFile)
+			challenge := regexp.MustCompile(`"msg":"trying to solve challenge".*"challenge_type":"([^"]+)"`).FindSubmatch(logs)
+			if challenge == nil {
+				t.Fatalf("the proxy's log names no ACME challenge:\n%s", regexp.MustCompile(`.*challenge.*`).FindAll(logs, -1))
+			}
+			t.Logf("obtained over ACME (%s challenge): leaf CN %q, SANs %v, issuer %q, chain %s, root %q; %d order(s) at Pebble",
+				challenge[1], leaf.Subject.CommonName, leaf.DNSNames, leaf.Issuer.CommonName, describe(chain), a.pebble.Root().Subject.CommonName, a.pebble.Orders())
 			if err := newXKSClient(p.HTTPSPort, acmeHost, roots, a.cred).encrypt(); err != nil {
 				t.Fatalf("Encrypt over the obtained certificate: %v", err)
 			}
@@ -279,7 +284,7 @@ func TestACMEObtain(t *testing.T) {
 			want := regexp.MustCompile(`"msg":"AWS KMS would refuse this server certificate: the served chain .* ends under CN=` +
 				regexp.QuoteMeta(a.pebble.Root().Subject.CommonName) + `, a root .*"hostname":"` + regexp.QuoteMeta(acmeHost) + `".*"rule":"trusted_root","fix":"[^"]+"`)
 			awaitLog(t, p.LogFile, want)
-			if logs, _ := os.ReadFile(p.LogFile); strings.Contains(string(logs), `"rule":"common_name"`) == withCN {
+			if logs, _ = os.ReadFile(p.LogFile); strings.Contains(string(logs), `"rule":"common_name"`) == withCN {
 				t.Errorf("the proxy's preflight %s a common_name problem for a leaf with CN %v", map[bool]string{true: "reported", false: "missed"}[withCN], withCN)
 			}
 		})
