@@ -107,10 +107,12 @@ func encodeQueryComponent(s string) string {
 	return b.String()
 }
 
-// appendCanonicalValue appends a header value trimmed of surrounding white
-// space with each inner run of spaces folded to one, as aws-sdk-go-v2 does.
+// appendCanonicalValue appends a header value trimmed of surrounding spaces
+// with each inner run of spaces folded to one, as SigV4 and aws-sdk-go-v2
+// do. Only the ASCII space counts: trimming Unicode white space as well
+// would let "v\u00a0" or "v\u0085" verify under a signature made for "v".
 func appendCanonicalValue(dst []byte, v string) []byte {
-	v = strings.TrimSpace(v)
+	v = strings.Trim(v, " ")
 	space := false
 	for i := 0; i < len(v); i++ {
 		c := v[i]

@@ -19,6 +19,10 @@ const DefaultService = "kms-xks-proxy"
 // in either direction, as the XKS specification recommends.
 const DefaultMaxSkew = 5 * time.Minute
 
+// MaxAllowedSkew bounds MaxSkew: a signed request can be replayed for as
+// long as its time is accepted, and AWS's own services accept 15 minutes.
+const MaxAllowedSkew = 15 * time.Minute
+
 // Config configures a Verifier.
 type Config struct {
 	// Region is the AWS region in the credential scope, the region of the KMS
@@ -32,7 +36,7 @@ type Config struct {
 	// one is required and access key ids must be unique.
 	Credentials []Credential
 	// MaxSkew is how far the request time may lie before or after the
-	// proxy's clock. Default: 5 minutes.
+	// proxy's clock, at most MaxAllowedSkew. Default: 5 minutes.
 	MaxSkew time.Duration
 	// Now returns the proxy's clock. Default: time.Now.
 	Now func() time.Time
@@ -70,6 +74,9 @@ func NewVerifier(cfg Config) (*Verifier, error) {
 	}
 	if cfg.MaxSkew < 0 {
 		return nil, fmt.Errorf("max skew must not be negative, got %s", cfg.MaxSkew)
+	}
+	if cfg.MaxSkew > MaxAllowedSkew {
+		return nil, fmt.Errorf("max skew %s is over %s: a captured request could be replayed for that long", cfg.MaxSkew, MaxAllowedSkew)
 	}
 	if len(cfg.Credentials) == 0 {
 		return nil, errors.New("at least one credential is required")

@@ -61,6 +61,10 @@ func TestVerifyRejectsEachMutation(t *testing.T) {
 			mutate: func(r *serverView) { r.method = http.MethodPut }},
 		{name: "signed header value changed", want: ReasonSignatureMismatch,
 			mutate: func(r *serverView) { r.header.Set("Content-Type", "text/plain") }},
+		{name: "no-break space after a signed header value", want: ReasonSignatureMismatch,
+			mutate: func(r *serverView) { r.header.Set("Content-Type", r.header.Get("Content-Type")+"\u00a0") }},
+		{name: "next-line character after a signed header value", want: ReasonSignatureMismatch,
+			mutate: func(r *serverView) { r.header.Set("Content-Type", r.header.Get("Content-Type")+"\u0085") }},
 		{name: "signed header repeated", want: ReasonSignatureMismatch,
 			mutate: func(r *serverView) { r.header.Add("Content-Type", "text/plain") }},
 		{name: "host changed", want: ReasonSignatureMismatch,
@@ -312,6 +316,7 @@ func TestNewVerifierConfig(t *testing.T) {
 		{"region cannot hold a slash", Config{Region: "us/east", Credentials: []Credential{testCredential}}, "region"},
 		{"a credential is required", Config{Region: "us-east-1"}, "at least one credential"},
 		{"negative skew", Config{Region: "us-east-1", Credentials: []Credential{testCredential}, MaxSkew: -time.Second}, "max skew"},
+		{"skew over 15 minutes", Config{Region: "us-east-1", Credentials: []Credential{testCredential}, MaxSkew: 100000 * time.Hour}, "max skew 100000h0m0s is over 15m0s"},
 		{"duplicate access key id", Config{Region: "us-east-1", Credentials: []Credential{testCredential, {
 			AccessKeyID: testCredential.AccessKeyID, SecretAccessKey: rotatedCredential.SecretAccessKey,
 		}}}, `credential 1: access key id "` + testCredential.AccessKeyID + `" is configured more than once`},
@@ -360,5 +365,17 @@ func TestVerifyHonoursConfiguredSkewAndService(t *testing.T) {
 	}
 	if _, err := r.verify(v); reasonOf(err) != ReasonScopeMismatch {
 		t.Errorf("service other: err = %v, want %s", err, ReasonScopeMismatch)
+	}
+}
+
+// TestMaxSkewBound: MaxAllowedSkew itself is accepted; more is refused (a
+// year-old request verified with a skew of 100000h before the bound).
+func TestMaxSkewBound(t *testing.T) {
+	v, err := NewVerifier(Config{Region: "us-east-1", Credentials: []Credential{testCredential}, MaxSkew: MaxAllowedSkew})
+	if err != nil || v.maxSkew != MaxAllowedSkew {
+		t.Fatalf("a skew of %s: %v", MaxAllowedSkew, err)
+	}
+	if _, err := NewVerifier(Config{Region: "us-east-1", Credentials: []Credential{testCredential}, MaxSkew: MaxAllowedSkew + time.Second}); err == nil {
+		t.Fatalf("a skew over %s was accepted", MaxAllowedSkew)
 	}
 }

@@ -71,7 +71,8 @@ type KeyStore struct {
 	FleetSize int `json:"fleet_size,omitempty"`
 
 	// MaxClockSkew is how far a request's signing time may be from the
-	// proxy's clock, either way. Default: 5m, the spec's value.
+	// proxy's clock, either way; at most 15m (sigv4auth.MaxAllowedSkew).
+	// Default: 5m, the spec's value.
 	MaxClockSkew caddy.Duration `json:"max_clock_skew,omitempty"`
 
 	// Authorize is the key store's secondary authorization policy: named
