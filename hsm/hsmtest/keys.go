@@ -38,6 +38,10 @@ func Bytes(n int) KeyOption { return set(pkcs11.CKA_VALUE_LEN, n) }
 // Usage sets one usage attribute, e.g. Usage(pkcs11.CKA_DECRYPT, false).
 func Usage(typ uint, v bool) KeyOption { return set(typ, v) }
 
+// Private sets CKA_PRIVATE; false makes a key usable without a login, as
+// the nShield accelerator slot requires.
+func Private(v bool) KeyOption { return set(pkcs11.CKA_PRIVATE, v) }
+
 // Modifiable lets the key's attributes be changed later with SetBool.
 func Modifiable() KeyOption { return set(pkcs11.CKA_MODIFIABLE, true) }
 
