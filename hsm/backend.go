@@ -74,6 +74,14 @@ type Config struct {
 	// loaded, such as CKNFAST_LOADSHARING for nShield. Libraries read them
 	// once, so changing them needs a restart. Default: none.
 	Env map[string]string `json:"env,omitempty"`
+	// InitArgs is a string that C_Initialize passes the library in
+	// CK_C_INITIALIZE_ARGS.pReserved, for libraries configured that way:
+	// NSS softokn (libsoftokn3.so) needs its database there, e.g.
+	// "configdir='sql:/etc/xks/nssdb' certPrefix='' keyPrefix=''
+	// secmod='secmod.db' flags=". Like Env, it is applied when the library
+	// is first loaded, so changing it needs a restart. Default: none
+	// (pReserved is NULL).
+	InitArgs string `json:"init_args,omitempty"`
 }
 
 func (c *Config) ident() tokenIdent {

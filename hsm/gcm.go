@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/miekg/pkcs11"
 	"go.uber.org/zap"
@@ -87,14 +88,17 @@ func encryptGCM(cs *callSession, key pkcs11.ObjectHandle, mode ivMode, pt, aad [
 	if err := cs.ctx.EncryptInit(cs.h, mech, key); err != nil {
 		return nil, nil, nil, err
 	}
-	out, err := cs.ctx.Encrypt(cs.h, pt)
-	if err != nil {
-		return nil, nil, nil, err
-	}
 	n := len(pt)
 	want := n + xksapi.TagLen
 	if mode == ivHSMAppended {
 		want += xksapi.LongIVLen
+	}
+	// Room for an appended IV in every mode: a module that appends one
+	// where none was expected must be seen doing it, not fail for lack of
+	// space.
+	out, err := cs.t.lib.fns.encrypt(cs.h, pt, n+xksapi.TagLen+xksapi.LongIVLen)
+	if err != nil {
+		return nil, nil, nil, err
 	}
 	if len(out) != want {
 		return nil, nil, nil, &outputLenError{got: len(out), want: want}
@@ -125,7 +129,7 @@ func decryptGCM(cs *callSession, key pkcs11.ObjectHandle, op, label string, iv, 
 	if err := cs.ctx.DecryptInit(cs.h, mech, key); err != nil {
 		return nil, err
 	}
-	pt, err := cs.ctx.Decrypt(cs.h, in)
+	pt, err := cs.t.lib.fns.decrypt(cs.h, in, len(in))
 	if err != nil {
 		switch code, _ := ckrOf(err); code {
 		case pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE:
@@ -278,18 +282,14 @@ func verifyMode(cs *callSession, key pkcs11.ObjectHandle, mode ivMode) error {
 
 // probeMode runs verifyMode on a fresh session key in its own call, so a
 // mode the HSM rejects leaves no active operation on a pooled session.
-func (b *Backend) probeMode(ctx context.Context, mode ivMode) (appended bool, err error) {
-	err = b.run(ctx, "iv self-test", "", b.adminTimeout, func(cs *callSession) error {
+func (b *Backend) probeMode(ctx context.Context, mode ivMode) error {
+	return b.run(ctx, "iv self-test", "", b.adminTimeout, func(cs *callSession) error {
 		key, err := cs.sessionKey(b.privateKeys)
 		if err != nil {
 			return err
 		}
 		defer func() { _ = cs.ctx.DestroyObject(cs.h, key) }()
 		err = verifyMode(cs, key, mode)
-		var le *outputLenError
-		if errors.As(err, &le) && le.got == le.want+xksapi.LongIVLen {
-			appended = true
-		}
 		if err != nil {
 			if _, isCKR := ckrOf(err); isCKR {
 				// Final (no retry), and the session is not reused.
@@ -301,32 +301,83 @@ func (b *Backend) probeMode(ctx context.Context, mode ivMode) (appended bool, er
 		}
 		return err
 	})
-	return appended, err
 }
 
 // resolveIVMode checks the configured IV mode on this token, or detects one
-// for "auto": first the HSM write-back, which an HSM that generates IVs
-// fills with a fresh IV (SoftHSM2 would encrypt with the zero IV, which the
-// check refuses; the throw-away key makes that harmless), then the appended
-// IV if the output was 16 bytes longer, then caller-supplied IVs.
+// for "auto". A configured mode that fails its self-test is refused, and the
+// error names the mode that works, if one does.
 func (b *Backend) resolveIVMode(ctx context.Context, mode ivMode) (ivMode, error) {
-	if mode != ivAuto {
-		if _, err := b.probeMode(ctx, mode); err != nil {
-			return 0, fmt.Errorf("iv mode %s does not work on this token: %w", mode, err)
-		}
+	probed := make(map[ivMode]error)
+	if mode == ivAuto {
+		return b.detectIVMode(ctx, probed)
+	}
+	err := b.probeMode(ctx, mode)
+	if err == nil {
 		return mode, nil
 	}
-	appended, hsmErr := b.probeMode(ctx, ivHSM)
-	if hsmErr == nil {
-		return ivHSM, nil
-	}
-	if appended {
-		if _, err := b.probeMode(ctx, ivHSMAppended); err == nil {
-			return ivHSMAppended, nil
+	if !tokenFailure(err) {
+		probed[mode] = err
+		if works, derr := b.detectIVMode(ctx, probed); derr == nil {
+			return 0, fmt.Errorf("iv mode %s does not work on this token: %w; the self-test passes with iv %s: set that (or iv auto)", mode, err, works)
 		}
 	}
-	if _, err := b.probeMode(ctx, ivCaller); err != nil {
-		return 0, fmt.Errorf("no iv mode works on this token: hsm: %v; caller: %w", hsmErr, err)
+	return 0, fmt.Errorf("iv mode %s does not work on this token: %w", mode, err)
+}
+
+// detectIVMode returns the first IV mode whose self-test passes, in the
+// order docs/nshield.md gives: hsm, then hsm_appended, then caller. probed
+// holds the results of self-tests already run, which are not run again.
+//
+// The write-back test goes first: an HSM that generates IVs fills the 12
+// zero bytes with a fresh IV, and one that does not (SoftHSM2) encrypts with
+// the zero IV, which the test refuses; the throw-away key makes that
+// harmless. The appended test gives the HSM no IV at all, which is the only
+// form some Luna firmware accepts (it refuses any caller IV buffer, so the
+// write-back test fails with CKR_MECHANISM_PARAM_INVALID), while a module
+// that encrypted under the zero IV it was given has shown that it takes the
+// caller's IV as it is, and may not handle an empty one any better: builds of
+// SoftHSM2 with C++ assertions abort the process on an empty IV
+// (pkcs11.md §1). So that module skips the appended test and goes on to
+// caller-supplied IVs. A test that failed because of the token rather than
+// the mode (it is unavailable, refused the PIN, timed out) ends the search:
+// every other mode would fail the same way.
+func (b *Backend) detectIVMode(ctx context.Context, probed map[ivMode]error) (ivMode, error) {
+	order := []ivMode{ivHSM, ivHSMAppended, ivCaller}
+	for _, m := range order {
+		if m == ivHSMAppended && usesCallerIV(probed[ivHSM]) {
+			b.logger.Debug("the hsm encrypted under the zero iv it was given; not asking it to append one",
+				zap.String("backend", b.name))
+			continue
+		}
+		err, ok := probed[m]
+		if !ok {
+			err = b.probeMode(ctx, m)
+			probed[m] = err
+		}
+		if err == nil {
+			return m, nil
+		}
+		if tokenFailure(err) {
+			return 0, fmt.Errorf("the iv self-test could not run: %w", err)
+		}
 	}
-	return ivCaller, nil
+	var msgs []string
+	for _, m := range order[:2] {
+		if err, ok := probed[m]; ok {
+			msgs = append(msgs, fmt.Sprintf("%s: %v; ", m, err))
+		}
+	}
+	return 0, fmt.Errorf("no iv mode works on this token: %scaller: %w", strings.Join(msgs, ""), probed[ivCaller])
+}
+
+// usesCallerIV reports whether a write-back self-test failed because the
+// HSM encrypted under the IV it was given instead of generating one.
+func usesCallerIV(err error) bool {
+	return errors.Is(err, errZeroIV) || errors.Is(err, errRepeatedIV)
+}
+
+// tokenFailure reports whether a self-test failed because of the token
+// (unavailable, busy, too slow) rather than the IV mode.
+func tokenFailure(err error) bool {
+	return errors.Is(err, ErrUnavailable) || errors.Is(err, ErrBusy) || errors.Is(err, ErrTimeout)
 }

@@ -306,14 +306,18 @@ func TestIVModes(t *testing.T) {
 		t.Fatal(err)
 	}
 	// SoftHSM2 never generates an IV: given 12 zero bytes it encrypts with
-	// the zero IV. The self-test must refuse that mode.
+	// the zero IV. The self-test must refuse that mode, and the error says
+	// which mode works.
 	for _, mode := range []string{"hsm", "hsm_appended"} {
 		cfg.IVMode = mode
-		if _, err := Open(mode, cfg, zaptest.NewLogger(t)); err == nil {
+		_, err := Open(mode, cfg, zaptest.NewLogger(t))
+		if err == nil {
 			t.Fatalf("iv mode %s accepted on SoftHSM2", mode)
-		} else {
-			t.Logf("iv mode %s: %v", mode, err)
 		}
+		if !strings.Contains(err.Error(), "the self-test passes with iv caller") {
+			t.Fatalf("iv mode %s refused without naming caller: %v", mode, err)
+		}
+		t.Logf("iv mode %s: %v", mode, err)
 	}
 	cfg.IVMode = "sometimes"
 	if _, err := Open("bad", cfg, nil); err == nil {

@@ -1,5 +1,8 @@
 package hsm
 
+// #include <stdlib.h>
+import "C"
+
 import (
 	"context"
 	"errors"
@@ -8,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/miekg/pkcs11"
@@ -32,7 +36,13 @@ var (
 type library struct {
 	path   string
 	ctx    *pkcs11.Ctx
+	fns    functionList
 	logger *zap.Logger
+	// initArgs is what C_Initialize passes in CK_C_INITIALIZE_ARGS.pReserved
+	// (nil when none): the library is initialized again with it after a
+	// device error. It lives as long as the process.
+	initArgs   unsafe.Pointer
+	initString string
 
 	// lifecycle is held for reading by every PKCS#11 call and for writing by
 	// C_Finalize/C_Initialize.
@@ -65,8 +75,10 @@ var finalizeAtExit sync.Once
 
 // loadLibrary returns the process-wide library for path, loading and
 // initializing it on first use. env is set in the process environment before
-// the first load, because vendor libraries read it in C_Initialize.
-func loadLibrary(path string, env map[string]string, logger *zap.Logger) (*library, error) {
+// the first load, because vendor libraries read it in C_Initialize; initArgs,
+// when not empty, is the string C_Initialize passes the library in pReserved
+// (NSS softokn reads its configuration there).
+func loadLibrary(path string, env map[string]string, initArgs string, logger *zap.Logger) (*library, error) {
 	libraries.Lock()
 	defer libraries.Unlock()
 	if lib, ok := libraries.m[path]; ok {
@@ -75,6 +87,10 @@ func loadLibrary(path string, env map[string]string, logger *zap.Logger) (*libra
 				logger.Warn("pkcs11 module already loaded; environment change needs a restart",
 					zap.String("module", path), zap.String("variable", k))
 			}
+		}
+		if initArgs != lib.initString {
+			logger.Warn("pkcs11 module already loaded with other init_args; the change needs a restart",
+				zap.String("module", path))
 		}
 		return lib, nil
 	}
@@ -90,17 +106,26 @@ func loadLibrary(path string, env map[string]string, logger *zap.Logger) (*libra
 	if ctx == nil {
 		return nil, fmt.Errorf("loading pkcs11 module %q: not a PKCS#11 library (dlopen or C_GetFunctionList failed)", path)
 	}
-	if err := ctx.Initialize(); err != nil && !isCKR(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+	lib := &library{
+		path:       path,
+		ctx:        ctx,
+		logger:     logger.Named("pkcs11").With(zap.String("module", path)),
+		tokens:     make(map[*token]struct{}),
+		backoff:    reinitBackoffMin,
+		initString: initArgs,
+	}
+	if initArgs != "" {
+		lib.initArgs = unsafe.Pointer(C.CString(initArgs)) // never freed: see initArgs
+	}
+	if err := lib.initialize(); err != nil && !isCKR(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 		ctx.Destroy()
 		return nil, fmt.Errorf("initializing pkcs11 module %q: %w", path, err)
 	}
-	lib := &library{
-		path:    path,
-		ctx:     ctx,
-		logger:  logger.Named("pkcs11").With(zap.String("module", path)),
-		tokens:  make(map[*token]struct{}),
-		backoff: reinitBackoffMin,
+	fns, err := loadFunctionList(path)
+	if err != nil {
+		return nil, err
 	}
+	lib.fns = fns
 	lib.gen.Store(1)
 	libraries.m[path] = lib
 	finalizeAtExit.Do(func() { caddy.OnExit(finalizeLibraries) })
@@ -136,6 +161,14 @@ func (l *library) acquire() (uint64, bool) {
 }
 
 func (l *library) release() { l.lifecycle.RUnlock() }
+
+// initialize runs C_Initialize with the library's init args.
+func (l *library) initialize() error {
+	if l.initArgs == nil {
+		return l.ctx.Initialize()
+	}
+	return l.ctx.Initialize(pkcs11.InitializeWithReserved(l.initArgs))
+}
 
 // tryLockFor takes the write lock without queueing behind (and so blocking)
 // new readers: a pending Lock would make every new RLock wait for calls that
@@ -238,7 +271,7 @@ func (l *library) reinit() (refused int, err error) {
 		return 0, errors.New("calls still stuck in the pkcs11 module")
 	}
 	_ = l.ctx.Finalize()
-	err = l.ctx.Initialize()
+	err = l.initialize()
 	if err != nil && !isCKR(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 		l.lifecycle.Unlock()
 		return 0, fmt.Errorf("C_Initialize: %w", err)

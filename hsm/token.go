@@ -109,7 +109,7 @@ func tokenKey(module string, id tokenIdent) string {
 
 // openToken loads the library and connects to the token.
 func openToken(cfg *Config, logger *zap.Logger) (*token, error) {
-	lib, err := loadLibrary(cfg.Module, cfg.Env, logger)
+	lib, err := loadLibrary(cfg.Module, cfg.Env, cfg.InitArgs, logger)
 	if err != nil {
 		return nil, &Error{Kind: ErrUnavailable, Op: "open", Err: err}
 	}
