@@ -59,6 +59,9 @@ type Token struct {
 	Label string
 	// PIN is the user PIN.
 	PIN string
+	// InitArgs is the string C_Initialize passes the module in pReserved,
+	// or "" (NSS softokn needs one; see NSS).
+	InitArgs string
 }
 
 var softhsm struct {
@@ -119,6 +122,9 @@ func Main(m *testing.M) int {
 	code := m.Run()
 	if softhsm.dir != "" {
 		_ = os.RemoveAll(softhsm.dir)
+	}
+	if nss.dir != "" {
+		_ = os.RemoveAll(nss.dir)
 	}
 	return code
 }

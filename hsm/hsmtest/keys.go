@@ -69,18 +69,29 @@ func DES3() KeyOption {
 	}
 }
 
+// ctx returns the direct handle on the token's module.
+func (tk Token) ctx(t testing.TB) *pkcs11.Ctx {
+	t.Helper()
+	if tk.Module == NSSModule && tk.InitArgs != "" {
+		return nssCtx(t)
+	}
+	return ctx(t)
+}
+
+func trim(label string) string { return strings.TrimSpace(label) }
+
 // session opens a logged-in session on the token. Closing it does not log
 // out a backend using the token: the backend keeps its own anchor session.
 func (tk Token) session(t testing.TB) (*pkcs11.Ctx, pkcs11.SessionHandle) {
 	t.Helper()
-	p := ctx(t)
+	p := tk.ctx(t)
 	slots, err := p.GetSlotList(true)
 	if err != nil {
 		t.Fatalf("listing slots: %v", err)
 	}
 	for _, s := range slots {
 		ti, err := p.GetTokenInfo(s)
-		if err != nil || strings.TrimSpace(ti.Label) != tk.Label {
+		if err != nil || trim(ti.Label) != tk.Label {
 			continue
 		}
 		sh, err := p.OpenSession(s, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
