@@ -157,7 +157,8 @@ func (b Backend) Block() string {
 		iv = "caller"
 	}
 	var s strings.Builder
-	fmt.Fprintf(&s, "\t\tpkcs11 %s {\n\t\t\tmodule %s\n\t\t\ttoken %s\n\t\t\tpin {env.%s}\n\t\t\tiv %s\n",
+	// The token label is quoted: nShield's is "loadshared accelerator".
+	fmt.Fprintf(&s, "\t\tpkcs11 %s {\n\t\t\tmodule %s\n\t\t\ttoken %q\n\t\t\tpin {env.%s}\n\t\t\tiv %s\n",
 		b.Name, b.Module, b.Token, b.PINEnv, iv)
 	s.WriteString(defaults(b.Extra, "\t\t\t", "call_timeout", CallTimeout, "session_wait", SessionWait))
 	if b.Extra != "" {
