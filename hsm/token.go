@@ -136,8 +136,10 @@ func openToken(cfg *Config, logger *zap.Logger) (*token, error) {
 	}
 	size := cfg.MaxSessions
 	if max := info.maxRWSessions; max != pkcs11.CK_EFFECTIVELY_INFINITE && max != pkcs11.CK_UNAVAILABLE_INFORMATION && max > 1 {
-		// One read-write session is the anchor.
-		if int(max-1) < size {
+		// One read-write session is the anchor. The comparison stays
+		// unsigned: opencryptoki reports 2^64-2, which as an int is
+		// negative.
+		if max-1 < uint(size) { //nolint:gosec // size is positive: Validate and setDefaults
 			logger.Warn("max_sessions clamped to the token's read-write session limit",
 				zap.Int("configured", size), zap.Uint("token_limit", max))
 			size = int(max - 1)

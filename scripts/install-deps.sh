@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what caddy-xks needs to build, test and run its demo
-# on Debian: SoftHSM2 (the development HSM), OpenSC's pkcs11-tool, a C compiler
+# on Debian: SoftHSM2 (the development HSM), OpenSC's pkcs11-tool, NSS softokn and
+# opencryptoki (independent PKCS#11 implementations the tests run; the tests
+# start opencryptoki's pkcsslotd themselves), a C compiler
 # for cgo, curl (its --aws-sigv4 signer is one of the test clients), and the
 # pinned golangci-lint.
 # Go itself (1.26 or later) must already be on PATH.
 set -euo pipefail
 
 need=()
-for pkg in softhsm2 opensc gcc libc6-dev curl ca-certificates make; do
+for pkg in softhsm2 opensc libnss3 opencryptoki gcc libc6-dev curl ca-certificates make; do
 	dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done
 
