@@ -44,10 +44,13 @@ func init() {
 //			private_keys true|false
 //			health_ttl   <duration>
 //			env          <NAME> <value>
+//			allow_exportable_keys
 //		}
 //	}
 //
 // Several hsm blocks are merged; a backend name may be defined once.
+// allow_exportable_keys lets the backend use keys whose value can leave the
+// HSM, which it otherwise refuses; it is for tests only.
 func parseHSM(d *caddyfile.Dispenser, existing any) (any, error) {
 	app := new(hsm.App)
 	if existing != nil {
@@ -90,11 +93,15 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
 		switch opt {
-		case "no_login":
+		case "no_login", "allow_exportable_keys":
 			if d.NextArg() {
 				return nil, d.ArgErr()
 			}
-			cfg.NoLogin = true
+			if opt == "no_login" {
+				cfg.NoLogin = true
+			} else {
+				cfg.AllowExportableKeys = true
+			}
 			continue
 		case "env":
 			var k, v string

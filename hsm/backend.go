@@ -67,6 +67,14 @@ type Config struct {
 	// PrivateKeys is CKA_PRIVATE for keys GenerateKey creates. The nShield
 	// accelerator slot needs false. Default: true.
 	PrivateKeys *bool `json:"private_keys,omitempty"`
+	// AllowExportableKeys lets the backend use keys whose value can leave
+	// the HSM: CKA_SENSITIVE false or CKA_EXTRACTABLE true (wrappable).
+	// Whoever obtains such a key's value can decrypt every ciphertext made
+	// with it, offline, so by default such a key is refused: calls with it
+	// fail with ErrKeyExportable (XKS KeyNotFoundException) and a log line
+	// says why. For tests that compare the HSM's output with a software
+	// AES-GCM, never for keys that protect data. Default: false.
+	AllowExportableKeys bool `json:"allow_exportable_keys,omitempty"`
 	// HealthTTL is how long a health check's round trip result is reused;
 	// at most 1m, the spec's limit. Default: 30s.
 	HealthTTL caddy.Duration `json:"health_ttl,omitempty"`
@@ -146,6 +154,9 @@ type Backend struct {
 	adminTimeout time.Duration
 	healthTTL    time.Duration
 	privateKeys  bool
+	// allowExportable is AllowExportableKeys: backends sharing a token
+	// share its key cache, and each applies its own setting.
+	allowExportable bool
 
 	inflight  atomic.Int64
 	closeOnce sync.Once
@@ -181,6 +192,13 @@ func Open(name string, cfg Config, logger *zap.Logger) (*Backend, error) {
 		adminTimeout: max(time.Duration(cfg.CallTimeout), 10*time.Second),
 		healthTTL:    time.Duration(cfg.HealthTTL),
 		privateKeys:  cfg.PrivateKeys == nil || *cfg.PrivateKeys,
+
+		allowExportable: cfg.AllowExportableKeys,
+	}
+	if b.allowExportable {
+		logger.Warn("allow_exportable_keys is set: this backend uses keys whose value can be read or wrapped out of the HSM, "+
+			"and whoever obtains such a value can decrypt every ciphertext made with it, offline; for tests only, never for keys that protect data",
+			zap.String("backend", name))
 	}
 	if loaded {
 		logger.Debug("sharing an open token", zap.String("token", b.tok.ident.String()))

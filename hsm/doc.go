@@ -59,7 +59,13 @@
 // wins". Handles and metadata are cached per library generation, and Encrypt
 // and Decrypt check from the cache that the key is an enabled AES-256 key
 // permitted to encrypt and decrypt, because an HSM happily runs AES-GCM with
-// an AES-128 key. A missing label is searched again at most once a second.
+// an AES-128 key. A key whose value can leave the HSM (CKA_SENSITIVE false,
+// CKA_EXTRACTABLE true, or a token that will not say) is refused for every
+// operation with ErrKeyExportable, and the log says why once, unless the
+// backend sets allow_exportable_keys (for tests that check the HSM's output
+// against Go's AES-GCM); a key whose value existed outside the HSM once
+// (imported: CKA_ALWAYS_SENSITIVE or CKA_NEVER_EXTRACTABLE false) is served,
+// with a warning. A missing label is searched again at most once a second.
 // nShield shows only keys loaded at C_Initialize unless
 // CKNFAST_ASSUME_SINGLE_PROCESS=0 is set (through Config.Env); keys created
 // by another process otherwise need a restart.

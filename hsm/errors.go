@@ -15,6 +15,10 @@ var (
 	// ErrDuplicateKey: more than one secret key has the label; which one
 	// would be used is undefined, so none is.
 	ErrDuplicateKey = errors.New("duplicate key label")
+	// ErrKeyExportable: the key's value can leave the HSM (CKA_SENSITIVE
+	// false or CKA_EXTRACTABLE true) and the backend does not allow such
+	// keys (allow_exportable_keys). The proxy does not use it at all.
+	ErrKeyExportable = errors.New("key value can leave the hsm")
 	// ErrKeyUsage: the key is not an AES-256 key permitted to encrypt and
 	// decrypt, or the HSM refused the mechanism for it.
 	ErrKeyUsage = errors.New("key usage not permitted")

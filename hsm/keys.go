@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/miekg/pkcs11"
+	"go.uber.org/zap"
 )
 
 // Key status and spec values, as the XKS API names them.
@@ -43,6 +44,9 @@ type KeyInfo struct {
 	// ID is the key's CKA_ID in hex.
 	ID string
 	KeyMetadata
+	// Protection is what the key's attributes say about who can obtain its
+	// value.
+	Protection KeyProtection
 }
 
 // notFoundTTL rate-limits searches for a label that is not on the token.
@@ -61,11 +65,19 @@ type keyEntry struct {
 	gen    uint64
 	handle pkcs11.ObjectHandle
 	meta   KeyMetadata
+	// protection is the key's protection attributes, and exportable why its
+	// value can leave the HSM ("" when it cannot).
+	protection KeyProtection
+	exportable string
 	// unfitToEncrypt and unfitToDecrypt are nil when the key is an AES-256
 	// key permitted to do that; else the error the operation reports.
 	unfitToEncrypt, unfitToDecrypt *Error
 	// missingUntil is set on an entry recording that the label was not found.
 	missingUntil time.Time
+	// logged records what was logged about the key's protection, so that
+	// it is logged once rather than on every call: backends sharing the
+	// token may refuse the key and allow it.
+	logged struct{ everExposed, refused, allowed atomic.Bool }
 }
 
 // keyCache maps labels to handles. Handles are valid in every session of the
@@ -82,13 +94,14 @@ func (c *keyCache) clear() {
 
 func (c *keyCache) store(label string, e *keyEntry) { c.m.Store(label, e) }
 
-// key returns the cached entry for label, searching the token if needed.
+// key returns the cached entry for label, searching the token if needed,
+// and refuses a key this backend may not use.
 func (cs *callSession) key(op, label string) (*keyEntry, error) {
 	if v, ok := cs.t.keys.m.Load(label); ok {
 		e := v.(*keyEntry)
 		if e.gen == cs.gen {
 			if e.missingUntil.IsZero() {
-				return e, nil
+				return cs.admit(op, label, e)
 			}
 			if time.Now().Before(e.missingUntil) {
 				return nil, &Error{Kind: ErrKeyNotFound, Op: op, Key: label}
@@ -102,16 +115,54 @@ func (cs *callSession) key(op, label string) (*keyEntry, error) {
 		}
 		return nil, err
 	}
-	return cs.loadKey(op, label, h)
+	e, err := cs.loadKey(op, label, h)
+	if err != nil {
+		return nil, err
+	}
+	return cs.admit(op, label, e)
 }
 
-// loadKey reads the metadata of handle h and caches it under label.
+// admit returns e unless this backend may not use the key: a key whose
+// value can leave the HSM is refused without allow_exportable_keys. Either
+// way the first call after a lookup logs why, never the key's value.
+func (cs *callSession) admit(op, label string, e *keyEntry) (*keyEntry, error) {
+	if e.exportable == "" {
+		if e.protection.EverExposed() && e.logged.everExposed.CompareAndSwap(false, true) {
+			cs.t.logger.Warn("the key's value may have existed outside the HSM (it was imported, or made sensitive or unextractable after it was created): copies of it may exist",
+				zap.String("token", cs.t.ident.String()), zap.String("key", label),
+				zap.Bool("always_sensitive", e.protection.AlwaysSensitive), zap.Bool("never_extractable", e.protection.NeverExtractable))
+		}
+		return e, nil
+	}
+	if cs.b.allowExportable {
+		if e.logged.allowed.CompareAndSwap(false, true) {
+			cs.b.logger.Warn("using a key whose value can leave the HSM, because allow_exportable_keys is set: whoever obtains its value can decrypt every ciphertext made with it",
+				zap.String("backend", cs.b.name), zap.String("key", label), zap.String("why", e.exportable))
+		}
+		return e, nil
+	}
+	if e.logged.refused.CompareAndSwap(false, true) {
+		cs.b.logger.Error("refusing a key whose value can leave the HSM; calls with it are answered KeyNotFoundException",
+			zap.String("backend", cs.b.name), zap.String("key", label), zap.String("why", e.exportable),
+			zap.String("fix", "make a new key with `caddy xks keygen` and rotate to it (docs/operations.md); allow_exportable_keys on the backend is for tests only"))
+	}
+	refusal := exportableError(label, e.exportable)
+	refusal.Op = op
+	return nil, refusal
+}
+
+// loadKey reads the metadata and protection of handle h and caches them
+// under label.
 func (cs *callSession) loadKey(op, label string, h pkcs11.ObjectHandle) (*keyEntry, error) {
 	meta, err := cs.readMetadata(h)
 	if err != nil {
 		return nil, err
 	}
-	e := &keyEntry{gen: cs.gen, handle: h, meta: meta,
+	prot, err := cs.readProtection(h)
+	if err != nil {
+		return nil, err
+	}
+	e := &keyEntry{gen: cs.gen, handle: h, meta: meta, protection: prot, exportable: prot.Exportable(),
 		unfitToEncrypt: unfitness(label, meta, "ENCRYPT"), unfitToDecrypt: unfitness(label, meta, "DECRYPT")}
 	cs.t.keys.store(label, e)
 	return e, nil
@@ -293,7 +344,8 @@ func attrUint(b []byte) uint {
 func attrBool(b []byte) bool { return len(b) > 0 && b[0] != 0 }
 
 // Metadata reads the key's attributes afresh (its usage may have changed)
-// and returns its XKS metadata.
+// and returns its XKS metadata. A key this backend may not use is an error,
+// as for Encrypt and Decrypt.
 func (b *Backend) Metadata(ctx context.Context, keyLabel string) (KeyMetadata, error) {
 	var meta KeyMetadata
 	err := b.run(ctx, "metadata", keyLabel, b.callTimeout, func(cs *callSession) error {
@@ -305,6 +357,9 @@ func (b *Backend) Metadata(ctx context.Context, keyLabel string) (KeyMetadata, e
 		if err != nil {
 			return err
 		}
+		if fresh, err = cs.admit("metadata", keyLabel, fresh); err != nil {
+			return err
+		}
 		meta = fresh.meta
 		return nil
 	})
@@ -314,8 +369,9 @@ func (b *Backend) Metadata(ctx context.Context, keyLabel string) (KeyMetadata, e
 	return meta, nil
 }
 
-// ListKeys returns the label, id and metadata of every secret key on the
-// token, sorted by label. Keys sharing a label are all listed.
+// ListKeys returns the label, id, metadata and protection of every secret
+// key on the token, sorted by label. Keys sharing a label are all listed,
+// and so are keys the backend refuses to use.
 func (b *Backend) ListKeys(ctx context.Context) ([]KeyInfo, error) {
 	var keys []KeyInfo
 	err := b.run(ctx, "list keys", "", b.adminTimeout, func(cs *callSession) error {
@@ -339,7 +395,11 @@ func (b *Backend) ListKeys(ctx context.Context) ([]KeyInfo, error) {
 			if err != nil {
 				return err
 			}
-			ki := KeyInfo{KeyMetadata: meta}
+			prot, err := cs.readProtection(h)
+			if err != nil {
+				return err
+			}
+			ki := KeyInfo{KeyMetadata: meta, Protection: prot}
 			for _, a := range attrs {
 				switch a.Type {
 				case pkcs11.CKA_LABEL:

@@ -106,6 +106,10 @@ func (p *sessionPool) idleCount() int {
 // this operation alone (SoftHSM2 crashes the process when two threads share
 // a session).
 type callSession struct {
+	// b is the backend the operation runs for: backends sharing a token
+	// share its sessions and key cache, not their policies (such as
+	// allow_exportable_keys).
+	b   *Backend
 	t   *token
 	ctx *pkcs11.Ctx
 	st  *tokenState
@@ -236,7 +240,7 @@ func (b *Backend) attempt(c *call, gen uint64, op, key string, body func(*callSe
 			}
 			s = session{h: h, gen: gen}
 		}
-		err := body(&callSession{t: t, ctx: ctx, st: st, gen: gen, h: s.h})
+		err := body(&callSession{b: b, t: t, ctx: ctx, st: st, gen: gen, h: s.h})
 		if err == nil {
 			return &s, nil
 		}

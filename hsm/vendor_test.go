@@ -34,9 +34,12 @@ func vendorToken(t *testing.T, p vendorshim.Personality) (hsmtest.Token, *vendor
 }
 
 // vendorConfig is the backend config of the personality: the module's
-// token label, no login on nShield's accelerator slot, and iv auto.
+// token label, no login on nShield's accelerator slot, and iv auto. It
+// allows exportable keys: Go's AES-GCM checks the module's output with k1's
+// value.
 func vendorConfig(tk hsmtest.Token, shim *vendorshim.Shim, module string) Config {
 	cfg := configFor(tk)
+	cfg.AllowExportableKeys = true
 	cfg.Module = module
 	cfg.Token = shim.TokenLabel(tk.Label)
 	cfg.IVMode = "auto"

@@ -62,7 +62,15 @@ make keys for conformance tests and should not be used for production keys.`,
 	{
 		name:  "keys",
 		use:   "keys [--backend <name>] [--config <file>] [--labels]",
-		short: "Lists the AES keys in an HSM backend with their metadata",
+		short: "Lists the keys in an HSM backend with their metadata and protection",
+		long: `
+Lists every secret key of the backend's token: its label (the external key
+id), key spec, usage and status as GetKeyMetadata reports them, and the
+attributes that say who can obtain its value: SENSITIVE, EXTRACTABLE,
+ALWAYS_SENSITIVE, NEVER_EXTRACTABLE and PRIVATE (CKA_ omitted; ? when the
+token does not report one). Notes below the table name the keys the backend
+refuses because their value can leave the HSM, and keys whose value existed
+outside it once (imported).`,
 		flags: func(fs *pflag.FlagSet) {
 			configFlags(fs)
 			fs.StringP("backend", "b", "", "HSM backend name from the config (default: the only one)")

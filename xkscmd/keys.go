@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -146,9 +147,52 @@ func cmdKeys(fl caddycmd.Flags, out io.Writer) (int, error) {
 		return caddy.ExitCodeSuccess, nil
 	}
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "LABEL\tKEY SPEC\tUSAGE\tSTATUS")
-	for _, k := range keys {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", k.Label, k.KeySpec, strings.Join(k.KeyUsage, ","), k.KeyStatus)
+	fmt.Fprint(tw, "LABEL\tKEY SPEC\tUSAGE\tSTATUS")
+	for _, a := range protectionColumns {
+		fmt.Fprint(tw, "\t", a.name)
 	}
-	return caddy.ExitCodeSuccess, tw.Flush()
+	fmt.Fprintln(tw)
+	var notes []string
+	for _, k := range keys {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s", k.Label, k.KeySpec, strings.Join(k.KeyUsage, ","), k.KeyStatus)
+		for _, a := range protectionColumns {
+			v := strconv.FormatBool(a.value(k.Protection))
+			if slices.Contains(k.Protection.Unread, "CKA_"+a.name) {
+				v = "?"
+			}
+			fmt.Fprint(tw, "\t", v)
+		}
+		fmt.Fprintln(tw)
+		switch why := k.Protection.Exportable(); {
+		case why != "" && b.AllowsExportableKeys():
+			notes = append(notes, fmt.Sprintf("%s: served only because allow_exportable_keys is set: %s", k.Label, why))
+		case why != "":
+			notes = append(notes, fmt.Sprintf("%s: refused by backend %s (KeyNotFoundException): %s", k.Label, b.Name(), why))
+		case k.Protection.EverExposed():
+			notes = append(notes, fmt.Sprintf("%s: its value existed outside the HSM once (imported, or protected only after it was made): copies may exist", k.Label))
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if len(notes) > 0 {
+		fmt.Fprintln(out)
+		for _, n := range notes {
+			fmt.Fprintln(out, n)
+		}
+	}
+	return caddy.ExitCodeSuccess, nil
+}
+
+// protectionColumns are the columns of `caddy xks keys` that say who can
+// obtain a key's value, named after their attributes (CKA_ omitted).
+var protectionColumns = []struct {
+	name  string
+	value func(hsm.KeyProtection) bool
+}{
+	{"SENSITIVE", func(p hsm.KeyProtection) bool { return p.Sensitive }},
+	{"EXTRACTABLE", func(p hsm.KeyProtection) bool { return p.Extractable }},
+	{"ALWAYS_SENSITIVE", func(p hsm.KeyProtection) bool { return p.AlwaysSensitive }},
+	{"NEVER_EXTRACTABLE", func(p hsm.KeyProtection) bool { return p.NeverExtractable }},
+	{"PRIVATE", func(p hsm.KeyProtection) bool { return p.Private }},
 }

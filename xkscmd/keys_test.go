@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -41,6 +42,20 @@ func keyRow(t *testing.T, config, label string) string {
 	return ""
 }
 
+// protection is the protection columns of `caddy xks keys`: SENSITIVE,
+// EXTRACTABLE, ALWAYS_SENSITIVE, NEVER_EXTRACTABLE and PRIVATE.
+func protection(attrs ...bool) string {
+	cells := make([]string, len(attrs))
+	for i, a := range attrs {
+		cells[i] = strconv.FormatBool(a)
+	}
+	return strings.Join(cells, " ")
+}
+
+// generated is the protection of a key keygen made: sensitive and never
+// extractable since it was made, and private.
+var generated = protection(true, false, true, true, true)
+
 func boolAttribute(t *testing.T, tk hsmtest.Token, label string, typ uint) bool {
 	t.Helper()
 	return bytes.Equal(tk.Attribute(t, label, typ), []byte{1})
@@ -55,7 +70,7 @@ func TestKeygenCreatesASecureKey(t *testing.T) {
 	if want := `created key "xks-key-1" in backend main: AES_256 ENCRYPT,DECRYPT ENABLED`; strings.TrimSpace(out) != want {
 		t.Errorf("keygen printed %q, want %q", out, want)
 	}
-	if got, want := keyRow(t, config, "xks-key-1"), "xks-key-1 AES_256 ENCRYPT,DECRYPT ENABLED"; got != want {
+	if got, want := keyRow(t, config, "xks-key-1"), "xks-key-1 AES_256 ENCRYPT,DECRYPT ENABLED "+generated; got != want {
 		t.Errorf("keys: %q, want %q", got, want)
 	}
 	for _, a := range []struct {
@@ -108,9 +123,9 @@ func TestKeygenUsage(t *testing.T) {
 		usage, label, row string
 		encrypt, decrypt  bool
 	}{
-		{"encrypt", "enc-only", "enc-only AES_256 ENCRYPT ENABLED", true, false},
-		{"decrypt", "dec-only", "dec-only AES_256 DECRYPT ENABLED", false, true},
-		{"none", "no-usage", "no-usage AES_256 ENABLED", false, false},
+		{"encrypt", "enc-only", "enc-only AES_256 ENCRYPT ENABLED " + generated, true, false},
+		{"decrypt", "dec-only", "dec-only AES_256 DECRYPT ENABLED " + generated, false, true},
+		{"none", "no-usage", "no-usage AES_256 ENABLED " + generated, false, false},
 	} {
 		t.Run(tc.usage, func(t *testing.T) {
 			if _, err := runCommand(t, "keygen", "--config", config, "--label", tc.label, "--usage", tc.usage); err != nil {
@@ -157,5 +172,44 @@ func TestKeysLabels(t *testing.T) {
 	slices.Sort(got)
 	if !slices.Equal(got, want) {
 		t.Errorf("keys --labels printed %q, want the labels %q one per line", out, want)
+	}
+}
+
+// TestKeysShowsWhoCanObtainAKey: `caddy xks keys` shows the attributes that
+// say whether a key's value can leave the HSM, and says which keys the
+// backend refuses for it, and which were imported.
+func TestKeysShowsWhoCanObtainAKey(t *testing.T) {
+	tk, config := keygenConfig(t)
+	tk.CreateKey(t, "secure")
+	tk.CreateKey(t, "exportable", hsmtest.Extractable())
+	tk.ImportKey(t, "imported", bytes.Repeat([]byte{3}, 32))
+	out, err := runCommand(t, "keys", "--config", config)
+	if err != nil {
+		t.Fatalf("keys: %v", err)
+	}
+	header := strings.Fields(strings.SplitN(out, "\n", 2)[0])
+	if want := "LABEL KEY SPEC USAGE STATUS SENSITIVE EXTRACTABLE ALWAYS_SENSITIVE NEVER_EXTRACTABLE PRIVATE"; strings.Join(header, " ") != want {
+		t.Errorf("header %q, want %q", strings.Join(header, " "), want)
+	}
+	for label, want := range map[string]string{
+		"secure":     "secure AES_256 ENCRYPT,DECRYPT ENABLED " + generated,
+		"exportable": "exportable AES_256 ENCRYPT,DECRYPT ENABLED " + protection(false, true, false, false, true),
+		"imported":   "imported AES_256 ENCRYPT,DECRYPT ENABLED " + protection(true, false, false, false, true),
+	} {
+		if got := keyRow(t, config, label); got != want {
+			t.Errorf("keys: %q, want %q", got, want)
+		}
+	}
+	for _, want := range []string{
+		"exportable: refused by backend main (KeyNotFoundException): CKA_SENSITIVE is false",
+		"CKA_EXTRACTABLE is true, so its value can be wrapped out of the HSM",
+		"imported: its value existed outside the HSM once",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("keys does not say %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "secure:") {
+		t.Errorf("keys has a note about the secure key:\n%s", out)
 	}
 }

@@ -20,6 +20,7 @@ func newFaultFixture(t *testing.T, hsmExtra string) (*fixture, *faultshim.Shim) 
 	f := newFixtureWith(t, func(f *fixture) {
 		shim = faultshim.New(t, f.token.Module)
 		f.module = shim.Path
+		f.exportable = false
 		f.hsmExtra = hsmExtra
 	})
 	// A device error makes the backend re-initialize its library, in the

@@ -62,8 +62,13 @@ type fixture struct {
 
 	module   string // the PKCS#11 module Caddy loads: SoftHSM2, or a fault shim in front of it
 	hsmExtra string // more lines for the pkcs11 block
-	ks1Extra string // more lines for the /ks1 key_store block
-	xksExtra string // more lines for the xks block
+	// exportable adds the backend "exportable" (allow_exportable_keys) on
+	// the token, which /legacy and /clear use for keyClear; otherwise they
+	// use main, which refuses it. The fault fixtures leave it out: the
+	// shim's faults and counts, and the token's pool, are then main's alone.
+	exportable bool
+	ks1Extra   string // more lines for the /ks1 key_store block
+	xksExtra   string // more lines for the xks block
 
 	mu        sync.Mutex
 	sensitive [][]byte // plaintexts and AADs sent or received, to look for in the log
@@ -76,7 +81,7 @@ const (
 	keyDecOnly  = "k-dec"     // decrypt only
 	keyNone     = "k-none"    // neither
 	keyAES128   = "k-128"     // the wrong size
-	keyClear    = "k-x"       // extractable, to check the HSM's output against Go's AES-GCM
+	keyClear    = "k-x"       // extractable, to check the HSM's output against Go's AES-GCM; only backend exportable uses it
 	keyMissing  = "k-missing" // allowed by the key store but not on the token
 	keyOtherKS  = "k2"        // only in /ks2
 	keyNotAllow = "k-secret"  // on the token, in no allow-list
@@ -95,7 +100,7 @@ func newFixtureWith(t *testing.T, change func(*fixture)) *fixture {
 	if !hsmtest.Available() {
 		t.Skip("SoftHSM2 is not installed")
 	}
-	f := &fixture{t: t, token: hsmtest.NewToken(t), dir: t.TempDir()}
+	f := &fixture{t: t, token: hsmtest.NewToken(t), dir: t.TempDir(), exportable: true}
 	f.module = f.token.Module
 	f.token.CreateKey(t, keyBoth)
 	f.token.CreateKey(t, keyEncOnly, hsmtest.Usage(pkcs11.CKA_DECRYPT, false))
@@ -228,8 +233,19 @@ func (f *fixture) config(fleetSize int) string {
 	}
 	f.t.Setenv("XKS_TEST_SECRET_2", f.ks2.secret)
 	hsm := proxytest.Backend{Name: "main", Module: f.module, Token: f.token.Label, PINEnv: "XKS_TEST_PIN", Extra: f.hsmExtra}
+	// The same token through a backend that uses keyClear, whose value the
+	// tests read to check the HSM's output: main refuses it. The same
+	// settings, so that the shared token opens alike whichever backend is
+	// opened first.
+	blocks, clear := hsm.Block(), "main"
+	if f.exportable {
+		exportable := hsm
+		exportable.Name = "exportable"
+		exportable.Extra = strings.TrimRight("\t\t\tallow_exportable_keys\n"+f.hsmExtra, "\n")
+		blocks, clear = blocks+exportable.Block(), exportable.Name
+	}
 	ksDefaults := proxytest.KeyStoreDefaults(f.ks1Extra)
-	return f.proxy.Global("\thsm {\n"+hsm.Block()+"\t}\n") + fmt.Sprintf(`
+	return f.proxy.Global("\thsm {\n"+blocks+"\t}\n") + fmt.Sprintf(`
 localhost:%[1]d {
 	tls %[2]s %[3]s
 	xks {
@@ -250,17 +266,24 @@ localhost:%[1]d {
 			keys %[9]s
 %[15]s		}
 		key_store /legacy {
-			hsm main
+			hsm %[16]s
 			region %[4]s
 			credential %[8]s {env.XKS_TEST_SECRET_2}
 			keys %[10]s
 			aad_framing aws_sample
 %[15]s		}
+		key_store /clear {
+			hsm %[16]s
+			region %[4]s
+			credential %[8]s {env.XKS_TEST_SECRET_2}
+			keys %[10]s
+			ciphertext_metadata dGVzdC12MQ==
+%[15]s		}
 	}
 }
 `, f.proxy.HTTPSPort, f.cert, f.key, region, creds.String(),
 		strings.Join([]string{keyBoth, keyEncOnly, keyDecOnly, keyNone, keyAES128, keyClear, keyMissing, keyOff}, " "),
-		fleetSize, f.ks2.akid, keyOtherKS, keyClear, keyOff, ksDefaults, f.ks1Extra, f.xksExtra, proxytest.KeyStoreDefaults(""))
+		fleetSize, f.ks2.akid, keyOtherKS, keyClear, keyOff, ksDefaults, f.ks1Extra, f.xksExtra, proxytest.KeyStoreDefaults(""), clear)
 }
 
 // response is an XKS answer: the status and the decoded JSON body.

@@ -84,6 +84,13 @@ func fromHSM(err error) *xksError {
 		e = newError(KeyNotFoundException, "the external key was not found in the HSM")
 	case errors.Is(err, hsm.ErrDuplicateKey):
 		e = newError(KeyNotFoundException, "the external key id matches more than one key in the HSM")
+	case errors.Is(err, hsm.ErrKeyExportable):
+		// KeyNotFoundException, not InvalidKeyUsageException: the spec
+		// allows the latter only for Encrypt and Decrypt, and it tells KMS
+		// (and its caller) that an operation is not enabled on the key. A
+		// key whose value can leave the HSM is not one this proxy serves at
+		// all, for GetKeyMetadata too, so that KMS's CreateKey refuses it.
+		e = newError(KeyNotFoundException, "the external key's value can leave the HSM, so the proxy does not use it")
 	case errors.Is(err, hsm.ErrKeyUsage):
 		e = newError(InvalidKeyUsageException, "the external key does not support the requested operation")
 	case errors.Is(err, hsm.ErrInvalidCiphertext):

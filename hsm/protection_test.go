@@ -1,0 +1,170 @@
+package hsm
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+)
+
+// openObserved opens a backend whose log the test reads.
+func openObserved(t *testing.T, name string, cfg Config) (*Backend, *observer.ObservedLogs) {
+	t.Helper()
+	core, logs := observer.New(zapcore.InfoLevel)
+	b, err := Open(name, cfg, zap.New(core))
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(func() { _ = b.Close() })
+	return b, logs
+}
+
+// logText is every line of logs, message and fields, as one string.
+func logText(logs *observer.ObservedLogs) string {
+	var s strings.Builder
+	for _, e := range logs.All() {
+		fmt.Fprintf(&s, "%s %s %v\n", e.Level, e.Message, e.ContextMap())
+	}
+	return s.String()
+}
+
+// TestExportableKeysAreRefused: a key made with pkcs11-tool --extractable
+// (or without --sensitive) can be read or wrapped out of the token, and
+// every ciphertext made with it decrypted offline. The backend refuses it
+// for every operation, logs once why (never the key's value), and uses it
+// only where allow_exportable_keys says so.
+func TestExportableKeysAreRefused(t *testing.T) {
+	tk := hsmtest.NewToken(t)
+	keys := []struct {
+		label string
+		opt   hsmtest.KeyOption
+		why   string
+	}{
+		{"readable-and-wrappable", hsmtest.Extractable(), "CKA_SENSITIVE is false"},
+		{"readable", hsmtest.Protection(false, false), "CKA_SENSITIVE is false"},
+		{"wrappable", hsmtest.Protection(true, true), "CKA_EXTRACTABLE is true"},
+	}
+	for _, k := range keys {
+		tk.CreateKey(t, k.label, k.opt)
+	}
+	tk.CreateKey(t, "protected")
+	b, logs := openObserved(t, "primary", configFor(tk))
+
+	if _, err := b.Encrypt(bg, "protected", []byte("pt"), nil); err != nil {
+		t.Fatalf("a sensitive, unextractable key: %v", err)
+	}
+	for _, k := range keys {
+		t.Run(k.label, func(t *testing.T) {
+			for range 2 {
+				_, err := b.Encrypt(bg, k.label, []byte("pt"), []byte("aad"))
+				if !errors.Is(err, ErrKeyExportable) || !strings.Contains(err.Error(), k.why) {
+					t.Errorf("Encrypt: %v, want ErrKeyExportable saying %q", err, k.why)
+				}
+			}
+			if _, err := b.Decrypt(bg, k.label, make([]byte, 12), []byte("ct"), make([]byte, 16), nil); !errors.Is(err, ErrKeyExportable) {
+				t.Errorf("Decrypt: %v, want ErrKeyExportable", err)
+			}
+			if _, err := b.Metadata(bg, k.label); !errors.Is(err, ErrKeyExportable) {
+				t.Errorf("Metadata: %v, want ErrKeyExportable", err)
+			}
+			refusals := logs.FilterMessageSnippet("refusing a key whose value can leave the HSM").FilterField(zap.String("key", k.label))
+			if refusals.Len() == 0 {
+				t.Fatalf("no log line says why %s is refused:\n%s", k.label, logText(logs))
+			}
+			if e := refusals.All()[0]; e.Level != zapcore.ErrorLevel || !strings.Contains(fmt.Sprint(e.ContextMap()["why"]), k.why) {
+				t.Errorf("the refusal's log line: %s %v", e.Level, e.ContextMap())
+			}
+		})
+	}
+	// The value of the key that can be read never reaches the log, in any
+	// form.
+	text := logText(logs)
+	if v := tk.KeyValue(t, keys[0].label); strings.Contains(text, hex.EncodeToString(v)) || bytes.Contains([]byte(text), v) {
+		t.Errorf("the log holds the value of %s", keys[0].label)
+	}
+
+	// A second backend on the token that opts in uses them; the first still
+	// refuses them, although the two share the token's key cache.
+	cfg := configFor(tk)
+	cfg.AllowExportableKeys = true
+	allowing, allowLogs := openObserved(t, "conformance", cfg)
+	if allowLogs.FilterMessageSnippet("allow_exportable_keys is set").FilterLevelExact(zapcore.WarnLevel).Len() != 1 {
+		t.Errorf("opening a backend with allow_exportable_keys gives no warning:\n%s", logText(allowLogs))
+	}
+	for _, k := range keys {
+		res, err := allowing.Encrypt(bg, k.label, []byte("pt"), nil)
+		if err != nil {
+			t.Fatalf("%s with allow_exportable_keys: %v", k.label, err)
+		}
+		if _, err := allowing.Decrypt(bg, k.label, res.IV, res.Ciphertext, res.Tag, nil); err != nil {
+			t.Errorf("%s with allow_exportable_keys: decrypt: %v", k.label, err)
+		}
+		if _, err := b.Encrypt(bg, k.label, []byte("pt"), nil); !errors.Is(err, ErrKeyExportable) {
+			t.Errorf("%s on the backend without allow_exportable_keys, after the other used it: %v", k.label, err)
+		}
+	}
+	if allowLogs.FilterMessageSnippet("using a key whose value can leave the HSM").Len() == 0 {
+		t.Errorf("no log line says that an exportable key is in use:\n%s", logText(allowLogs))
+	}
+}
+
+// TestKeysAreListedWithTheirProtection: ListKeys reports the attributes that
+// say who can obtain a key's value, for `caddy xks keys`.
+func TestKeysAreListedWithTheirProtection(t *testing.T) {
+	tk := hsmtest.NewToken(t)
+	tk.CreateKey(t, "generated")
+	tk.CreateKey(t, "extractable", hsmtest.Extractable())
+	tk.ImportKey(t, "imported", bytes.Repeat([]byte{7}, 32))
+	b := open(t, "primary", configFor(tk))
+	keys, err := b.ListKeys(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]KeyProtection{
+		"generated":   {Sensitive: true, AlwaysSensitive: true, NeverExtractable: true, Private: true},
+		"extractable": {Extractable: true, Private: true},
+		"imported":    {Sensitive: true, Private: true},
+	}
+	for _, k := range keys {
+		w, ok := want[k.Label]
+		if !ok {
+			t.Errorf("unexpected key %q", k.Label)
+			continue
+		}
+		if fmt.Sprint(k.Protection) != fmt.Sprint(w) {
+			t.Errorf("%s: protection %+v, want %+v", k.Label, k.Protection, w)
+		}
+		if (k.Protection.Exportable() != "") != (k.Label == "extractable") {
+			t.Errorf("%s: Exportable() = %q", k.Label, k.Protection.Exportable())
+		}
+		delete(want, k.Label)
+	}
+	if len(want) > 0 {
+		t.Errorf("not listed: %v", want)
+	}
+}
+
+// TestImportedKeyIsServedWithAWarning: a key imported into the HSM (how one
+// key gets into two HSMs) is sensitive and unextractable now, so it is
+// served, but its value existed outside the HSM once, which the log says.
+func TestImportedKeyIsServedWithAWarning(t *testing.T) {
+	tk := hsmtest.NewToken(t)
+	tk.ImportKey(t, "imported", bytes.Repeat([]byte{9}, 32))
+	b, logs := openObserved(t, "primary", configFor(tk))
+	for range 3 {
+		if _, err := b.Encrypt(bg, "imported", []byte("pt"), nil); err != nil {
+			t.Fatalf("an imported key: %v", err)
+		}
+	}
+	if n := logs.FilterMessageSnippet("may have existed outside the HSM").FilterField(zap.String("key", "imported")).Len(); n != 1 {
+		t.Errorf("%d warnings about the imported key, want 1:\n%s", n, logText(logs))
+	}
+}
