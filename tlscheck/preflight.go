@@ -59,6 +59,7 @@ func Preflight(ctx caddy.Context, hostnames []string, logger *zap.Logger, onRepo
 	events := appIface.(*caddyevents.App)
 	p := newPreflight(hostnames, logger, onReport)
 	p.storage = ctx.Storage()
+	p.done = ctx.Done()
 	for _, name := range preflightEvents {
 		if err := events.On(name, p); err != nil {
 			return nil, fmt.Errorf("tlscheck: subscribing to %s events: %w", name, err)
@@ -71,26 +72,48 @@ func Preflight(ctx caddy.Context, hostnames []string, logger *zap.Logger, onRepo
 type Watcher struct {
 	p    *preflight
 	seen sync.Map // hostname as given -> struct{}: the fast path of Watch
+
+	learned int  // hostnames added by Watch; guarded by p.mu
+	capped  bool // the cap was reached and said so; guarded by p.mu
 }
+
+// MaxLearnedHostnames bounds the hostnames Watch adds to those configured:
+// each costs a check, log lines and a metric series, so a name given by a
+// client must not grow them without end.
+const MaxLearnedHostnames = 32
 
 // Watch checks the chains served for hostname now, if it is new, and after
 // every renewal from then on. It is cheap for a hostname already watched,
-// so it may be called on every request.
+// so it may be called on every request; call it only for requests that
+// were authenticated, since the name comes from the client (its TLS server
+// name). At most MaxLearnedHostnames names are added.
 func (w *Watcher) Watch(hostname string) {
 	if _, ok := w.seen.Load(hostname); ok {
 		return
 	}
-	w.seen.Store(hostname, struct{}{})
 	host := strings.TrimSuffix(strings.ToLower(hostname), ".")
 	if host == "" {
 		return
 	}
 	w.p.mu.Lock()
 	known := slices.Contains(w.p.hostnames, host)
-	if !known {
+	full := !known && w.learned >= MaxLearnedHostnames
+	sayFull := full && !w.capped
+	if full {
+		w.capped = true
+	} else if !known {
 		w.p.hostnames = append(w.p.hostnames, host)
+		w.learned++
 	}
 	w.p.mu.Unlock()
+	if full {
+		if sayFull {
+			w.p.logger.Warn("not checking the certificates of more server names seen in requests; list the proxy's names in the xks hostnames option",
+				zap.Int("learned", MaxLearnedHostnames))
+		}
+		return
+	}
+	w.seen.Store(hostname, struct{}{})
 	if !known {
 		for _, chain := range w.p.cached(host) {
 			w.p.check(host, chain)
@@ -116,6 +139,11 @@ type Resolver interface {
 	LookupIPAddr(ctx context.Context, host string) ([]net.IPAddr, error)
 }
 
+// DefaultResolver is the resolver Preflight looks hostnames up with. Tests
+// that run a proxy for names that must not reach a real DNS server replace
+// it before Caddy starts.
+var DefaultResolver Resolver = net.DefaultResolver
+
 // resolveTimeout bounds the preflight's DNS lookup of a hostname.
 const resolveTimeout = 10 * time.Second
 
@@ -135,13 +163,16 @@ type preflight struct {
 	// resolver looks the hostnames up, once each, to warn of a name that
 	// KMS cannot reach.
 	resolver Resolver
+	// done is closed when the configuration ends: events that certmagic
+	// emits after that (a retry that fails while Caddy stops) are ignored.
+	done <-chan struct{}
 
 	mu   sync.Mutex
 	seen map[string]bool // hostname + leaf fingerprint, or hostname + what was reported
 }
 
 func newPreflight(hostnames []string, logger *zap.Logger, onReport func(Report)) *preflight {
-	p := &preflight{logger: logger, onReport: onReport, cached: cachedChains, resolver: net.DefaultResolver, seen: make(map[string]bool)}
+	p := &preflight{logger: logger, onReport: onReport, cached: cachedChains, resolver: DefaultResolver, seen: make(map[string]bool)}
 	for _, h := range hostnames {
 		p.hostnames = append(p.hostnames, strings.TrimSuffix(strings.ToLower(h), "."))
 	}
@@ -151,6 +182,11 @@ func newPreflight(hostnames []string, logger *zap.Logger, onReport func(Report))
 // Handle checks the chains an event may have changed. It never returns an
 // error: a warning must not abort certificate management.
 func (p *preflight) Handle(ctx context.Context, e caddy.Event) error {
+	select {
+	case <-p.done:
+		return nil
+	default:
+	}
 	switch e.Name() {
 	case "cert_failed":
 		p.certFailed(e.Data)
@@ -322,8 +358,15 @@ func (p *preflight) checkAddresses(host string) *Problem {
 
 // cachedChains returns the chains in Caddy's certificate cache that could be
 // served for hostname.
-func cachedChains(hostname string) [][]*x509.Certificate {
-	var chains [][]*x509.Certificate
+func cachedChains(hostname string) (chains [][]*x509.Certificate) {
+	// Once no TLS app runs (Caddy is stopping), Caddy's certificate cache
+	// is gone and a lookup in it dereferences nil: there is nothing to
+	// check then, and a check must never bring the process down.
+	defer func() {
+		if recover() != nil {
+			chains = nil
+		}
+	}()
 	for _, cert := range caddytls.AllMatchingCertificates(hostname) {
 		chain := make([]*x509.Certificate, 0, len(cert.Certificate.Certificate))
 		for _, der := range cert.Certificate.Certificate {

@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io/fs"
 	"net"
 	"slices"
@@ -253,5 +254,28 @@ func TestPreflightCertFailed(t *testing.T) {
 	last := f.reports[len(f.reports)-1]
 	if len(f.reports) != 2 || last.Problems[0].Rule != RuleValidity || !strings.Contains(last.Problems[0].What, "48h0m0s left") {
 		t.Fatalf("reports %+v, want the failed renewal with the time left", f.reports)
+	}
+}
+
+// TestWatchIsBounded: names seen in requests are watched up to
+// MaxLearnedHostnames, then no more (one warning says so); names already
+// watched, configured ones among them, stay cheap.
+func TestWatchIsBounded(t *testing.T) {
+	f := newPreflightFixture(t)
+	w := &Watcher{p: f.preflight}
+	for i := range MaxLearnedHostnames + 8 {
+		w.Watch(fmt.Sprintf("h%d.example.com", i))
+	}
+	w.Watch(proxyHost)
+	if got := len(w.p.names()); got != 1+MaxLearnedHostnames {
+		t.Fatalf("%d names watched, want the configured one and %d learned", got, MaxLearnedHostnames)
+	}
+	if n := f.logs.FilterMessageSnippet("not checking the certificates of more server names").Len(); n != 1 {
+		t.Fatalf("%d warnings about the cap, want 1", n)
+	}
+	n := 0
+	w.seen.Range(func(any, any) bool { n++; return true })
+	if n > 1+MaxLearnedHostnames {
+		t.Fatalf("the fast-path map holds %d names: it grows with names that are not watched", n)
 	}
 }

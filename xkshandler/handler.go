@@ -139,9 +139,6 @@ func (h *Handler) Validate() error {
 // KMS cannot interpret.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	x := exchange{start: time.Now()}
-	if r.TLS != nil {
-		h.preflight.Watch(r.TLS.ServerName)
-	}
 	path := sigv4auth.RawPath(r)
 	if h.ReadyPath != "" && path == h.ReadyPath {
 		h.ready(w, r)
@@ -211,6 +208,11 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 			x.akid = verr.AccessKeyID
 		}
 		return
+	}
+	// The name the client reached the proxy by is worth a certificate
+	// check, now that the client is known to be KMS (or holds its secret).
+	if r.TLS != nil {
+		h.preflight.Watch(r.TLS.ServerName)
 	}
 	// 3. The JSON body, decoded and validated.
 	req, xerr := decodeRequest(x.op, body)
