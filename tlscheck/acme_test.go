@@ -49,7 +49,16 @@ import (
 // binary that must run as `caddy run` instead of running tests.
 const runAsCaddy = "XKS_TLSCHECK_TEST_RUN_AS_CADDY"
 
+// loopbackResolver answers every name with 127.0.0.1, as Pebble's DNS
+// does: the preflight's lookup of the proxy's name stays on this machine.
+type loopbackResolver struct{}
+
+func (loopbackResolver) LookupIPAddr(context.Context, string) ([]net.IPAddr, error) {
+	return []net.IPAddr{{IP: net.IPv4(127, 0, 0, 1)}}, nil
+}
+
 func TestMain(m *testing.M) {
+	tlscheck.DefaultResolver = loopbackResolver{}
 	if config := os.Getenv(runAsCaddy); config != "" {
 		os.Args = []string{"caddy", "run", "--config", config, "--adapter", "caddyfile"}
 		caddycmd.Main()
@@ -416,9 +425,13 @@ func TestACMEFleetObtainsOneCertificate(t *testing.T) {
 	first, second := proxytest.NewInstance(t), proxytest.NewInstance(t)
 	first.Storage, second.Storage = storage, storage
 	pebble := pebbletest.Start(t, pebbletest.Options{HTTPPort: first.HTTPPort, TLSPort: first.HTTPSPort, CommonName: true})
-	for _, in := range []*proxytest.Instance{first, second} {
-		startChild(t, newACMEProxy(t, in, pebble, token, cred), token)
-	}
+	// The second starts as soon as the first listens, which is where
+	// Pebble validates (as a load balancer would send it there): both race
+	// for the order, and whichever makes it, the first answers the
+	// challenge from the shared storage.
+	startChild(t, newACMEProxy(t, first, pebble, token, cred), token)
+	awaitListening(t, first.HTTPSPort)
+	startChild(t, newACMEProxy(t, second, pebble, token, cred), token)
 	roots := pebbleRoots(pebble)
 	leafA := awaitChain(t, first.HTTPSPort, acmeHost, roots, anyChain)[0]
 	leafB := awaitChain(t, second.HTTPSPort, acmeHost, roots, anyChain)[0]
@@ -436,6 +449,23 @@ func TestACMEFleetObtainsOneCertificate(t *testing.T) {
 	}
 }
 
+// awaitListening waits until something accepts connections on port.
+func awaitListening(t *testing.T, port int) {
+	t.Helper()
+	deadline := time.Now().Add(settle)
+	for {
+		conn, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), time.Minute)
+		if err == nil {
+			_ = conn.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing listens on %d within %s: %v", port, settle, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // startChild runs the proxy as a child process (this test binary as caddy).
 func startChild(t *testing.T, a *acmeProxy, token hsmtest.Token) {
 	t.Helper()
@@ -450,6 +480,11 @@ func startChild(t *testing.T, a *acmeProxy, token hsmtest.Token) {
 	cmd := exec.Command(self)
 	cmd.Env = append(os.Environ(), runAsCaddy+"="+config, "SOFTHSM2_CONF="+token.Conf,
 		"HOME="+a.in.Dir, "XDG_DATA_HOME="+a.in.Dir, "XDG_CONFIG_HOME="+a.in.Dir)
+	output, err := os.Create(filepath.Join(a.in.Dir, "output"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = output, output
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -462,9 +497,11 @@ func startChild(t *testing.T, a *acmeProxy, token hsmtest.Token) {
 		case <-time.After(time.Minute):
 			_ = cmd.Process.Kill()
 		}
+		_ = output.Close()
 		if t.Failed() {
 			logs, _ := os.ReadFile(a.in.LogFile)
-			t.Logf("log of the instance at %d:\n%s", a.in.HTTPSPort, logs)
+			out, _ := os.ReadFile(output.Name())
+			t.Logf("log of the instance at %d:\n%s\noutput:\n%s", a.in.HTTPSPort, logs, out)
 		}
 	})
 }
@@ -486,6 +523,7 @@ func TestACMEFailureAtStart(t *testing.T) {
 	const other = "xks-proxy-2.example.com"
 	a.hostnames = []string{acmeHost, other}
 	p.Load(a.config())
+	awaitChain(t, p.HTTPSPort, acmeHost, roots, anyChain) // loaded from storage, in the background
 	if err := newXKSClient(p.HTTPSPort, acmeHost, roots, a.cred).encrypt(); err != nil {
 		t.Fatalf("Encrypt with the certificate from storage while the ACME CA is down: %v", err)
 	}
