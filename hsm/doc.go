@@ -65,7 +65,12 @@
 // backend sets allow_exportable_keys (for tests that check the HSM's output
 // against Go's AES-GCM); a key whose value existed outside the HSM once
 // (imported: CKA_ALWAYS_SENSITIVE or CKA_NEVER_EXTRACTABLE false) is served,
-// with a warning. A missing label is searched again at most once a second.
+// with a warning. Another process can delete a key, replace it, or give a
+// second key its label: a cached handle is searched again after ten
+// seconds, by one call while the others go on with it, and Metadata always
+// searches afresh, so that a change is noticed without a restart, and a
+// second key with the label fails every call, as it would after one. A
+// missing label is searched again at most once a second.
 // nShield shows only keys loaded at C_Initialize unless
 // CKNFAST_ASSUME_SINGLE_PROCESS=0 is set (through Config.Env); keys created
 // by another process otherwise need a restart.

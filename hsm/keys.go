@@ -55,6 +55,15 @@ type KeyInfo struct {
 // otherwise, see the package documentation).
 var notFoundTTL = time.Second
 
+// keyRecheck is how long a cached handle is used before its label is
+// searched again. Another process (a key ceremony tool, pkcs11-tool) can
+// add a second key with the label, or delete or replace the key, and a
+// handle cached forever would hide that until a restart, after which the
+// restarted proxy answers differently from the rest of the fleet. One call
+// per label and interval pays for the search; the others keep using the
+// cached handle meanwhile.
+var keyRecheck = 10 * time.Second
+
 // maxNotFound bounds the remembered missing labels, which may come from
 // requests.
 const maxNotFound = 1024
@@ -74,6 +83,10 @@ type keyEntry struct {
 	unfitToEncrypt, unfitToDecrypt *Error
 	// missingUntil is set on an entry recording that the label was not found.
 	missingUntil time.Time
+	// checkedAt is when the label was last searched; rechecking is set
+	// while one call searches it again.
+	checkedAt  time.Time
+	rechecking atomic.Bool
 	// logged records what was logged about the key's protection, so that
 	// it is logged once rather than on every call: backends sharing the
 	// token may refuse the key and allow it.
@@ -95,31 +108,74 @@ func (c *keyCache) clear() {
 func (c *keyCache) store(label string, e *keyEntry) { c.m.Store(label, e) }
 
 // key returns the cached entry for label, searching the token if needed,
-// and refuses a key this backend may not use.
+// and refuses a key this backend may not use. A cached handle older than
+// keyRecheck is searched again first, by one call at a time.
 func (cs *callSession) key(op, label string) (*keyEntry, error) {
+	var prev *keyEntry
 	if v, ok := cs.t.keys.m.Load(label); ok {
 		e := v.(*keyEntry)
 		if e.gen == cs.gen {
-			if e.missingUntil.IsZero() {
+			switch {
+			case !e.missingUntil.IsZero():
+				if time.Now().Before(e.missingUntil) {
+					return nil, &Error{Kind: ErrKeyNotFound, Op: op, Key: label}
+				}
+			case time.Since(e.checkedAt) < keyRecheck || !e.rechecking.CompareAndSwap(false, true):
 				return cs.admit(op, label, e)
-			}
-			if time.Now().Before(e.missingUntil) {
-				return nil, &Error{Kind: ErrKeyNotFound, Op: op, Key: label}
+			default:
+				// This call searches again; a failed search leaves the
+				// entry for the next interval's call.
+				defer e.rechecking.Store(false)
+				prev = e
 			}
 		}
 	}
-	h, err := cs.findKey(op, label)
-	if err != nil {
-		if errors.Is(err, ErrKeyNotFound) && cs.t.keys.notFound.Add(1) <= maxNotFound {
-			cs.t.keys.store(label, &keyEntry{gen: cs.gen, missingUntil: time.Now().Add(notFoundTTL)})
-		}
-		return nil, err
-	}
-	e, err := cs.loadKey(op, label, h)
+	e, err := cs.lookup(op, label, prev)
 	if err != nil {
 		return nil, err
 	}
 	return cs.admit(op, label, e)
+}
+
+// lookup searches the token for label and caches what it finds, replacing
+// prev (the cached entry, if any): a handle, or a record that the label is
+// missing. A duplicate label is not cached, so every call fails until one of
+// the keys is removed, as it would after a restart. What changed since prev
+// is logged.
+func (cs *callSession) lookup(op, label string, prev *keyEntry) (*keyEntry, error) {
+	h, err := cs.findKey(op, label)
+	if err != nil {
+		switch {
+		case errors.Is(err, ErrDuplicateKey):
+			if prev != nil {
+				cs.t.keys.m.CompareAndDelete(label, prev)
+				cs.t.logger.Error("a second secret key now has the label of a key in use: every call with it fails until one of them is removed",
+					zap.String("token", cs.t.ident.String()), zap.String("key", label))
+			}
+		case errors.Is(err, ErrKeyNotFound):
+			if prev != nil {
+				cs.t.logger.Warn("a key in use is no longer on the token", zap.String("token", cs.t.ident.String()), zap.String("key", label))
+			}
+			if cs.t.keys.notFound.Add(1) <= maxNotFound {
+				cs.t.keys.store(label, &keyEntry{gen: cs.gen, missingUntil: time.Now().Add(notFoundTTL)})
+			} else if prev != nil {
+				cs.t.keys.m.CompareAndDelete(label, prev)
+			}
+		}
+		return nil, err
+	}
+	if prev != nil && prev.handle != h {
+		cs.t.logger.Warn("the label of a key in use now names another key (deleted and created again?); the new one is used",
+			zap.String("token", cs.t.ident.String()), zap.String("key", label))
+	}
+	e, err := cs.loadKey(op, label, h)
+	if err == nil && prev != nil && prev.handle == h && prev.exportable == e.exportable {
+		// The same key as before: what was logged about it stands.
+		e.logged.everExposed.Store(prev.logged.everExposed.Load())
+		e.logged.refused.Store(prev.logged.refused.Load())
+		e.logged.allowed.Store(prev.logged.allowed.Load())
+	}
+	return e, err
 }
 
 // admit returns e unless this backend may not use the key: a key whose
@@ -162,7 +218,7 @@ func (cs *callSession) loadKey(op, label string, h pkcs11.ObjectHandle) (*keyEnt
 	if err != nil {
 		return nil, err
 	}
-	e := &keyEntry{gen: cs.gen, handle: h, meta: meta, protection: prot, exportable: prot.Exportable(),
+	e := &keyEntry{gen: cs.gen, handle: h, meta: meta, protection: prot, exportable: prot.Exportable(), checkedAt: time.Now(),
 		unfitToEncrypt: unfitness(label, meta, "ENCRYPT"), unfitToDecrypt: unfitness(label, meta, "DECRYPT")}
 	cs.t.keys.store(label, e)
 	return e, nil
@@ -343,24 +399,31 @@ func attrUint(b []byte) uint {
 
 func attrBool(b []byte) bool { return len(b) > 0 && b[0] != 0 }
 
-// Metadata reads the key's attributes afresh (its usage may have changed)
-// and returns its XKS metadata. A key this backend may not use is an error,
-// as for Encrypt and Decrypt.
+// Metadata searches the token for the key afresh (it may have been
+// replaced, or a second key given its label), reads its attributes (its
+// usage may have changed) and returns its XKS metadata. A key this backend
+// may not use is an error, as for Encrypt and Decrypt.
 func (b *Backend) Metadata(ctx context.Context, keyLabel string) (KeyMetadata, error) {
 	var meta KeyMetadata
 	err := b.run(ctx, "metadata", keyLabel, b.callTimeout, func(cs *callSession) error {
-		e, err := cs.key("metadata", keyLabel)
+		var prev *keyEntry
+		if v, ok := cs.t.keys.m.Load(keyLabel); ok {
+			switch e := v.(*keyEntry); {
+			case e.gen != cs.gen:
+			case e.missingUntil.IsZero():
+				prev = e
+			case time.Now().Before(e.missingUntil):
+				return &Error{Kind: ErrKeyNotFound, Op: "metadata", Key: keyLabel}
+			}
+		}
+		e, err := cs.lookup("metadata", keyLabel, prev)
 		if err != nil {
 			return err
 		}
-		fresh, err := cs.loadKey("metadata", keyLabel, e.handle)
-		if err != nil {
+		if e, err = cs.admit("metadata", keyLabel, e); err != nil {
 			return err
 		}
-		if fresh, err = cs.admit("metadata", keyLabel, fresh); err != nil {
-			return err
-		}
-		meta = fresh.meta
+		meta = e.meta
 		return nil
 	})
 	if err != nil {
