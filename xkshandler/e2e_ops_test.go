@@ -1,6 +1,7 @@
 package xkshandler_test
 
 import (
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -10,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 )
 
 // TestSecondaryAuthorization runs a CEL policy through the Caddyfile: one
@@ -293,5 +296,28 @@ func TestCertificatePreflight(t *testing.T) {
 	}
 	if v := metricValue(t, f.metrics(), `caddy_xks_certificate_expiry_timestamp_seconds{hostname="localhost"}`); v < float64(time.Now().Unix()) {
 		t.Errorf("certificate expiry metric = %v", v)
+	}
+}
+
+// TestAdminEndpointOnTCPIsWarnedOf: an admin endpoint on TCP lets any local
+// user rewrite the config and reach the HSM's secrets; loading such a config
+// says so, and a unix socket does not.
+func TestAdminEndpointOnTCPIsWarnedOf(t *testing.T) {
+	const warning = "Caddy's admin endpoint listens on TCP"
+	f := newFixture(t)
+	if logs, _ := os.ReadFile(f.logFile); strings.Contains(string(logs), warning) {
+		t.Fatal("a warning for the unix socket admin endpoint")
+	}
+	addr := fmt.Sprintf("localhost:%d", proxytest.FreePort(t))
+	cfg := strings.Replace(f.config(3), "admin unix/"+f.proxy.AdminSocket, "admin "+addr, 1)
+	if err := f.proxy.TryLoad(cfg); err != nil {
+		t.Fatal(err)
+	}
+	logs, err := os.ReadFile(f.logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`"level":"warn".*` + regexp.QuoteMeta(warning) + `.*"admin":"` + regexp.QuoteMeta(addr) + `"`).Match(logs) {
+		t.Fatalf("no warning naming the TCP admin endpoint %s", addr)
 	}
 }
