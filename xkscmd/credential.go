@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
@@ -28,21 +29,40 @@ func cmdCredential(fl caddycmd.Flags, out io.Writer) (int, error) {
 	return caddy.ExitCodeSuccess, nil
 }
 
-// writeSecretFile writes data readable by the owner only.
+// writeSecretFile writes data into a new file readable by the owner only,
+// then renames it to path. Writing into an existing file would keep its
+// owner and any reader who holds it open, and would follow a symlink: a
+// file or link another user made in advance would hand them the secret. The
+// new file is made with O_EXCL (os.CreateTemp) in path's directory, and the
+// rename replaces what path named, link or file, without touching it.
 func writeSecretFile(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".new-*")
 	if err != nil {
 		return err
 	}
-	if err := f.Chmod(0o600); err != nil { // an existing file keeps its mode otherwise
-		f.Close()
+	tmp := f.Name()
+	fail := func(err error) error {
+		_ = f.Close()
+		_ = os.Remove(tmp)
 		return err
+	}
+	if err := f.Chmod(0o600); err != nil {
+		return fail(err)
 	}
 	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
+		return fail(err)
 	}
-	return f.Close()
+	if err := f.Sync(); err != nil {
+		return fail(err)
+	}
+	if err := f.Close(); err != nil {
+		return fail(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("replacing %s: %w", path, err)
+	}
+	return nil
 }
 
 // consoleProxyConfig is the file the KMS console imports when an external

@@ -2,11 +2,13 @@ package xkscmd
 
 import (
 	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/caddy-xks/caddy-xks/sigv4auth"
@@ -81,6 +83,68 @@ func TestCredentialSecretFile(t *testing.T) {
 	if strings.Contains(out, s) {
 		t.Error("the secret was printed")
 	}
+}
+
+// TestCredentialSecretFileIsNew: a file or link another user made in
+// advance at the path never gets the secret. The path names a new file of
+// the proxy's user afterwards; what was there before is left as it was.
+func TestCredentialSecretFileIsNew(t *testing.T) {
+	dir := t.TempDir()
+	t.Run("a file of another user", func(t *testing.T) {
+		file := filepath.Join(dir, "secret-1")
+		if err := os.WriteFile(file, nil, 0o666); err != nil { //nolint:gosec // the other user's world-writable file is the attack
+			t.Fatal(err)
+		}
+		if os.Geteuid() == 0 {
+			if err := os.Chown(file, 65534, 65534); err != nil { // nobody
+				t.Fatal(err)
+			}
+		}
+		theirs, err := os.Open(file) //nolint:gosec // the test's own file
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer theirs.Close()
+		if _, err := runCommand(t, "credential", "--secret-file", file); err != nil {
+			t.Fatal(err)
+		}
+		ownerOnly(t, file)
+		if info, err := os.Stat(file); err != nil || !ownedByMe(info) {
+			t.Fatalf("the secret file is not the proxy user's own: %v", err)
+		}
+		if leaked, _ := io.ReadAll(theirs); len(leaked) != 0 {
+			t.Fatal("the other user's open file got the secret")
+		}
+	})
+	t.Run("a symlink", func(t *testing.T) {
+		victim := filepath.Join(dir, "victim")
+		if err := os.WriteFile(victim, []byte("untouched\n"), 0o644); err != nil { //nolint:gosec // a file someone else reads
+			t.Fatal(err)
+		}
+		link := filepath.Join(dir, "secret-2")
+		if err := os.Symlink(victim, link); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := runCommand(t, "credential", "--secret-file", link); err != nil {
+			t.Fatal(err)
+		}
+		if info, err := os.Lstat(link); err != nil || !info.Mode().IsRegular() {
+			t.Fatalf("the path is not a regular file afterwards: %v %v", info, err)
+		}
+		if b, _ := os.ReadFile(victim); string(b) != "untouched\n" { //nolint:gosec // the test's own file
+			t.Fatalf("the link's target was written: %q", b)
+		}
+		ownerOnly(t, link)
+	})
+	if leftovers, _ := filepath.Glob(filepath.Join(dir, ".*.new-*")); len(leftovers) != 0 {
+		t.Errorf("temporary files left behind: %v", leftovers)
+	}
+}
+
+// ownedByMe reports whether the file belongs to the process's user.
+func ownedByMe(info os.FileInfo) bool {
+	st, ok := info.Sys().(*syscall.Stat_t)
+	return ok && int(st.Uid) == os.Geteuid()
 }
 
 // ownerOnly checks that a file that holds a secret has mode 0600.
