@@ -44,8 +44,9 @@ field() { # field NAME JSON: the string value of a top-level JSON field
 
 # xks CALL BODY: one signed XKS call; prints the body, then the status.
 xks() {
+	# The credential goes to curl through a pipe, not its arguments (ps).
 	curl -sS --max-time 60 --cacert "$ca" \
-		--aws-sigv4 "aws:amz:us-east-1:kms-xks-proxy" --user "$akid:$secret" \
+		--aws-sigv4 "aws:amz:us-east-1:kms-xks-proxy" -K <(printf 'user = "%s:%s"\n' "$akid" "$secret") \
 		-H 'Content-Type: application/json' -d "$2" -w '\n%{http_code}' "$base/$1"
 }
 

@@ -39,6 +39,10 @@ if [ ! -s "$demo/pin" ]; then
 fi
 if ! softhsm2-util --show-slots 2>/dev/null | grep -Eq "Label: *$token *\$"; then
 	echo "creating SoftHSM2 token $token"
+	# softhsm2-util reads PINs from its arguments or the terminal only, so
+	# they are visible in ps for the instant it runs: the demo token's own,
+	# throw-away PINs; a production HSM is initialized with its vendor's
+	# tools.
 	softhsm2-util --init-token --free --label "$token" --pin "$(cat "$demo/pin")" \
 		--so-pin "$(head -c 12 /dev/urandom | base64 | tr -d '/+=')" >/dev/null
 fi
@@ -80,6 +84,11 @@ done
 "$caddy" xks proxy-config "${config[@]}" --key-store "$uri_path" --access-key-id "$akid1" --output "$demo/proxy-config.json"
 
 ca=$demo/storage/pki/authorities/local/root.crt
+# curl reads the credential from a file (-K), not from its arguments, where
+# any local user could see it in ps. printf is a shell builtin: no process
+# carries the secret either.
+curl_config=$demo/curl-credential.conf
+printf 'user = "%s:%s"\n' "$akid1" "$(cat "$demo/sigv4-secret-1")" >"$curl_config"
 cat <<EOF
 
 caddy-xks demo
@@ -91,7 +100,7 @@ caddy-xks demo
 Try it from another terminal:
 
   curl --cacert $ca \\
-    --aws-sigv4 "aws:amz:$region:kms-xks-proxy" --user "$akid1:\$(cat $demo/sigv4-secret-1)" \\
+    --aws-sigv4 "aws:amz:$region:kms-xks-proxy" -K $curl_config \\
     -H 'Content-Type: application/json' \\
     -d '{"requestMetadata":{"kmsRequestId":"demo-1","kmsOperation":"KmsHealthCheck"}}' \\
     https://localhost:$port$uri_path/health
