@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/miekg/pkcs11"
 	"go.uber.org/zap"
 )
 
@@ -64,8 +65,11 @@ type Config struct {
 	// it fails with ErrTimeout (a shorter context deadline wins). Default:
 	// 200ms.
 	CallTimeout caddy.Duration `json:"call_timeout,omitempty"`
-	// PrivateKeys is CKA_PRIVATE for keys GenerateKey creates. The nShield
-	// accelerator slot needs false. Default: true.
+	// PrivateKeys is CKA_PRIVATE for keys GenerateKey creates and for the
+	// session keys of the self-test and health check. Only a token that
+	// cannot hold private objects needs false: the nShield accelerator slot.
+	// Elsewhere false weakens the key; on SoftHSM2 it is stored unencrypted
+	// (see Backend.NonPrivateKeyMeaning). Default: true.
 	PrivateKeys *bool `json:"private_keys,omitempty"`
 	// AllowExportableKeys lets the backend use keys whose value can leave
 	// the HSM: CKA_SENSITIVE false or CKA_EXTRACTABLE true (wrappable).
@@ -209,7 +213,16 @@ func Open(name string, cfg Config, logger *zap.Logger) (*Backend, error) {
 	b.ivMode, err = b.resolveIVMode(context.Background(), mode)
 	if err != nil {
 		_, _ = tokens.Delete(key)
+		if code, _ := ckrOf(err); b.privateKeys && (code == pkcs11.CKR_ATTRIBUTE_VALUE_INVALID || code == pkcs11.CKR_TEMPLATE_INCONSISTENT) {
+			// The token refused the template of the self-test's private
+			// session key, as nShield's accelerator slot does.
+			err = fmt.Errorf("%w (private_keys is true, and a token that cannot hold private objects, such as the nShield accelerator slot, needs private_keys false)", err)
+		}
 		return nil, fmt.Errorf("hsm backend %q: %w", name, err)
+	}
+	if !b.privateKeys && b.describe().Manufacturer == softHSMManufacturer {
+		logger.Warn("private_keys is false on a token that stores keys that are not private in the clear: "+b.NonPrivateKeyMeaning(),
+			zap.String("backend", name))
 	}
 	logger.Info("hsm backend ready", zap.String("backend", name),
 		zap.Stringer("iv_mode", b.ivMode), zap.Bool("iv_mode_detected", mode == ivAuto))

@@ -25,7 +25,8 @@ type KeyProtection struct {
 	// extractable. It is false for an imported key too.
 	NeverExtractable bool
 	// Private is CKA_PRIVATE: only a logged-in user can see and use the
-	// key.
+	// key. What a key that is not private means depends on the token (see
+	// Backend.NonPrivateKeyMeaning).
 	Private bool
 	// Unread names the attributes the token did not report.
 	Unread []string
@@ -130,6 +131,37 @@ func (cs *callSession) readProtection(h pkcs11.ObjectHandle) (KeyProtection, err
 func exportableError(label, why string) *Error {
 	return &Error{Kind: ErrKeyExportable, Key: label,
 		Err: fmt.Errorf("%s; make a new key with `caddy xks keygen` (or set allow_exportable_keys on the backend, for tests only)", why)}
+}
+
+// softHSMManufacturer is SoftHSM2's CK_TOKEN_INFO manufacturerID.
+const softHSMManufacturer = "SoftHSM project"
+
+// PrivateKeys reports whether keys the backend generates are CKA_PRIVATE
+// (private_keys).
+func (b *Backend) PrivateKeys() bool { return b.privateKeys }
+
+// NonPrivateKeyMeaning says what a key with CKA_PRIVATE false means on this
+// backend's token, in a sentence for the operator.
+func (b *Backend) NonPrivateKeyMeaning() string {
+	return nonPrivateKeyMeaning(b.describe().Manufacturer)
+}
+
+func nonPrivateKeyMeaning(manufacturer string) string {
+	m := strings.ToLower(manufacturer)
+	switch {
+	case manufacturer == softHSMManufacturer:
+		return "SoftHSM2 encrypts only private objects with the token's PIN-derived key: a key that is not CKA_PRIVATE " +
+			"is written unencrypted to the token directory, so anyone who can read that directory has its value. " +
+			"Set private_keys true for SoftHSM2"
+	case strings.Contains(m, "ncipher"), strings.Contains(m, "entrust"):
+		return "on nShield a key that is not CKA_PRIVATE is module-protected: its blob stays encrypted under the " +
+			"Security World's module key, and any process on an enrolled host that can use the Security World " +
+			"(the nfast group) can use it without a passphrase. That is what the accelerator slot requires; " +
+			"on a softcard or card set token use private_keys true"
+	}
+	return "the token shows a key that is not CKA_PRIVATE to any application that opens it, without a login, " +
+		"and lets it use the key; whether it also stores the key less protected depends on the HSM (see its documentation). " +
+		"Use private_keys true unless the token cannot hold private objects"
 }
 
 // AllowsExportableKeys reports whether the backend uses keys whose value can

@@ -10,9 +10,11 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/vendorshim"
 )
 
 // openObserved opens a backend whose log the test reads.
@@ -166,5 +168,41 @@ func TestImportedKeyIsServedWithAWarning(t *testing.T) {
 	}
 	if n := logs.FilterMessageSnippet("may have existed outside the HSM").FilterField(zap.String("key", "imported")).Len(); n != 1 {
 		t.Errorf("%d warnings about the imported key, want 1:\n%s", n, logText(logs))
+	}
+}
+
+// TestNonPrivateKeysOnSoftHSM2AreWarnedOf: private_keys false on SoftHSM2
+// (Caddyfile.example's value for nShield's accelerator slot, pointed at
+// another module) would make keygen write keys unencrypted to the token
+// directory; opening such a backend says so.
+func TestNonPrivateKeysOnSoftHSM2AreWarnedOf(t *testing.T) {
+	tk := hsmtest.NewToken(t)
+	cfg := configFor(tk)
+	cfg.PrivateKeys = new(bool)
+	b, logs := openObserved(t, "primary", cfg)
+	warnings := logs.FilterMessageSnippet("written unencrypted to the token directory").FilterLevelExact(zapcore.WarnLevel)
+	if warnings.Len() != 1 {
+		t.Errorf("%d warnings about private_keys false on SoftHSM2, want 1:\n%s", warnings.Len(), logText(logs))
+	}
+	if b.PrivateKeys() || !strings.Contains(b.NonPrivateKeyMeaning(), "SoftHSM2") {
+		t.Errorf("PrivateKeys %v, NonPrivateKeyMeaning %q", b.PrivateKeys(), b.NonPrivateKeyMeaning())
+	}
+	// The default says nothing of it.
+	_, quiet := openObserved(t, "private", configFor(hsmtest.NewToken(t)))
+	if quiet.FilterMessageSnippet("private_keys is false").Len() != 0 {
+		t.Errorf("a warning with private_keys true:\n%s", logText(quiet))
+	}
+}
+
+// TestPrivateKeysOnTheAcceleratorSlotSaysWhy: nShield's accelerator slot
+// refuses private objects, so with private_keys true the backend does not
+// open, and the error says which setting that slot needs.
+func TestPrivateKeysOnTheAcceleratorSlotSaysWhy(t *testing.T) {
+	tk, shim := vendorToken(t, vendorshim.NShield)
+	cfg := vendorConfig(tk, shim, shim.Path)
+	cfg.PrivateKeys = nil // the default, true
+	_, err := Open("nshield", cfg, zaptest.NewLogger(t))
+	if err == nil || !strings.Contains(err.Error(), "needs private_keys false") {
+		t.Fatalf("private_keys true on the accelerator slot: %v", err)
 	}
 }

@@ -45,7 +45,9 @@ var subcommands = []subcommand{
 		long: `
 Creates a token AES-256 key labelled with the external key id, with the
 secure template: sensitive, never extractable, not modifiable, usable for
-encrypt and decrypt only (CKA_PRIVATE as the backend's private_keys says).
+encrypt and decrypt only (CKA_PRIVATE as the backend's private_keys says;
+with private_keys false it says what a key that is not private means on
+the token it writes to).
 It refuses a label that already exists. It then reads the key back (it must
 be AES_256 with ENCRYPT and DECRYPT) and runs an encrypt/decrypt round trip.
 
@@ -69,8 +71,9 @@ id), key spec, usage and status as GetKeyMetadata reports them, and the
 attributes that say who can obtain its value: SENSITIVE, EXTRACTABLE,
 ALWAYS_SENSITIVE, NEVER_EXTRACTABLE and PRIVATE (CKA_ omitted; ? when the
 token does not report one). Notes below the table name the keys the backend
-refuses because their value can leave the HSM, and keys whose value existed
-outside it once (imported).`,
+refuses because their value can leave the HSM, keys whose value existed
+outside it once (imported), and what a key that is not private means on
+this token.`,
 		flags: func(fs *pflag.FlagSet) {
 			configFlags(fs)
 			fs.StringP("backend", "b", "", "HSM backend name from the config (default: the only one)")

@@ -84,6 +84,9 @@ func cmdKeygen(fl caddycmd.Flags, out io.Writer) (int, error) {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("key %q was created but failed its check: %w", label, err)
 	}
 	fmt.Fprintf(out, "created key %q in backend %s: %s %s %s\n", label, b.Name(), md.KeySpec, strings.Join(md.KeyUsage, ","), md.KeyStatus)
+	if !b.PrivateKeys() {
+		fmt.Fprintf(out, "warning: the key is not CKA_PRIVATE (private_keys false): %s\n", b.NonPrivateKeyMeaning())
+	}
 	return caddy.ExitCodeSuccess, nil
 }
 
@@ -153,6 +156,7 @@ func cmdKeys(fl caddycmd.Flags, out io.Writer) (int, error) {
 	}
 	fmt.Fprintln(tw)
 	var notes []string
+	nonPrivate := false
 	for _, k := range keys {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s", k.Label, k.KeySpec, strings.Join(k.KeyUsage, ","), k.KeyStatus)
 		for _, a := range protectionColumns {
@@ -171,9 +175,13 @@ func cmdKeys(fl caddycmd.Flags, out io.Writer) (int, error) {
 		case k.Protection.EverExposed():
 			notes = append(notes, fmt.Sprintf("%s: its value existed outside the HSM once (imported, or protected only after it was made): copies may exist", k.Label))
 		}
+		nonPrivate = nonPrivate || !k.Protection.Private
 	}
 	if err := tw.Flush(); err != nil {
 		return caddy.ExitCodeFailedStartup, err
+	}
+	if nonPrivate {
+		notes = append(notes, "keys that are not PRIVATE: "+b.NonPrivateKeyMeaning())
 	}
 	if len(notes) > 0 {
 		fmt.Fprintln(out)

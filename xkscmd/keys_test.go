@@ -12,6 +12,8 @@ import (
 	"github.com/miekg/pkcs11"
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/proxytest"
+	"github.com/caddy-xks/caddy-xks/internal/vendorshim"
 )
 
 // keygenConfig writes a Caddyfile whose hsm global option has one backend,
@@ -211,5 +213,65 @@ func TestKeysShowsWhoCanObtainAKey(t *testing.T) {
 	}
 	if strings.Contains(out, "secure:") {
 		t.Errorf("keys has a note about the secure key:\n%s", out)
+	}
+}
+
+// TestKeygenSaysWhatANonPrivateKeyMeans: with private_keys false (which
+// only the nShield accelerator slot needs), keygen on SoftHSM2 writes a key
+// that SoftHSM2 stores unencrypted; keygen and keys say so.
+func TestKeygenSaysWhatANonPrivateKeyMeans(t *testing.T) {
+	if !hsmtest.Available() {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	tk := hsmtest.NewToken(t)
+	t.Setenv("XKSCMD_TEST_PIN_PUBLIC", tk.PIN)
+	block := proxytest.Backend{Name: "main", Module: tk.Module, Token: tk.Label, PINEnv: "XKSCMD_TEST_PIN_PUBLIC", Extra: "\t\t\tprivate_keys false"}.Block()
+	config := writeFile(t, t.TempDir(), "Caddyfile", "{\n\thsm {\n"+block+"\t}\n}\n")
+	out, err := runCommand(t, "keygen", "--config", config, "--label", "public-key")
+	if err != nil {
+		t.Fatalf("keygen: %v", err)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 2 || lines[0] != `created key "public-key" in backend main: AES_256 ENCRYPT,DECRYPT ENABLED` {
+		t.Fatalf("keygen printed %q", out)
+	}
+	for _, want := range []string{"not CKA_PRIVATE", "written unencrypted to the token directory", "private_keys true"} {
+		if !strings.Contains(lines[1], want) {
+			t.Errorf("keygen's warning does not say %q: %q", want, lines[1])
+		}
+	}
+	if boolAttribute(t, tk, "public-key", pkcs11.CKA_PRIVATE) {
+		t.Error("private_keys false made a private key")
+	}
+	keys, err := runCommand(t, "keys", "--config", config)
+	if err != nil || !strings.Contains(keys, "keys that are not PRIVATE: SoftHSM2 encrypts only private objects") {
+		t.Errorf("keys does not say what the key that is not private means: %v\n%s", err, keys)
+	}
+}
+
+// TestKeygenOnNShieldSaysWhatANonPrivateKeyMeans: on nShield's accelerator
+// slot, which needs private_keys false, keygen says what such a key is
+// there: module-protected, usable by any process of the Security World.
+func TestKeygenOnNShieldSaysWhatANonPrivateKeyMeans(t *testing.T) {
+	if !hsmtest.Available() {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	tk := hsmtest.NewToken(t)
+	shim := vendorshim.New(t, vendorshim.NShield, tk.Module, tk.Label)
+	t.Setenv("XKSCMD_TEST_PIN_NSHIELD", tk.PIN)
+	block := proxytest.Backend{Name: "main", Module: shim.Path, Token: shim.TokenLabel(tk.Label), PINEnv: "XKSCMD_TEST_PIN_NSHIELD",
+		IV: vendorshim.NShield.IVMode, Extra: "\t\t\tprivate_keys false"}.Block()
+	config := writeFile(t, t.TempDir(), "Caddyfile", "{\n\thsm {\n"+block+"\t}\n}\n")
+	out, err := runCommand(t, "keygen", "--config", config, "--label", "xks-key-1")
+	if err != nil {
+		t.Fatalf("keygen: %v", err)
+	}
+	for _, want := range []string{"not CKA_PRIVATE", "module-protected", "nfast", "softcard"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("keygen on the accelerator slot does not say %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "unencrypted") {
+		t.Errorf("keygen on nShield speaks of SoftHSM2's storage:\n%s", out)
 	}
 }
