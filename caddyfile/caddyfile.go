@@ -44,6 +44,7 @@ func init() {
 //			private_keys true|false
 //			health_ttl   <duration>
 //			env          <NAME> <value>
+//			init_args    <string for C_Initialize's pReserved>
 //			allow_exportable_keys
 //		}
 //	}
@@ -136,6 +137,8 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 			cfg.PIN = val
 		case "iv":
 			cfg.IVMode = val
+		case "init_args":
+			cfg.InitArgs = val
 		case "max_sessions":
 			n, err := intArg(d, opt, val)
 			if err != nil {

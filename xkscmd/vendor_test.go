@@ -19,7 +19,7 @@ import (
 )
 
 // The vendor matrix through a real Caddy: for each personality of the vendor
-// shim, `caddy xks keygen` makes the keys through the
+// shim, and for NSS softokn, `caddy xks keygen` makes the keys through the
 // module, a wrong explicit iv mode stops the config from loading with an
 // error that names the right one, iv auto picks the right one, and the
 // whole `caddy xks check` conformance run passes.
@@ -50,6 +50,12 @@ func TestVendorMatrixThroughCaddy(t *testing.T) {
 	for _, p := range vendorshim.All {
 		t.Run(p.Name, func(t *testing.T) { runMatrix(t, vendorColumn(t, p)) })
 	}
+	// NSS softokn, a real module, configured through init_args.
+	t.Run("nss-softokn", func(t *testing.T) {
+		tk := hsmtest.NSS(t)
+		runMatrix(t, matrixModule{module: tk.Module, token: tk.Label, tk: tk, ivMode: "caller", wrongIVMode: "hsm",
+			extra: fmt.Sprintf("\t\t\tinit_args %q\n", tk.InitArgs)})
+	})
 }
 
 func runMatrix(t *testing.T, m matrixModule) {
