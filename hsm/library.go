@@ -94,8 +94,9 @@ func loadLibrary(path string, env map[string]string, initArgs string, logger *za
 		}
 		return lib, nil
 	}
-	if _, err := os.Stat(path); err != nil {
-		return nil, fmt.Errorf("loading pkcs11 module: %w", err)
+	// Before dlopen, which runs the library's constructors.
+	if err := checkModulePath(path); err != nil {
+		return nil, err
 	}
 	for k, v := range env {
 		if err := os.Setenv(k, v); err != nil {
