@@ -120,6 +120,10 @@ func (b *Backend) Health(ctx context.Context) Health {
 	return last
 }
 
+// HealthTTL is how long the backend reuses a health check's round trip
+// (health_ttl).
+func (b *Backend) HealthTTL() time.Duration { return b.healthTTL }
+
 // lastWithin returns the last result and whether it is younger than d and
 // no library event came after its round trip started. c.mu must be held.
 func (c *healthCache) lastWithin(d time.Duration, events uint64) (Health, bool) {

@@ -31,8 +31,9 @@
 //     work ThrottlingException (admitKeyCall). GetHealthStatus skips steps 4
 //     and 5.
 //  6. HSM: the operation runs on the first available backend within the
-//     key store's deadline (operations.go); hsm errors map to XKS errors by
-//     the spec's table (fromHSM, errors.go).
+//     key store's deadline, never on one the key check found holding
+//     another key under the label (operations.go, keycheck.go); hsm errors
+//     map to XKS errors by the spec's table (fromHSM, errors.go).
 //  7. Answer: compact JSON (Handler.respond), one audit line
 //     (exchange.log) and the metrics (exchange.observe, metrics.go).
 //
@@ -46,6 +47,7 @@
 //	secondary authorization          package authz; KeyStore.authorize
 //	the AAD given to the HSM, CDIV   framing.go
 //	the four operations, failover    operations.go
+//	key labels across backends       keycheck.go (duplicates, the same key on every backend)
 //	error names and statuses, fromHSM errors.go
 //	per-call state, audit, metrics   exchange.go, metrics.go
 //	xksProxyModel                    version.go

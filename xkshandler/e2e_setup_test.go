@@ -60,8 +60,9 @@ type fixture struct {
 	ks2     credential
 	logFile string
 
-	module   string // the PKCS#11 module Caddy loads: SoftHSM2, or a fault shim in front of it
-	hsmExtra string // more lines for the pkcs11 block
+	module   string              // the PKCS#11 module Caddy loads: SoftHSM2, or a fault shim in front of it
+	hsmExtra string              // more lines for the pkcs11 block
+	backends []proxytest.Backend // more backends of the hsm global option
 	// exportable adds the backend "exportable" (allow_exportable_keys) on
 	// the token, which /legacy and /clear use for keyClear; otherwise they
 	// use main, which refuses it. The fault fixtures leave it out: the
@@ -243,6 +244,9 @@ func (f *fixture) config(fleetSize int) string {
 		exportable.Name = "exportable"
 		exportable.Extra = strings.TrimRight("\t\t\tallow_exportable_keys\n"+f.hsmExtra, "\n")
 		blocks, clear = blocks+exportable.Block(), exportable.Name
+	}
+	for _, b := range f.backends {
+		blocks += b.Block()
 	}
 	ksDefaults := proxytest.KeyStoreDefaults(f.ks1Extra)
 	return f.proxy.Global("\thsm {\n"+blocks+"\t}\n") + fmt.Sprintf(`

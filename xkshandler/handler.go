@@ -87,7 +87,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	app := appIface.(*hsm.App)
 	h.stores = make(map[string]*KeyStore, len(h.KeyStores))
 	for _, ks := range h.KeyStores {
-		if err := ks.provision(app); err != nil {
+		if err := ks.provision(app, h.logger); err != nil {
 			return err
 		}
 		h.stores[ks.URIPath] = ks

@@ -1,11 +1,13 @@
 package xkshandler
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 	"golang.org/x/time/rate"
 
 	"github.com/caddy-xks/caddy-xks/authz"
@@ -28,7 +30,11 @@ type KeyStore struct {
 	// in order of preference. Crypto goes to the first one; a backend that
 	// is unavailable is skipped for the next, so list several only if they
 	// hold the same key material (for example modules of one nShield
-	// Security World). GetHealthStatus reports every one. Required.
+	// Security World). That is proven at provision and by the health check:
+	// every key must be on every backend, and a ciphertext of one must
+	// decrypt on the others, or the configuration fails to load (found
+	// later, the backend is reported DEGRADED and calls with that key never
+	// fall over to it). GetHealthStatus reports every one. Required.
 	HSM []string `json:"hsm"`
 
 	// Region is the AWS region of the KMS key store; requests signed for
@@ -115,6 +121,8 @@ type KeyStore struct {
 	// ciphertextMetadata is CiphertextMetadata decoded: what Encrypt
 	// returns and binds into the AAD.
 	ciphertextMetadata []byte
+	keyCheck           keyCheck
+	logger             *zap.Logger
 }
 
 // Credential is one SigV4 access key id and secret access key.
@@ -195,9 +203,12 @@ func (ks *KeyStore) validate() error {
 }
 
 // provision sets the key store's defaults, resolves its secrets and builds
-// its runtime state. Caddy validates the configuration after provisioning,
-// so provision must not rely on it being valid, only on failing safely.
-func (ks *KeyStore) provision(app *hsm.App) error {
+// its runtime state, then runs the key check (keycheck.go): backends that
+// do not hold the same keys fail the configuration. Caddy validates the
+// configuration after provisioning, so provision must not rely on it being
+// valid, only on failing safely.
+func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger) error {
+	ks.logger = logger
 	repl := caddy.NewReplacer()
 	creds := make([]sigv4auth.Credential, 0, len(ks.Credentials))
 	for _, c := range ks.Credentials {
@@ -263,7 +274,11 @@ func (ks *KeyStore) provision(app *hsm.App) error {
 	if ks.Deadline == 0 {
 		ks.Deadline = caddy.Duration(defaultDeadline)
 	}
-	return nil
+	ctx, cancel := context.WithTimeout(context.Background(), keyCheckTimeout)
+	defer cancel()
+	r := ks.checkKeys(ctx)
+	ks.keyCheck.current.Store(r)
+	return r.mismatchError(ks)
 }
 
 // defaultDeadline leaves KMS's 250 ms for the network and TLS.

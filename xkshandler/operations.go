@@ -6,19 +6,35 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
-// withBackend runs fn on the first backend that can serve, falling over to
-// the next one only when a backend reports the HSM unavailable.
-func (ks *KeyStore) withBackend(fn func(*hsm.Backend) error) error {
+// withBackend runs fn on the first backend that can serve keyID, falling
+// over to the next one only when a backend reports the HSM unavailable. A
+// backend that the key check found holding another key under keyID is
+// never used for it: its ciphertexts would not decrypt on the others.
+func (ks *KeyStore) withBackend(keyID string, fn func(*hsm.Backend) error) error {
 	var err error
-	for _, b := range ks.backends {
+	var skipped []string
+	differs := ks.keyCheck.differing(keyID)
+	for i, b := range ks.backends {
+		if i < len(differs) && differs[i] {
+			skipped = append(skipped, b.Name())
+			continue
+		}
 		if err = fn(b); !errors.Is(err, hsm.ErrUnavailable) {
 			return err
 		}
+	}
+	if len(skipped) > 0 {
+		reason := fmt.Errorf("backends %s hold another key labelled %q and are not used for it", strings.Join(skipped, ", "), keyID)
+		if err == nil {
+			return &hsm.Error{Kind: hsm.ErrUnavailable, Key: keyID, Err: reason}
+		}
+		return fmt.Errorf("%w; %w", err, reason)
 	}
 	return err
 }
@@ -26,7 +42,7 @@ func (ks *KeyStore) withBackend(fn func(*hsm.Backend) error) error {
 // keyMetadata answers GetKeyMetadata: the key's spec, usage and status.
 func (ks *KeyStore) keyMetadata(ctx context.Context, keyID string) (any, error) {
 	var md hsm.KeyMetadata
-	err := ks.withBackend(func(b *hsm.Backend) (err error) {
+	err := ks.withBackend(keyID, func(b *hsm.Backend) (err error) {
 		md, err = b.Metadata(ctx, keyID)
 		return err
 	})
@@ -46,7 +62,7 @@ func (ks *KeyStore) keyMetadata(ctx context.Context, keyID string) (any, error) 
 func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
 	aad := ks.framing.hsmAAD(req.aad, ks.ciphertextMetadata)
 	var resp xksapi.EncryptResponse
-	err := ks.withBackend(func(b *hsm.Backend) error {
+	err := ks.withBackend(keyID, func(b *hsm.Backend) error {
 		res, err := b.Encrypt(ctx, keyID, req.plaintext, aad)
 		if err != nil {
 			return err
@@ -91,7 +107,7 @@ func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) 
 func (ks *KeyStore) decrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
 	aad := ks.framing.hsmAAD(req.aad, req.ciphertextMetadata)
 	var pt []byte
-	err := ks.withBackend(func(b *hsm.Backend) (err error) {
+	err := ks.withBackend(keyID, func(b *hsm.Backend) (err error) {
 		pt, err = b.Decrypt(ctx, keyID, req.iv, req.ciphertext, req.tag, aad)
 		return err
 	})
@@ -102,9 +118,11 @@ func (ks *KeyStore) decrypt(ctx context.Context, keyID string, req *xksRequest) 
 }
 
 // health reports every backend of the key store. It is never an error: KMS
-// expects 200 with truthful statuses, UNAVAILABLE included. KMS's answer has
-// no room for why a backend is not ACTIVE, so that comes back separately,
-// for the audit line.
+// expects 200 with truthful statuses, UNAVAILABLE included. A backend whose
+// keys the key check found wrong (a duplicate label, a key the others do not
+// hold or hold differently) is DEGRADED at best. KMS's answer has no room
+// for why a backend is not ACTIVE, so that comes back separately, for the
+// audit line.
 func (ks *KeyStore) health(ctx context.Context) (resp xksapi.HealthResponse, reason string) {
 	resp = xksapi.HealthResponse{
 		XKSProxyFleetSize: ks.FleetSize,
@@ -112,8 +130,24 @@ func (ks *KeyStore) health(ctx context.Context) (resp xksapi.HealthResponse, rea
 		XKSProxyModel:     proxyModel(),
 	}
 	var reasons []string
+	ttl := time.Duration(0)
 	for _, b := range ks.backends {
+		if ttl == 0 || b.HealthTTL() < ttl {
+			ttl = b.HealthTTL()
+		}
+	}
+	keys := ks.latestKeyReport(ctx, ttl)
+	for i, b := range ks.backends {
 		h := b.Health(ctx)
+		if problems := keys.backendProblems(i); len(problems) > 0 {
+			if h.Status == hsm.HealthActive {
+				h.Status = hsm.HealthDegraded
+			}
+			if h.Reason != "" {
+				problems = append([]string{h.Reason}, problems...)
+			}
+			h.Reason = strings.Join(problems, "; ")
+		}
 		if h.Status != hsm.HealthActive {
 			reasons = append(reasons, fmt.Sprintf("backend %s %s: %s", b.Name(), h.Status, h.Reason))
 		}

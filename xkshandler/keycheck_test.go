@@ -1,0 +1,139 @@
+package xkshandler
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/caddy-xks/caddy-xks/hsm"
+	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+)
+
+// openBackend opens a backend on tk with test timeouts.
+func openBackend(t *testing.T, name string, tk hsmtest.Token) *hsm.Backend {
+	t.Helper()
+	b, err := hsm.Open(name, hsm.Config{Module: tk.Module, Token: tk.Label, PIN: tk.PIN,
+		CallTimeout: caddy.Duration(30 * time.Second), SessionWait: caddy.Duration(10 * time.Second)}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Close() })
+	return b
+}
+
+func randomKey(t *testing.T) []byte {
+	t.Helper()
+	k := make([]byte, 32)
+	if _, err := rand.Read(k); err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// TestFailoverSkipsABackendHoldingAnotherKey: once the key check has
+// proved that backends b and c hold another key than a under a label, a
+// call with that key never falls over to them while a is unavailable: their
+// ciphertexts would not decrypt on a. That stays so while a cannot answer,
+// although b and c agree with each other. Other keys still fall over.
+func TestFailoverSkipsABackendHoldingAnotherKey(t *testing.T) {
+	if !hsmtest.Available() {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	tokens := []hsmtest.Token{hsmtest.NewToken(t), hsmtest.NewToken(t), hsmtest.NewToken(t)}
+	same := randomKey(t)
+	for _, tk := range tokens {
+		tk.ImportKey(t, "replaced", same)
+		tk.ImportKey(t, "kept", same)
+	}
+	a, b, c := openBackend(t, "a", tokens[0]), openBackend(t, "b", tokens[1]), openBackend(t, "c", tokens[2])
+	ks := &KeyStore{URIPath: "/t/kms/xks/v1", backends: []*hsm.Backend{a, b, c},
+		keys: map[string]bool{"replaced": true, "kept": true}, logger: zaptest.NewLogger(t)}
+	ctx := context.Background()
+	check := func() *keyReport {
+		r := ks.checkKeys(ctx)
+		ks.keyCheck.current.Store(r)
+		return r
+	}
+	if r := check(); r.mismatchError(ks) != nil || len(r.backendProblems(1)) > 0 || len(r.backendProblems(2)) > 0 {
+		t.Fatalf("backends with the same keys: %v %v", r.mismatchError(ks), r.problems)
+	}
+
+	other := randomKey(t)
+	for _, tk := range tokens[1:] {
+		tk.DestroyKeys(t, "replaced")
+		tk.ImportKey(t, "replaced", other)
+	}
+	r := check()
+	err := r.mismatchError(ks)
+	for _, want := range []string{`backends a and b hold different keys labelled "replaced"`, `backends a and c hold different keys labelled "replaced"`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("mismatch error %v does not say %q", err, want)
+		}
+	}
+	if len(r.backendProblems(0)) != 0 || len(r.backendProblems(1)) != 1 || len(r.backendProblems(2)) != 1 {
+		t.Fatalf("problems: %v", r.problems)
+	}
+
+	_ = a.Close() // a's token closes: a is unavailable
+	r = check()
+	if !r.differing("replaced", 1) || !r.differing("replaced", 2) || r.differing("kept", 1) {
+		t.Fatalf("with a down, b and c agreeing is taken for proof: %v", r.differs)
+	}
+	used := map[string][]string{}
+	encrypt := func(key string) error {
+		return ks.withBackend(key, func(be *hsm.Backend) error {
+			used[key] = append(used[key], be.Name())
+			_, err := be.Encrypt(ctx, key, []byte("pt"), nil)
+			return err
+		})
+	}
+	if err := encrypt("replaced"); !errors.Is(err, hsm.ErrUnavailable) || !strings.Contains(err.Error(), "backends b, c hold another key") {
+		t.Errorf("encrypt with the replaced key while a is down: %v", err)
+	}
+	if got := strings.Join(used["replaced"], ","); got != "a" {
+		t.Errorf("the replaced key was tried on %s, want a only", got)
+	}
+	if err := encrypt("kept"); err != nil || strings.Join(used["kept"], ",") != "a,b" {
+		t.Errorf("encrypt with the kept key while a is down: %v, tried on %v, want a then b", err, used["kept"])
+	}
+}
+
+// TestKeyCheckOfAllKeys: a key store with keys * compares every key the
+// backends list.
+func TestKeyCheckOfAllKeys(t *testing.T) {
+	if !hsmtest.Available() {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	tkA, tkB := hsmtest.NewToken(t), hsmtest.NewToken(t)
+	v := randomKey(t)
+	tkA.ImportKey(t, "both", v)
+	tkB.ImportKey(t, "both", v)
+	tkA.ImportKey(t, "a-only", v)
+	tkB.ImportKey(t, "differs", v)
+	tkA.ImportKey(t, "differs", bytes.Repeat([]byte{1}, 32))
+	tkB.CreateKey(t, "twice")
+	tkB.CreateKey(t, "twice")
+	tkA.CreateKey(t, "twice")
+	a, b := openBackend(t, "a", tkA), openBackend(t, "b", tkB)
+	ks := &KeyStore{URIPath: "/t/kms/xks/v1", backends: []*hsm.Backend{a, b}, logger: zaptest.NewLogger(t)}
+	r := ks.checkKeys(context.Background())
+	err := r.mismatchError(ks)
+	for _, want := range []string{`key "a-only" is on backend a but not on backend b`, `backends a and b hold different keys labelled "differs"`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("mismatch error %v does not say %q", err, want)
+		}
+	}
+	if err != nil && strings.Contains(err.Error(), `"both"`) {
+		t.Errorf("the key both backends hold alike is named: %v", err)
+	}
+	if got := strings.Join(r.backendProblems(1), "; "); !strings.Contains(got, `more than one key is labelled "twice"`) {
+		t.Errorf("b's problems do not name the duplicate: %s", got)
+	}
+}
