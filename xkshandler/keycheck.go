@@ -67,6 +67,9 @@ type keyReport struct {
 	// unproven says what the check could not find out (a backend that did
 	// not answer, a key no backend may both encrypt and decrypt with).
 	unproven []string
+	// silent[i] is true when backend i did not answer the check: it keeps
+	// what the previous check found.
+	silent []bool
 }
 
 // keyState is what one backend holds under one label.
@@ -99,23 +102,34 @@ func (c *keyCheck) differing(label string) []bool {
 }
 
 // checkKeys runs the key check and logs what changed since the previous
-// report. A backend found holding another key stays so until it is proven
-// to hold the same key as a backend that was not found so: one that does
-// not answer now, or that only agrees with another backend so found, is
-// not cleared by that.
+// report. A backend that does not answer keeps what the previous check
+// found. A backend found holding another key stays so until it is proven
+// to hold the same key as a backend that was not found so: one whose
+// partner does not answer now, or that only agrees with another backend so
+// found, is not cleared by that.
 func (ks *KeyStore) checkKeys(ctx context.Context) *keyReport {
 	prev := ks.keyCheck.current.Load()
-	r := &keyReport{problems: make([][]string, len(ks.backends)), differs: make(map[string][]bool)}
+	n := len(ks.backends)
+	r := &keyReport{problems: make([][]string, n), differs: make(map[string][]bool), silent: make([]bool, n)}
 	labels, states := ks.keyStates(ctx, r)
 	same := make(map[string][][2]int, len(labels))
 	for _, label := range labels {
 		same[label] = ks.compareKey(ctx, r, label, states[label])
 	}
 	if prev != nil {
+		for i := range n {
+			if r.silent[i] {
+				r.problems[i] = slices.Clone(prev.problems[i])
+			}
+		}
 		for label, was := range prev.differs {
 			for i, differed := range was {
-				if differed && !r.differing(label, i) && !provenSame(same[label], was, i) {
-					r.markDiffering(label, i, len(ks.backends), prev.differingProblem(label, i))
+				switch {
+				case !differed || r.differing(label, i):
+				case r.silent[i]:
+					r.markDiffering(label, i, n, "") // its reason came with its problems
+				case !provenSame(same[label], was, i):
+					r.markDiffering(label, i, n, prev.differingProblem(label, i))
 				}
 			}
 		}
@@ -149,13 +163,15 @@ func (r *keyReport) differing(label string, i int) bool {
 }
 
 // markDiffering records that backend i holds another key under label,
-// with problem as its reason.
+// with problem as its reason ("" when its problems already say so).
 func (r *keyReport) markDiffering(label string, i, n int, problem string) {
 	if r.differs[label] == nil {
 		r.differs[label] = make([]bool, n)
 	}
 	r.differs[label][i] = true
-	r.problems[i] = append(r.problems[i], problem)
+	if problem != "" {
+		r.problems[i] = append(r.problems[i], problem)
+	}
 }
 
 // differingProblem is the problem r gave for backend i holding another key
@@ -193,7 +209,7 @@ func (ks *KeyStore) keyStates(ctx context.Context, r *keyReport) ([]string, map[
 				}
 				s[i].meta, s[i].err = b.Metadata(ctx, label)
 				if down(s[i].err) {
-					failed[i] = s[i].err
+					failed[i], r.silent[i] = s[i].err, true
 					r.unproven = append(r.unproven, fmt.Sprintf("backend %s did not answer the key check: %v", b.Name(), s[i].err))
 				}
 			}
@@ -206,6 +222,7 @@ func (ks *KeyStore) keyStates(ctx context.Context, r *keyReport) ([]string, map[
 	labels := make(map[string]bool)
 	for i, b := range ks.backends {
 		if lists[i], errs[i] = b.ListKeys(ctx); errs[i] != nil {
+			r.silent[i] = true
 			r.unproven = append(r.unproven, fmt.Sprintf("could not list the keys of backend %s: %v", b.Name(), errs[i]))
 		}
 		for _, k := range lists[i] {

@@ -10,7 +10,10 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
@@ -135,5 +138,42 @@ func TestKeyCheckOfAllKeys(t *testing.T) {
 	}
 	if got := strings.Join(r.backendProblems(1), "; "); !strings.Contains(got, `more than one key is labelled "twice"`) {
 		t.Errorf("b's problems do not name the duplicate: %s", got)
+	}
+}
+
+// TestSilentBackendKeepsItsFindings: a backend that does not answer a key
+// check keeps what the previous one found, rather than being reported
+// resolved.
+func TestSilentBackendKeepsItsFindings(t *testing.T) {
+	if !hsmtest.Available() {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	tkA, tkB := hsmtest.NewToken(t), hsmtest.NewToken(t)
+	v := randomKey(t)
+	tkA.ImportKey(t, "k", v)
+	tkB.ImportKey(t, "k", v)
+	tkB.ImportKey(t, "k", v)
+	a, b := openBackend(t, "a", tkA), openBackend(t, "b", tkB)
+	core, logs := observer.New(zapcore.InfoLevel)
+	ks := &KeyStore{URIPath: "/t/kms/xks/v1", backends: []*hsm.Backend{a, b}, keys: map[string]bool{"k": true}, logger: zap.New(core)}
+	check := func() *keyReport {
+		r := ks.checkKeys(context.Background())
+		ks.keyCheck.current.Store(r)
+		return r
+	}
+	duplicate := `more than one key is labelled "k", so calls with it fail`
+	if r := check(); strings.Join(r.backendProblems(1), "; ") != duplicate {
+		t.Fatalf("b's problems: %v", r.problems)
+	}
+	_ = b.Close() // b does not answer
+	r := check()
+	if !r.silent[1] || strings.Join(r.backendProblems(1), "; ") != duplicate {
+		t.Errorf("b, silent, lost its finding: silent %v, problems %v", r.silent, r.problems)
+	}
+	if n := logs.FilterMessageSnippet("resolved").Len(); n != 0 {
+		t.Errorf("%d lines call the silent backend's finding resolved", n)
+	}
+	if n := logs.FilterMessageSnippet("backend b did not answer the key check").Len(); n != 1 {
+		t.Errorf("%d lines say that b did not answer, want 1", n)
 	}
 }
