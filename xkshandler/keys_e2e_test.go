@@ -17,16 +17,28 @@ import (
 
 // TestExportableKeyIsKeyNotFound: a key whose value can be read out of the
 // token (pkcs11-tool --extractable, keyClear here) is not served by a
-// backend without allow_exportable_keys, although the key store lists it:
-// GetKeyMetadata, Encrypt and Decrypt answer KeyNotFoundException (so
-// that KMS's CreateKey refuses it), and the log says why.
+// backend without allow_exportable_keys, although the key store lists it,
+// by name (/ks1) or with keys * (/all): GetKeyMetadata, Encrypt and
+// Decrypt answer KeyNotFoundException (so that KMS's CreateKey refuses
+// it), and the log says why.
 func TestExportableKeyIsKeyNotFound(t *testing.T) {
-	f := newFixture(t)
-	base := "/ks1/kms/xks/v1/keys/" + keyClear
-	expectError(t, f.call(f.ks1[0], base+"/metadata", metaBody), http.StatusNotFound, "KeyNotFoundException")
-	expectError(t, f.call(f.ks1[0], base+"/encrypt", encryptBody(random(t, 16), nil, false)), http.StatusNotFound, "KeyNotFoundException")
-	s := sealed{ciphertext: random(t, 16), iv: random(t, 12), tag: random(t, 16), metadata: []byte("test-v1")}
-	expectError(t, f.call(f.ks1[0], base+"/decrypt", decryptBody(s, nil)), http.StatusNotFound, "KeyNotFoundException")
+	f := newFixtureWith(t, func(f *fixture) {
+		f.xksExtra = fmt.Sprintf("\t\tkey_store /all {\n\t\t\thsm main\n\t\t\tregion %s\n\t\t\tcredential %s {env.XKS_TEST_SECRET_2}\n\t\t\tkeys *\n%s\t\t}\n",
+			region, f.ks2.akid, proxytest.KeyStoreDefaults(""))
+	})
+	for _, ks := range []struct {
+		path string
+		c    credential
+	}{{"/ks1", f.ks1[0]}, {"/all", f.ks2}} {
+		base := ks.path + "/kms/xks/v1/keys/" + keyClear
+		expectError(t, f.call(ks.c, base+"/metadata", metaBody), http.StatusNotFound, "KeyNotFoundException")
+		expectError(t, f.call(ks.c, base+"/encrypt", encryptBody(random(t, 16), nil, false)), http.StatusNotFound, "KeyNotFoundException")
+		s := sealed{ciphertext: random(t, 16), iv: random(t, 12), tag: random(t, 16)}
+		expectError(t, f.call(ks.c, base+"/decrypt", decryptBody(s, nil)), http.StatusNotFound, "KeyNotFoundException")
+	}
+	if r := f.call(f.ks2, "/all/kms/xks/v1/keys/"+keyBoth+"/metadata", metaBody); r.status != http.StatusOK {
+		t.Errorf("keys * refuses a sensitive, unextractable key: %d %s", r.status, r.raw)
+	}
 
 	refusals := f.countLog(func(e logEntry) bool {
 		return hsmLine("error", "refusing a key whose value can leave the HSM")(e) && e.str("key") == keyClear &&
@@ -39,8 +51,8 @@ func TestExportableKeyIsKeyNotFound(t *testing.T) {
 		return e.str("logger") == "http.handlers.xks.audit" && e.str("external_key_id") == keyClear &&
 			strings.Contains(e.str("reason"), "key value can leave the hsm")
 	})
-	if audited != 3 {
-		t.Errorf("%d audit lines give the reason, want 3", audited)
+	if audited != 6 {
+		t.Errorf("%d audit lines give the reason, want 6", audited)
 	}
 }
 

@@ -49,7 +49,9 @@ type KeyStore struct {
 	// Keys lists the external key ids (HSM key labels) KMS may use through
 	// this key store; any other id gets KeyNotFoundException without the
 	// HSM being asked. The single entry "*" allows every AES key on the
-	// token. Required.
+	// token. Either way a key whose value can leave the HSM is refused
+	// (KeyNotFoundException) by a backend without allow_exportable_keys.
+	// Required.
 	Keys []string `json:"keys"`
 
 	// DisabledKeys lists external key ids that are disabled: GetKeyMetadata
