@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/vendorshim"
 )
 
 // openBackend opens a backend on tk with test timeouts.
@@ -175,5 +177,49 @@ func TestSilentBackendKeepsItsFindings(t *testing.T) {
 	}
 	if n := logs.FilterMessageSnippet("backend b did not answer the key check").Len(); n != 1 {
 		t.Errorf("%d lines say that b did not answer, want 1", n)
+	}
+}
+
+// TestKeyCheckInEveryIVMode: the identity proof is a ciphertext of one
+// backend that another decrypts, so it works whatever IV mode each uses.
+// Each vendor personality (IVs written back by the HSM, or appended by it)
+// is paired with a plain SoftHSM2 backend (IVs from the caller): the same
+// imported key is proven the same, another one is refused.
+func TestKeyCheckInEveryIVMode(t *testing.T) {
+	if !hsmtest.Available() {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	for _, p := range vendorshim.All {
+		t.Run(p.Name, func(t *testing.T) {
+			tkA, tkB := hsmtest.NewToken(t), hsmtest.NewToken(t)
+			same, other := randomKey(t), randomKey(t)
+			tkA.ImportKey(t, "same", same, hsmtest.Private(p.PrivateKeys))
+			tkB.ImportKey(t, "same", same)
+			tkA.ImportKey(t, "other", other, hsmtest.Private(p.PrivateKeys))
+			tkB.ImportKey(t, "other", randomKey(t))
+			shim := vendorshim.New(t, p, tkA.Module, tkA.Label)
+			cfg := hsm.Config{Module: shim.Path, Token: shim.TokenLabel(tkA.Label), PIN: tkA.PIN, IVMode: p.IVMode, PrivateKeys: &p.PrivateKeys,
+				CallTimeout: caddy.Duration(30 * time.Second), SessionWait: caddy.Duration(10 * time.Second)}
+			if shim.FakeLogin {
+				cfg.PIN, cfg.NoLogin = "", true
+			}
+			a, err := hsm.Open(p.Name, cfg, zaptest.NewLogger(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = a.Close() })
+			if a.IVMode() != p.IVMode {
+				t.Fatalf("iv mode %s, want %s", a.IVMode(), p.IVMode)
+			}
+			b := openBackend(t, "softhsm2", tkB)
+			for _, order := range [][]*hsm.Backend{{a, b}, {b, a}} {
+				ks := &KeyStore{URIPath: "/t/kms/xks/v1", backends: order, keys: map[string]bool{"same": true, "other": true}, logger: zaptest.NewLogger(t)}
+				err := ks.checkKeys(context.Background()).mismatchError(ks)
+				want := fmt.Sprintf("backends %s and %s hold different keys labelled %q", order[0].Name(), order[1].Name(), "other")
+				if err == nil || !strings.Contains(err.Error(), want) || strings.Contains(err.Error(), `"same"`) {
+					t.Errorf("%s first: %v, want only %q", order[0].Name(), err, want)
+				}
+			}
+		})
 	}
 }
