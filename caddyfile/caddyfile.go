@@ -190,6 +190,7 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 //			deadline            <duration>
 //			rate_limit          <requests per second> [<burst>]
 //			max_concurrent      <n>
+//			allow_plain_http
 //			authorize {
 //				deny  <rule name> <CEL expression>
 //				allow <rule name> <CEL expression>
@@ -277,6 +278,11 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 					return nil, err
 				}
 			}
+		case "allow_plain_http":
+			if len(args) != 0 {
+				return nil, d.ArgErr()
+			}
+			ks.AllowPlainHTTP = true
 		case "max_concurrent":
 			if len(args) != 1 {
 				return nil, d.ArgErr()

@@ -321,3 +321,53 @@ func TestAdminEndpointOnTCPIsWarnedOf(t *testing.T) {
 		t.Fatalf("no warning naming the TCP admin endpoint %s", addr)
 	}
 }
+
+// TestPlainHTTPGetsNoXKSService: KMS always calls over TLS, so a signed
+// request that arrives in plain HTTP is refused before it is read, unless
+// the key store opts in for a TLS-terminating load balancer.
+func TestPlainHTTPGetsNoXKSService(t *testing.T) {
+	f := newFixture(t)
+	c := f.ks2
+	site := func(optIn string) string {
+		return fmt.Sprintf(`
+http://127.0.0.1:%d {
+	xks {
+		key_store /plain {
+			hsm main
+			region %s
+			credential %s {env.XKS_TEST_SECRET_2}
+			keys %s
+			deadline 30s
+%s
+		}
+	}
+}
+`, f.proxy.HTTPPort, region, c.akid, keyBoth, optIn)
+	}
+	encrypt := func() response {
+		body := encryptBody([]byte("over plain HTTP"), nil, false)
+		req, err := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/plain/kms/xks/v1/keys/%s/encrypt", f.proxy.HTTPPort, keyBoth), strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		if err := signRequest(req, c, body, region, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		return f.do(req)
+	}
+	load := func(fleetSize int, optIn string) {
+		f.proxy.Ready = func() error { return f.reports(fleetSize) }
+		f.proxy.Load(f.config(fleetSize) + site(optIn))
+	}
+	load(2, "")
+	expectError(t, encrypt(), http.StatusForbidden, "AccessDeniedException")
+
+	load(3, "\t\t\tallow_plain_http")
+	if r := encrypt(); r.status != http.StatusOK {
+		t.Fatalf("with allow_plain_http: %d %s", r.status, r.raw)
+	}
+	if logs, _ := os.ReadFile(f.logFile); !strings.Contains(string(logs), "allow_plain_http") {
+		t.Error("no warning that the key store serves plain HTTP")
+	}
+}

@@ -193,6 +193,12 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 		x.err = &xksError{name: ValidationException, message: "method " + r.Method + " is not allowed; XKS API calls use POST", status: http.StatusMethodNotAllowed}
 		return
 	}
+	// KMS always calls over TLS: a plain request came some other way.
+	if r.TLS == nil && !x.ks.AllowPlainHTTP {
+		x.err = &xksError{name: AccessDeniedException, message: "XKS calls must arrive over TLS", status: http.StatusForbidden,
+			cause: errors.New("a plain-HTTP request, and the key store does not set allow_plain_http")}
+		return
+	}
 	// 2. The body, bounded, and its signature over the path just routed on.
 	body, xerr := readBody(r, h.MaxRequestBody)
 	if xerr != nil {

@@ -105,6 +105,14 @@ type KeyStore struct {
 	// bounded only by the HSM backend's session pool.
 	MaxConcurrent int `json:"max_concurrent,omitempty"`
 
+	// AllowPlainHTTP serves this key store's requests that did not arrive
+	// over TLS. KMS always connects over TLS to the proxy's certificate, so
+	// a plain request reached the proxy some other way; set it only behind
+	// a load balancer that terminates KMS's TLS and forwards over a network
+	// no one else can reach. Default: false, and such requests get
+	// AccessDeniedException.
+	AllowPlainHTTP bool `json:"allow_plain_http,omitempty"`
+
 	// Deadline bounds each request, from its arrival to the HSM's answer;
 	// past it the request gets DependencyTimeoutException (HSM work it
 	// started is abandoned, counted, and its session closed when the HSM
@@ -211,6 +219,10 @@ func (ks *KeyStore) validate() error {
 // valid, only on failing safely.
 func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger) error {
 	ks.logger = logger
+	if ks.AllowPlainHTTP {
+		logger.Warn("key store serves requests that did not arrive over TLS (allow_plain_http): only safe behind a TLS-terminating load balancer on a network no one else reaches",
+			zap.String("key_store", ks.URIPath))
+	}
 	repl := caddy.NewReplacer()
 	creds := make([]sigv4auth.Credential, 0, len(ks.Credentials))
 	for _, c := range ks.Credentials {
