@@ -31,15 +31,12 @@ func warnOfTCPAdmin(ctx caddy.Context, logger *zap.Logger) {
 
 // adminListen returns the admin endpoint's listen address of the config
 // being loaded, and false when the endpoint is off or the config cannot be
-// read. Caddy has no accessor for it during provisioning, so this reads
-// the context's config field; if a Caddy release renames it, no warning is
-// given rather than a wrong one (TestAdminEndpointOnTCPIsWarnedOf fails).
+// read.
 func adminListen(ctx caddy.Context) (string, bool) {
-	field := reflect.ValueOf(&ctx).Elem().FieldByName("cfg")
-	if !field.IsValid() || field.Type() != reflect.TypeFor[*caddy.Config]() || field.IsNil() {
+	cfg := loadingConfig(ctx)
+	if cfg == nil {
 		return "", false
 	}
-	cfg := (*caddy.Config)(field.UnsafePointer())
 	if cfg.Admin == nil {
 		return caddy.DefaultAdminListen, true
 	}
@@ -50,4 +47,17 @@ func adminListen(ctx caddy.Context) (string, bool) {
 		return caddy.DefaultAdminListen, true
 	}
 	return cfg.Admin.Listen, true
+}
+
+// loadingConfig returns the config a module is being provisioned for, or
+// nil. Caddy has no accessor for it during provisioning, so this reads the
+// context's config field; if a Caddy release renames it, the checks that
+// use it find nothing rather than something wrong (and
+// TestAdminEndpointOnTCPIsWarnedOf and TestPlainHTTPSiteFailsToLoad fail).
+func loadingConfig(ctx caddy.Context) *caddy.Config {
+	field := reflect.ValueOf(&ctx).Elem().FieldByName("cfg")
+	if !field.IsValid() || field.Type() != reflect.TypeFor[*caddy.Config]() || field.IsNil() {
+		return nil
+	}
+	return (*caddy.Config)(field.UnsafePointer())
 }

@@ -85,6 +85,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("the xks handler needs HSM backends (the hsm app): %w", err)
 	}
 	app := appIface.(*hsm.App)
+	plain := plainHTTPServers(ctx)
+	for _, ks := range h.KeyStores {
+		if listen, ok := plain[CompleteURIPath(ks.URIPath)]; ok && !ks.AllowPlainHTTP {
+			return fmt.Errorf("xks: key store %s is served on a site without TLS (listen %v): KMS always calls over TLS; "+
+				"serve it on an https site, or set allow_plain_http behind a TLS-terminating load balancer", ks.URIPath, listen)
+		}
+	}
 	h.stores = make(map[string]*KeyStore, len(h.KeyStores))
 	for _, ks := range h.KeyStores {
 		if err := ks.provision(app, h.logger); err != nil {
