@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Capacity at network-HSM latency: `caddy xks bench` at a paced 1,800 req/s
+# (KMS's default request quota per external key store) for 60 s, against the
+# proxy in front of the nShield personality of the vendor shim
+# (internal/vendorshim), which adds a fixed latency to every C_Encrypt and
+# C_Decrypt (1, 5 and 20 ms) over SoftHSM2, the time a network HSM's
+# client library spends blocked in C. Each latency runs with the defaults
+# (max_sessions, session_wait, call_timeout, and GOMAXPROCS, which Caddy
+# sets to the CPU count) and with the recommended values (max_sessions >=
+# 2 x rate x latency, at least 32; GOMAXPROCS = 2 x CPUs; docs/operations.md).
+# A benchmark, not a test: the figures depend on the machine, and client and
+# server share its cores. It prints one markdown table row per run and the
+# load average around each.
+#
+#   make caddy && bash scripts/capacity.sh
+#
+# XKS_CAPACITY_DURATION (default 60s), XKS_CAPACITY_WARMUP (5s, at the rate,
+# not measured), XKS_CAPACITY_RATE (1800),
+# XKS_CAPACITY_LATENCIES (ms, default "1 5 20"), XKS_CAPACITY_PORT (18643)
+# and XKS_CADDY (default bin/caddy) change the runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+caddy=${XKS_CADDY:-$root/bin/caddy}
+duration=${XKS_CAPACITY_DURATION:-60s}
+rate=${XKS_CAPACITY_RATE:-1800}
+latencies=${XKS_CAPACITY_LATENCIES:-1 5 20}
+port=${XKS_CAPACITY_PORT:-18643}
+warmup=${XKS_CAPACITY_WARMUP:-5s}
+softhsm=${XKS_SOFTHSM2:-/usr/lib/softhsm/libsofthsm2.so}
+[ -x "$caddy" ] || { echo "$caddy is missing: run 'make caddy' first" >&2; exit 1; }
+
+work=$(mktemp -d)
+server=
+stop() {
+	if [ -n "$server" ]; then
+		kill "$server" 2>/dev/null || true
+		wait "$server" 2>/dev/null || true
+		server=
+	fi
+}
+trap 'stop; rm -rf "$work"' EXIT
+umask 077
+
+# A SoftHSM2 token of its own under the shim, which shows it as nShield's
+# "loadshared accelerator" slot: module protection, no login.
+mkdir -p "$work/tokens"
+export SOFTHSM2_CONF=$work/softhsm2.conf
+printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n' "$work/tokens" >"$SOFTHSM2_CONF"
+softhsm2-util --init-token --free --label capacity --pin 1234-capacity --so-pin 5678-capacity >/dev/null
+cc -shared -fPIC -O2 -o "$work/vendorshim.so" internal/vendorshim/csrc/vendorshim.c -ldl -lpthread
+export VENDORSHIM_TARGET=$softhsm VENDORSHIM_PERSONALITY=nshield VENDORSHIM_TOKEN=capacity
+
+akid=$("$caddy" xks credential --secret-file "$work/secret")
+
+config() { # max_sessions session_wait call_timeout
+	cat <<CADDY
+{
+	admin unix/$work/admin.sock
+	persist_config off
+	skip_install_trust
+	https_port $port
+	http_port $((port + 1))
+	storage file_system $work/storage
+	log {
+		output discard
+	}
+	hsm {
+		pkcs11 primary {
+			module $work/vendorshim.so
+			token "loadshared accelerator"
+			no_login
+			iv hsm
+			private_keys false
+$( [ "$1" = default ] || printf '\t\t\tmax_sessions %s\n\t\t\tsession_wait %s\n\t\t\tcall_timeout %s\n' "$1" "$2" "$3")
+		}
+	}
+}
+
+localhost:$port {
+	tls internal
+	xks {
+		key_store /capacity {
+			hsm primary
+			region us-east-1
+			credential $akid {file.$work/secret}
+			keys capacity-key
+		}
+	}
+}
+CADDY
+}
+
+config default >"$work/Caddyfile"
+VENDORSHIM_LATENCY_US=0 "$caddy" xks keygen --config "$work/Caddyfile" --adapter caddyfile --label capacity-key >/dev/null
+
+ca=$work/storage/pki/authorities/local/root.crt
+url=https://localhost:$port/capacity/kms/xks/v1
+bench=("$caddy" xks bench --access-key-id "$akid" --secret-file "$work/secret" --cacert "$ca" --key capacity-key
+	--mix encrypt=1,decrypt=1 --plaintext 32 --concurrency 512)
+
+# run <latency ms> <label> <GOMAXPROCS|default> <max_sessions|default> [session_wait call_timeout]
+run() {
+	local ms=$1 label=$2 procs=$3 sessions=$4 wait=${5:-} timeout=${6:-}
+	config "$sessions" "$wait" "$timeout" >"$work/Caddyfile"
+	local env=(VENDORSHIM_LATENCY_US=$((ms * 1000)))
+	[ "$procs" = default ] || env+=(GOMAXPROCS="$procs")
+	env "${env[@]}" "$caddy" run --config "$work/Caddyfile" --adapter caddyfile >"$work/caddy.log" 2>&1 &
+	server=$!
+	for _ in $(seq 100); do
+		[ -s "$ca" ] && "${bench[@]}" "$url" --duration 200ms --concurrency 1 >/dev/null 2>&1 && break
+		sleep 0.2
+	done
+	# Warm up at the rate, unmeasured: the pool opens its sessions and the
+	# key handle is cached, as on a proxy that has been serving (a cold
+	# start at full rate is another matter; docs/operations.md).
+	"${bench[@]}" "$url" --rate "$rate" --duration "$warmup" >/dev/null 2>&1 || true
+	local before after out
+	before=$(cut -d' ' -f1-3 /proc/loadavg)
+	out=$("${bench[@]}" "$url" --rate "$rate" --duration "$duration" 2>/dev/null || true)
+	after=$(cut -d' ' -f1-3 /proc/loadavg)
+	stop
+	printf '%s\n' "$out" >"$work/bench-$ms-$label.txt"
+	local thr p50 p99 max n429 n503 other settings
+	thr=$(awk '/^throughput/ {print $2}' <<<"$out")
+	p50=$(awk '/^p50/ {print $2}' <<<"$out")
+	p99=$(awk '/^p99/ {print $2}' <<<"$out")
+	max=$(awk '/^max/ {print $2}' <<<"$out")
+	n429=$(awk '/ThrottlingException/ {s += $NF} END {print s + 0}' <<<"$out")
+	n503=$(awk '/DependencyTimeoutException/ {s += $NF} END {print s + 0}' <<<"$out")
+	other=$(awk '/^error/ && !/ThrottlingException|DependencyTimeoutException/ {s += $NF} END {print s + 0}' <<<"$out")
+	settings="$sessions, $wait, $timeout"
+	[ "$sessions" = default ] && settings="32, 50ms, 200ms"
+	[ "$procs" = default ] && procs="$(nproc)"
+	printf '| %s ms | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s → %s |\n' \
+		"$ms" "$label" "$settings" "$procs" "$thr" "$p50" "$p99" "$max" "$n429" "$n503" "$other" "$before" "$after"
+}
+
+echo "caddy xks bench --rate $rate --duration $duration --mix encrypt=1,decrypt=1 --plaintext 32 --concurrency 512 (after $warmup at the rate)"
+echo "$(nproc) cores; load average before the runs: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo '| HSM latency | settings | max_sessions, session_wait, call_timeout | GOMAXPROCS | throughput (req/s) | p50 | p99 | max | 429 | 503 | other errors | load average (1, 5, 15 min) before → after |'
+echo '|---|---|---|---|---|---|---|---|---|---|---|---|'
+for ms in $latencies; do
+	run "$ms" default default default
+	# max_sessions >= 2 x rate x latency, at least the default 32, in
+	# multiples of 8; GOMAXPROCS twice the CPUs.
+	need=$(((2 * rate * ms + 999) / 1000))
+	sessions=$(((need + 7) / 8 * 8))
+	[ "$sessions" -ge 32 ] || sessions=32
+	run "$ms" recommended "$((2 * $(nproc)))" "$sessions" 50ms 200ms
+done
