@@ -53,6 +53,16 @@ func TestVendorMatrixThroughCaddy(t *testing.T) {
 	// NSS softokn, a real module, configured through init_args.
 	t.Run("nss-softokn", func(t *testing.T) {
 		tk := hsmtest.NSS(t)
+		// The NSS database lives as long as the process: the keys the
+		// matrix makes go afterwards, so that another run (go test
+		// -count=N) can make them again.
+		t.Cleanup(func() {
+			if !t.Failed() {
+				for _, label := range []string{"demo-key", "demo-encrypt-only"} {
+					tk.DestroyKeys(t, label)
+				}
+			}
+		})
 		runMatrix(t, matrixModule{module: tk.Module, token: tk.Label, tk: tk, ivMode: "caller", wrongIVMode: "hsm",
 			extra: fmt.Sprintf("\t\t\tinit_args %q\n", tk.InitArgs)})
 	})
