@@ -118,9 +118,9 @@ func (a *acmeProxy) config() string {
 	return a.in.Global(global) + sites.String()
 }
 
-// start begins an ACME test: a token with the key, a credential, Pebble
-// validating on the instance's ports.
-func startACME(t *testing.T, pebbleOpts pebbletest.Options) (*proxytest.Proxy, *acmeProxy) {
+// acmeKeyStore makes what the key store needs: a token with the key and a
+// SigV4 credential.
+func acmeKeyStore(t *testing.T) (hsmtest.Token, sigv4auth.Credential) {
 	t.Helper()
 	if !hsmtest.Available() {
 		t.Skip("SoftHSM2 is not installed")
@@ -131,6 +131,14 @@ func startACME(t *testing.T, pebbleOpts pebbletest.Options) (*proxytest.Proxy, *
 	if err != nil {
 		t.Fatal(err)
 	}
+	return token, cred
+}
+
+// start begins an ACME test: a token with the key, a credential, Pebble
+// validating on the instance's ports.
+func startACME(t *testing.T, pebbleOpts pebbletest.Options) (*proxytest.Proxy, *acmeProxy) {
+	t.Helper()
+	token, cred := acmeKeyStore(t)
 	p := proxytest.New(t)
 	pebbleOpts.HTTPPort, pebbleOpts.TLSPort = p.HTTPPort, p.HTTPSPort
 	pebble := pebbletest.Start(t, pebbleOpts)
@@ -266,8 +274,8 @@ func TestACMEObtain(t *testing.T) {
 			// Days left on it, as KMS's XksProxyCertificateDaysToExpire
 			// counts them (Pebble's certificates live 90 days).
 			sample := `caddy_xks_certificate_days_to_expire{hostname="` + acmeHost + `"}`
-			days := metricValue(t, p.Metrics(), sample)
-			for deadline := time.Now().Add(settle); days < 0 && time.Now().Before(deadline); days = metricValue(t, p.Metrics(), sample) {
+			days := proxytest.MetricValue(t, p.Metrics(), sample)
+			for deadline := time.Now().Add(settle); days < 0 && time.Now().Before(deadline); days = proxytest.MetricValue(t, p.Metrics(), sample) {
 				time.Sleep(100 * time.Millisecond) // the preflight's report of the obtained chain is on its way
 			}
 			if want := float64(int(time.Until(leaf.NotAfter).Hours() / 24)); days != want && days != want-1 {
@@ -329,7 +337,7 @@ func TestACMERenewalUnderLoad(t *testing.T) {
 	roots := pebbleRoots(a.pebble)
 	first := awaitChain(t, p.HTTPSPort, acmeHost, roots, anyChain)[0]
 	expiry := func() float64 {
-		return metricValue(t, p.Metrics(), `caddy_xks_certificate_expiry_timestamp_seconds{hostname="`+acmeHost+`"}`)
+		return proxytest.MetricValue(t, p.Metrics(), `caddy_xks_certificate_expiry_timestamp_seconds{hostname="`+acmeHost+`"}`)
 	}
 
 	client := newXKSClient(p.HTTPSPort, acmeHost, roots, a.cred)
@@ -391,36 +399,13 @@ func TestACMERenewalUnderLoad(t *testing.T) {
 	}
 }
 
-// metricValue reads one sample's value, -1 when absent.
-func metricValue(t *testing.T, metrics, sample string) float64 {
-	t.Helper()
-	for line := range strings.SplitSeq(metrics, "\n") {
-		if v, ok := strings.CutPrefix(line, sample+" "); ok {
-			f, err := strconv.ParseFloat(v, 64)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return f
-		}
-	}
-	return -1
-}
-
 // TestACMEFleetObtainsOneCertificate: two proxy processes with one shared
 // storage, started together, obtain one certificate between them (one
 // order at Pebble) and both serve it. Pebble validates on the first
 // instance's ports; certmagic keeps the challenge in the shared storage,
 // so whichever instance ordered, the first can answer.
 func TestACMEFleetObtainsOneCertificate(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
-	token := hsmtest.NewToken(t)
-	token.CreateKey(t, acmeKey)
-	cred, err := sigv4auth.NewCredential()
-	if err != nil {
-		t.Fatal(err)
-	}
+	token, cred := acmeKeyStore(t)
 	storage := t.TempDir()
 	first, second := proxytest.NewInstance(t), proxytest.NewInstance(t)
 	first.Storage, second.Storage = storage, storage

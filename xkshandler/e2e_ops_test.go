@@ -6,7 +6,6 @@ import (
 	"net/http"
 	"os"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -198,29 +197,14 @@ func grepLines(s, sub string) string {
 	return strings.Join(out, "\n")
 }
 
-// metricValue reads one sample's value, -1 when absent.
-func metricValue(t testing.TB, metrics, sample string) float64 {
-	t.Helper()
-	for line := range strings.SplitSeq(metrics, "\n") {
-		if v, ok := strings.CutPrefix(line, sample+" "); ok {
-			f, err := strconv.ParseFloat(v, 64)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return f
-		}
-	}
-	return -1
-}
-
 func TestMetrics(t *testing.T) {
 	f := newFixture(t)
 	f.encrypt(f.ks1[0], "/ks1", keyBoth, []byte("x"), nil)
 	expectError(t, f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyMissing+"/metadata", metaBody), 404, "KeyNotFoundException")
 	okSample := `caddy_xks_requests_total{key_store="/ks1/kms/xks/v1",operation="Encrypt",outcome="ok"}`
 	m := f.metrics()
-	before := metricValue(t, m, okSample)
-	if before < 1 || metricValue(t, m, `caddy_xks_requests_total{key_store="/ks1/kms/xks/v1",operation="GetKeyMetadata",outcome="KeyNotFoundException"}`) < 1 {
+	before := proxytest.MetricValue(t, m, okSample)
+	if before < 1 || proxytest.MetricValue(t, m, `caddy_xks_requests_total{key_store="/ks1/kms/xks/v1",operation="GetKeyMetadata",outcome="KeyNotFoundException"}`) < 1 {
 		t.Fatalf("request counters missing:\n%s", grepLines(m, "caddy_xks_requests_total"))
 	}
 	for _, name := range []string{
@@ -231,17 +215,17 @@ func TestMetrics(t *testing.T) {
 		`caddy_xks_hsm_session_waiters{backend="main"}`,
 		`caddy_xks_hsm_health{backend="main",status="ACTIVE"}`,
 	} {
-		if metricValue(t, m, name) < 0 {
+		if proxytest.MetricValue(t, m, name) < 0 {
 			t.Errorf("no sample %s", name)
 		}
 	}
-	if v := metricValue(t, m, `caddy_xks_hsm_health{backend="main",status="ACTIVE"}`); v != 1 {
+	if v := proxytest.MetricValue(t, m, `caddy_xks_hsm_health{backend="main",status="ACTIVE"}`); v != 1 {
 		t.Errorf("backend health ACTIVE = %v", v)
 	}
 	// The counters survive a reload.
 	f.load(7)
 	f.encrypt(f.ks1[0], "/ks1", keyBoth, []byte("x"), nil)
-	if after := metricValue(t, f.metrics(), okSample); after != before+1 {
+	if after := proxytest.MetricValue(t, f.metrics(), okSample); after != before+1 {
 		t.Errorf("after a reload the counter is %v, want %v", after, before+1)
 	}
 }
@@ -294,7 +278,7 @@ func TestCertificatePreflight(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if v := metricValue(t, f.metrics(), `caddy_xks_certificate_expiry_timestamp_seconds{hostname="localhost"}`); v < float64(time.Now().Unix()) {
+	if v := proxytest.MetricValue(t, f.metrics(), `caddy_xks_certificate_expiry_timestamp_seconds{hostname="localhost"}`); v < float64(time.Now().Unix()) {
 		t.Errorf("certificate expiry metric = %v", v)
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 )
 
 // The recovery tests drive the HSM through a fault and back with the fault
@@ -110,10 +112,10 @@ func TestRefusedPINRecoversAfterAForcedReload(t *testing.T) {
 		}
 	}
 	m := f.metrics()
-	if v := metricValue(t, m, `caddy_xks_hsm_health{backend="main",status="UNAVAILABLE"}`); v != 1 {
+	if v := proxytest.MetricValue(t, m, `caddy_xks_hsm_health{backend="main",status="UNAVAILABLE"}`); v != 1 {
 		t.Errorf("caddy_xks_hsm_health UNAVAILABLE = %v, want 1:\n%s", v, grepLines(m, "caddy_xks_hsm_health"))
 	}
-	if v := metricValue(t, m, `caddy_xks_hsm_login_failures_total{backend="main"}`); v != 1 {
+	if v := proxytest.MetricValue(t, m, `caddy_xks_hsm_login_failures_total{backend="main"}`); v != 1 {
 		t.Errorf("caddy_xks_hsm_login_failures_total = %v, want 1:\n%s", v, grepLines(m, "login_failures"))
 	}
 	healthReasons := f.countLog(func(e logEntry) bool {
@@ -166,7 +168,7 @@ func TestRefusedPINRecoversAfterAForcedReload(t *testing.T) {
 	if f.countLog(hsmLine("warn", "tries to log in once")) != 2 || f.countLog(hsmLine("info", "token logged in")) != 1 {
 		t.Errorf("the log does not record the two login attempts of the forced reloads and the login:\n%s", grepLines(string(mustRead(t, f.logFile)), `"logger":"hsm`))
 	}
-	if v := metricValue(t, f.metrics(), `caddy_xks_hsm_login_failures_total{backend="main"}`); v != 2 {
+	if v := proxytest.MetricValue(t, f.metrics(), `caddy_xks_hsm_login_failures_total{backend="main"}`); v != 2 {
 		t.Errorf("caddy_xks_hsm_login_failures_total = %v, want 2", v)
 	}
 }

@@ -388,3 +388,19 @@ func (p *Proxy) Metrics() string {
 	}
 	return string(body)
 }
+
+// MetricValue reads one sample's value from Prometheus text, -1 when the
+// sample is absent.
+func MetricValue(t testing.TB, metrics, sample string) float64 {
+	t.Helper()
+	for line := range strings.SplitSeq(metrics, "\n") {
+		if v, ok := strings.CutPrefix(line, sample+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return f
+		}
+	}
+	return -1
+}
