@@ -86,6 +86,7 @@ func TestRefusedPINRecoversAfterAForcedReload(t *testing.T) {
 	f, shim := newFaultFixture(t, "")
 	before := f.encrypt(f.ks1[0], "/ks1", keyBoth, []byte("sealed before the fault"), nil)
 	encrypt := func() response {
+		t.Helper()
 		return f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encryptBody([]byte("x"), nil, false))
 	}
 	refused := hsmLine("error", "refused the PIN")

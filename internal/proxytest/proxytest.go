@@ -276,13 +276,15 @@ func (p *Proxy) LoadJSON(cfg []byte) {
 	p.waitReady()
 }
 
-// waitReady waits until Ready passes, if it is set.
+// waitReady waits until the previous config's servers have closed their
+// listening sockets, then until Ready passes, if it is set.
 func (p *Proxy) waitReady() {
 	p.t.Helper()
+	deadline := time.Now().Add(readyTimeout)
+	p.waitOldListeners(deadline)
 	if p.Ready == nil {
 		return
 	}
-	deadline := time.Now().Add(readyTimeout)
 	for {
 		err := p.Ready()
 		if err == nil {
@@ -295,6 +297,28 @@ func (p *Proxy) waitReady() {
 		// serves what is already open until it closes: ask on a new one.
 		p.Client.CloseIdleConnections()
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// waitOldListeners waits until each of the instance's ports has one
+// listening socket at most. Caddy binds with SO_REUSEPORT, so during a
+// reload the old and the new config each have a socket on the port and the
+// kernel hands new connections to either. Caddy returns from a reload once
+// the old servers have been told to shut down, which may be before they
+// close their sockets: a connection the kernel queued on an old socket is
+// then reset when it closes (Caddy's own comment in modules/caddyhttp's
+// App.stop says so). Only after that is every new connection the new
+// config's.
+func (p *Proxy) waitOldListeners(deadline time.Time) {
+	p.t.Helper()
+	for _, port := range []int{p.HTTPSPort, p.HTTPPort} {
+		addr := ":" + strconv.Itoa(port)
+		for caddy.ListenerUsage("tcp", addr) > 1 {
+			if time.Now().After(deadline) {
+				p.t.Fatalf("the previous config still listens on %s after %s", addr, readyTimeout)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
 	}
 }
 
