@@ -177,6 +177,7 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 //		max_request_body <bytes>
 //		ready_path       <path>
 //		hostnames        <name>...
+//		usage_flush_interval <duration>
 //		key_store <uri path> {
 //			hsm                 <backend> [<backend>...]
 //			region              <aws region>
@@ -191,6 +192,12 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 //			rate_limit          <requests per second> [<burst>]
 //			max_concurrent      <n>
 //			allow_plain_http
+//			versions <external key id> {
+//				version <n> [<hsm key label>] [disabled]
+//				current <n>
+//			}
+//			encrypt_limit       <n>
+//			usage_warnings      <fraction>...
 //			authorize {
 //				deny  <rule name> <CEL expression>
 //				allow <rule name> <CEL expression>
@@ -200,7 +207,9 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 //
 // The uri path is the key store's XksProxyUriPath, e.g. /demo/kms/xks/v1;
 // the /kms/xks/v1 suffix may be left out. credential may be repeated (to
-// rotate), as may keys and disable.
+// rotate), as may keys and disable. versions lists an external key's
+// versions beyond version 1 (the HSM key labelled as the key id), once per
+// key; see xkshandler.KeyVersions.
 func parseXKS(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(xkshandler.Handler)
 	h.Next() // consume the directive name
@@ -229,6 +238,16 @@ func parseXKS(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 				return nil, h.ArgErr()
 			}
 			handler.Hostnames = append(handler.Hostnames, names...)
+		case "usage_flush_interval":
+			var val string
+			if !h.AllArgs(&val) {
+				return nil, h.ArgErr()
+			}
+			dur, err := durationArg(h.Dispenser, "usage_flush_interval", val)
+			if err != nil {
+				return nil, err
+			}
+			handler.UsageFlushInterval = dur
 		case "key_store":
 			ks, err := parseKeyStore(h.Dispenser)
 			if err != nil {
@@ -283,6 +302,35 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 				return nil, d.ArgErr()
 			}
 			ks.AllowPlainHTTP = true
+		case "versions":
+			if len(args) != 1 {
+				return nil, d.Err("versions takes the external key id, then a block of its versions")
+			}
+			kv, err := parseVersions(d, args[0])
+			if err != nil {
+				return nil, err
+			}
+			ks.Versions = append(ks.Versions, kv)
+		case "encrypt_limit":
+			if len(args) != 1 {
+				return nil, d.ArgErr()
+			}
+			n, err := strconv.ParseUint(args[0], 10, 64)
+			if err != nil || n == 0 {
+				return nil, d.Errf("encrypt_limit %q: want a whole number above 0", args[0])
+			}
+			ks.EncryptLimit = n
+		case "usage_warnings":
+			if len(args) == 0 {
+				return nil, d.ArgErr()
+			}
+			for _, a := range args {
+				f, err := strconv.ParseFloat(a, 64)
+				if err != nil {
+					return nil, d.Errf("usage_warnings %q: %v", a, err)
+				}
+				ks.UsageWarnings = append(ks.UsageWarnings, f)
+			}
 		case "max_concurrent":
 			if len(args) != 1 {
 				return nil, d.ArgErr()
@@ -346,6 +394,49 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 		}
 	}
 	return ks, nil
+}
+
+// parseVersions reads a versions block:
+//
+//	version <n> [<hsm key label>] [disabled]
+//	current <n>
+func parseVersions(d *caddyfile.Dispenser, key string) (xkshandler.KeyVersions, error) {
+	kv := xkshandler.KeyVersions{Key: key}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		args := d.RemainingArgs()
+		switch opt {
+		case "version":
+			if len(args) < 1 || len(args) > 3 {
+				return kv, d.Err("version takes its number, its HSM key label (not for version 1) and optionally disabled")
+			}
+			n, err := strconv.ParseUint(args[0], 10, 32)
+			if err != nil {
+				return kv, d.Errf("version %q: want a number from 1 to 4294967295", args[0])
+			}
+			v := xkshandler.KeyVersion{Version: uint32(n)}
+			for _, a := range args[1:] {
+				if a == "disabled" {
+					v.Disabled = true
+				} else {
+					v.Label = a
+				}
+			}
+			kv.Versions = append(kv.Versions, v)
+		case "current":
+			if len(args) != 1 {
+				return kv, d.ArgErr()
+			}
+			n, err := strconv.ParseUint(args[0], 10, 32)
+			if err != nil {
+				return kv, d.Errf("current %q: want a version number", args[0])
+			}
+			kv.Current = uint32(n)
+		default:
+			return kv, d.Errf("unrecognized versions option %q", opt)
+		}
+	}
+	return kv, nil
 }
 
 // parseAuthorize reads an authorize block: one rule per line,

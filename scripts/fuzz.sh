@@ -25,6 +25,7 @@ declare -A execs=(
 	[FuzzVerify]=350000
 	[FuzzDecodeRequest]=50000
 	[FuzzDecodeStrict]=50000
+	[FuzzMetadataVersion]=300000
 )
 default_execs=50000
 

@@ -78,6 +78,11 @@ func validationError(message string) *xksError {
 // message names the condition but never carries HSM detail (slot, PIN state,
 // CKR codes), which goes to the log through cause.
 func fromHSM(err error) *xksError {
+	// The key store's own refusals (key versions, usage limits) are XKS
+	// errors already.
+	if xe, ok := errors.AsType[*xksError](err); ok {
+		return xe
+	}
 	var e *xksError
 	switch {
 	case errors.Is(err, hsm.ErrKeyNotFound):

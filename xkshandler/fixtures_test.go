@@ -74,10 +74,12 @@ type ciphertextFixtures struct {
 }
 
 // fixtureProxy runs a proxy with one key store per fixture setting, at
-// /<setting name>, over a fresh token holding the fixture key; more, when
-// set, is added to every key_store block.
+// /<setting name>, over a fresh token holding the fixture key. more, when
+// set, adds lines to every key_store block, and xks to the xks block.
 type fixtureProxy struct {
 	*fixture
+	more func(s fixtureSetting) string
+	xks  string
 }
 
 func newFixtureProxy(t *testing.T, more func(s fixtureSetting) string) *fixtureProxy {
@@ -95,16 +97,14 @@ func newFixtureProxy(t *testing.T, more func(s fixtureSetting) string) *fixtureP
 	f.logFile = f.proxy.LogFile
 	t.Setenv("XKS_TEST_PIN", f.token.PIN)
 	t.Setenv("XKS_TEST_SECRET_2", f.ks2.secret)
-	fp := &fixtureProxy{fixture: f}
-	fp.load(more)
+	fp := &fixtureProxy{fixture: f, more: more}
+	fp.load(nil)
 	return fp
 }
 
-// load (re)loads the proxy with more in every key_store block, and waits
-// until the last key store answers health.
-func (fp *fixtureProxy) load(more func(s fixtureSetting) string) {
+// config is the proxy's Caddyfile for the current more and xks.
+func (fp *fixtureProxy) config() string {
 	f := fp.fixture
-	f.t.Helper()
 	var stores strings.Builder
 	for _, s := range fixtureSettings {
 		fmt.Fprintf(&stores, "\t\tkey_store /%s {\n\t\t\thsm main\n\t\t\tregion %s\n\t\t\tcredential %s {env.XKS_TEST_SECRET_2}\n\t\t\tkeys %s\n%s",
@@ -115,28 +115,41 @@ func (fp *fixtureProxy) load(more func(s fixtureSetting) string) {
 		if s.CiphertextMetadata != "" {
 			fmt.Fprintf(&stores, "\t\t\tciphertext_metadata %s\n", s.CiphertextMetadata)
 		}
-		if more != nil {
-			stores.WriteString(more(s))
+		if fp.more != nil {
+			stores.WriteString(fp.more(s))
 		}
 		stores.WriteString("\t\t}\n")
 	}
 	hsm := proxytest.Backend{Name: "main", Module: f.token.Module, Token: f.token.Label, PINEnv: "XKS_TEST_PIN"}
-	config := f.proxy.Global("\thsm {\n"+hsm.Block()+"\t}\n") + fmt.Sprintf("\nlocalhost:%d {\n\ttls %s %s\n\txks {\n%s\t}\n}\n",
-		f.proxy.HTTPSPort, f.cert, f.key, stores.String())
-	last := "/" + fixtureSettings[len(fixtureSettings)-1].Name
-	f.proxy.Ready = func() error {
-		r, err := fp.try(last+"/kms/xks/v1/health", healthBody)
-		if err != nil {
+	return f.proxy.Global("\thsm {\n"+hsm.Block()+"\t}\n") + fmt.Sprintf("\nlocalhost:%d {\n\ttls %s %s\n\txks {\n%s%s\t}\n}\n",
+		f.proxy.HTTPSPort, f.cert, f.key, fp.xks, stores.String())
+}
+
+// load (re)loads the config with the client's idle connections dropped
+// before and after, then waits until ready passes (by default: the last
+// key store answers health).
+func (fp *fixtureProxy) load(ready func() error) {
+	fp.t.Helper()
+	fp.proxy.Client.CloseIdleConnections()
+	fp.reload(ready)
+	fp.proxy.Client.CloseIdleConnections()
+}
+
+// reload is load keeping the connections that clients use.
+func (fp *fixtureProxy) reload(ready func() error) {
+	fp.t.Helper()
+	if ready == nil {
+		last := "/" + fixtureSettings[len(fixtureSettings)-1].Name
+		ready = func() error {
+			r, err := fp.try(last+"/kms/xks/v1/health", healthBody)
+			if err == nil && r.status != http.StatusOK {
+				err = fmt.Errorf("health: %d %s", r.status, r.raw)
+			}
 			return err
 		}
-		if r.status != http.StatusOK {
-			return fmt.Errorf("health: %d %s", r.status, r.raw)
-		}
-		return nil
 	}
-	f.proxy.Client.CloseIdleConnections()
-	f.proxy.Load(config)
-	f.proxy.Client.CloseIdleConnections()
+	fp.proxy.Ready = ready
+	fp.proxy.Load(fp.config())
 }
 
 // try is call without failing the test on a transport error, for Ready.
@@ -158,7 +171,11 @@ func (fp *fixtureProxy) try(path, body string) (response, error) {
 	if err != nil {
 		return response{}, err
 	}
-	return response{status: resp.StatusCode, raw: string(raw)}, nil
+	r := response{status: resp.StatusCode, raw: string(raw)}
+	if err := json.Unmarshal(raw, &r.body); err != nil {
+		return r, fmt.Errorf("%s: %d %q: %w", path, r.status, raw, err)
+	}
+	return r, nil
 }
 
 // TestWriteCiphertextFixtures writes the fixtures file named by

@@ -57,10 +57,19 @@ type Handler struct {
 	// connects. Default: none.
 	Hostnames []string `json:"hostnames,omitempty"`
 
-	stores    map[string]*KeyStore // by URI path
-	logger    *zap.Logger
-	audit     *zap.Logger
-	preflight *tlscheck.Watcher
+	// UsageFlushInterval is how often each instance writes its count of
+	// Encrypts per key version to Caddy's storage, where the fleet's counts
+	// add up (see KeyStore.EncryptLimit). A crash loses at most one
+	// interval's count, which the next start counts as used. Default: 10s.
+	UsageFlushInterval caddy.Duration `json:"usage_flush_interval,omitempty"`
+
+	stores map[string]*KeyStore // by URI path
+	// provisioned are the key stores whose provisioning began: Cleanup
+	// gives back their usage counters.
+	provisioned []*KeyStore
+	logger      *zap.Logger
+	audit       *zap.Logger
+	preflight   *tlscheck.Watcher
 }
 
 // CaddyModule returns the Caddy module information.
@@ -92,13 +101,23 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 				"serve it on an https site, or set allow_plain_http behind a TLS-terminating load balancer", ks.URIPath, listen)
 		}
 	}
+	instance, err := instanceID()
+	if err != nil {
+		return fmt.Errorf("xks: %w", err)
+	}
+	usage := usageSettings{storage: ctx.Storage(), instance: instance, interval: time.Duration(h.UsageFlushInterval)}
+	if usage.interval <= 0 {
+		usage.interval = defaultUsageFlushInterval
+	}
 	h.stores = make(map[string]*KeyStore, len(h.KeyStores))
 	for _, ks := range h.KeyStores {
-		if err := ks.provision(app, h.logger); err != nil {
+		h.provisioned = append(h.provisioned, ks)
+		if err := ks.provision(app, h.logger, usage); err != nil {
 			return err
 		}
 		h.stores[ks.URIPath] = ks
 	}
+	liveStores.add(h.KeyStores)
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return fmt.Errorf("xks: registering metrics: %w", err)
 	}
@@ -111,6 +130,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	})
 	if err != nil {
 		return fmt.Errorf("xks: %w", err)
+	}
+	return nil
+}
+
+// Cleanup gives back the key stores' usage counters: the last config to use
+// a counter writes its final count.
+func (h *Handler) Cleanup() error {
+	liveStores.remove(h.provisioned)
+	for _, ks := range h.provisioned {
+		ks.cleanup()
 	}
 	return nil
 }
@@ -338,5 +367,6 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )

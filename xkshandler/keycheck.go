@@ -64,6 +64,9 @@ type keyReport struct {
 	differs map[string][]bool
 	// mismatches are the problems that make a configuration fail to load.
 	mismatches []string
+	// versionsMissing are configured key versions that no backend holds:
+	// they also make a configuration fail to load.
+	versionsMissing []string
 	// unproven says what the check could not find out (a backend that did
 	// not answer, a key no backend may both encrypt and decrypt with).
 	unproven []string
@@ -116,6 +119,7 @@ func (ks *KeyStore) checkKeys(ctx context.Context) *keyReport {
 	for _, label := range labels {
 		same[label] = ks.compareKey(ctx, r, label, states[label])
 	}
+	ks.checkVersions(r, states)
 	if prev != nil {
 		for i := range n {
 			if r.silent[i] {
@@ -198,7 +202,13 @@ func down(err error) bool {
 func (ks *KeyStore) keyStates(ctx context.Context, r *keyReport) ([]string, map[string][]keyState) {
 	states := make(map[string][]keyState)
 	if ks.keys != nil {
-		labels := slices.Sorted(maps.Keys(ks.keys))
+		all := maps.Clone(ks.keys)
+		for _, vk := range ks.versioned {
+			for _, l := range vk.labels() {
+				all[l] = true
+			}
+		}
+		labels := slices.Sorted(maps.Keys(all))
 		failed := make([]error, len(ks.backends))
 		for _, label := range labels {
 			s := make([]keyState, len(ks.backends))
@@ -370,6 +380,9 @@ func (r *keyReport) backendProblems(i int) []string {
 // mismatchError is the configuration error for a key store whose backends
 // do not hold the same keys, or nil.
 func (r *keyReport) mismatchError(ks *KeyStore) error {
+	if len(r.versionsMissing) > 0 {
+		return fmt.Errorf("key store %s: %s", ks.URIPath, strings.Join(r.versionsMissing, "; "))
+	}
 	if len(r.mismatches) == 0 {
 		return nil
 	}
@@ -412,4 +425,38 @@ func (ks *KeyStore) latestKeyReport(ctx context.Context, ttl time.Duration) *key
 	case <-ctx.Done():
 	}
 	return c.current.Load()
+}
+
+// checkVersions records each configured key version that Encrypt or
+// Decrypt may need (every one that is not disabled) and that no backend
+// that answered holds.
+func (ks *KeyStore) checkVersions(r *keyReport, states map[string][]keyState) {
+	for _, k := range slices.Sorted(maps.Keys(ks.versioned)) {
+		vk := ks.versioned[k]
+		if !vk.configured {
+			continue
+		}
+		for _, v := range vk.versions {
+			if v.disabled {
+				continue
+			}
+			s := states[v.label]
+			held := slices.ContainsFunc(s, keyState.exists)
+			answered := false
+			for i := range ks.backends {
+				answered = answered || !r.silent[i]
+			}
+			if held || !answered {
+				continue
+			}
+			msg := fmt.Sprintf("version %d of key %s, the HSM key labelled %q, is on no backend, so calls that need it fail: make it with `caddy xks keygen --label %s`, or disable the version",
+				v.n, vk.key, v.label, v.label)
+			r.versionsMissing = append(r.versionsMissing, msg)
+			for i := range ks.backends {
+				if !r.silent[i] {
+					r.problems[i] = append(r.problems[i], msg)
+				}
+			}
+		}
+	}
 }

@@ -1,12 +1,16 @@
 package xkshandler
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 	"golang.org/x/time/rate"
 
@@ -120,6 +124,28 @@ type KeyStore struct {
 	// Default: 200ms.
 	Deadline caddy.Duration `json:"deadline,omitempty"`
 
+	// Versions puts several HSM keys behind an external key id, its
+	// versions (versions.go): Encrypt uses the current one and says which
+	// in the ciphertextMetadata; Decrypt uses the one the metadata names.
+	// Default: every key has version 1 only, the HSM key labelled as the
+	// external key id.
+	Versions []KeyVersions `json:"versions,omitempty"`
+
+	// EncryptLimit is how many Encrypts one key version may do, counted
+	// across the fleet through Caddy's storage (usage.go). With the caller
+	// IV mode (the proxy makes the random IVs) a version at the limit is
+	// refused for Encrypt (InvalidStateException, logged) unless a higher
+	// version is configured, which becomes current by itself; in the hsm IV
+	// modes the HSM makes the IVs and enforces its own limits, and the
+	// count is only reported. Default: 2^32, NIST SP 800-38D §8.3's limit
+	// for random 96-bit IVs.
+	EncryptLimit uint64 `json:"encrypt_limit,omitempty"`
+
+	// UsageWarnings are the fractions of encrypt_limit at which a warning
+	// is logged for a key version, once per threshold and process.
+	// Default: 0.5 and 0.9.
+	UsageWarnings []float64 `json:"usage_warnings,omitempty"`
+
 	verifier *sigv4auth.Verifier
 	backends []*hsm.Backend
 	keys     map[string]bool // nil: every key allowed
@@ -133,6 +159,24 @@ type KeyStore struct {
 	ciphertextMetadata []byte
 	keyCheck           keyCheck
 	logger             *zap.Logger
+
+	// Key versions and their usage counters.
+	usage     usageSettings
+	limit     uint64
+	warnAt    []uint64 // counts at which UsageWarnings are logged
+	callerIVs bool     // some backend takes its IVs from the proxy
+	versioned map[string]*versionedKey
+	lazyMu    sync.Mutex
+	lazy      map[string]*versionedKey // keys of a "*" key store, met at run time
+	released  bool                     // cleanup gave the counters back
+}
+
+// usageSettings is what the key store's usage counters need from the
+// handler and the config.
+type usageSettings struct {
+	storage  certmagic.Storage
+	instance string
+	interval time.Duration
 }
 
 // Credential is one SigV4 access key id and secret access key.
@@ -203,6 +247,32 @@ func (ks *KeyStore) validate() error {
 	if _, err := parseCiphertextMetadata(ks.CiphertextMetadata); err != nil {
 		return fmt.Errorf("key store %s: %w", ks.URIPath, err)
 	}
+	if bytes.HasPrefix(ks.ciphertextMetadataBytes(), versionPrefix) {
+		return fmt.Errorf("key store %s: a ciphertext_metadata that starts with the bytes 00 78 6b is reserved for key version metadata", ks.URIPath)
+	}
+	versioned := map[string]bool{}
+	for i := range ks.Versions {
+		kv := &ks.Versions[i]
+		if err := kv.validate(ks.Keys); err != nil {
+			return fmt.Errorf("key store %s: %w", ks.URIPath, err)
+		}
+		if versioned[kv.Key] {
+			return fmt.Errorf("key store %s: the versions of %s are configured twice", ks.URIPath, kv.Key)
+		}
+		versioned[kv.Key] = true
+	}
+	for _, kv := range ks.Versions {
+		for _, v := range kv.Versions {
+			if v.Version > 1 && (versioned[v.Label] || slices.Contains(ks.Keys, v.Label)) {
+				return fmt.Errorf("key store %s: %s, the label of version %d of %s, is also an external key id of the key store", ks.URIPath, v.Label, v.Version, kv.Key)
+			}
+		}
+	}
+	for _, w := range ks.UsageWarnings {
+		if !(w > 0 && w < 1) {
+			return fmt.Errorf("key store %s: usage_warnings must be fractions between 0 and 1, got %v", ks.URIPath, w)
+		}
+	}
 	if ks.FleetSize < 0 {
 		return fmt.Errorf("key store %s: fleet_size must be positive", ks.URIPath)
 	}
@@ -217,8 +287,9 @@ func (ks *KeyStore) validate() error {
 // do not hold the same keys fail the configuration. Caddy validates the
 // configuration after provisioning, so provision must not rely on it being
 // valid, only on failing safely.
-func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger) error {
+func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger, usage usageSettings) error {
 	ks.logger = logger
+	ks.usage = usage
 	if ks.AllowPlainHTTP {
 		logger.Warn("key store serves requests that did not arrive over TLS (allow_plain_http): only safe behind a TLS-terminating load balancer on a network no one else reaches",
 			zap.String("key_store", ks.URIPath))
@@ -288,8 +359,12 @@ func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger) error {
 	if ks.Deadline == 0 {
 		ks.Deadline = caddy.Duration(defaultDeadline)
 	}
+	for _, b := range ks.backends {
+		ks.callerIVs = ks.callerIVs || b.IVMode() == "caller"
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), keyCheckTimeout)
 	defer cancel()
+	ks.provisionVersions(ctx)
 	r := ks.checkKeys(ctx)
 	ks.keyCheck.current.Store(r)
 	return r.mismatchError(ks)
@@ -297,6 +372,13 @@ func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger) error {
 
 // defaultDeadline leaves KMS's 250 ms for the network and TLS.
 const defaultDeadline = 200 * time.Millisecond
+
+// ciphertextMetadataBytes is CiphertextMetadata decoded, or nil when it is
+// not valid (validate says why).
+func (ks *KeyStore) ciphertextMetadataBytes() []byte {
+	md, _ := parseCiphertextMetadata(ks.CiphertextMetadata)
+	return md
+}
 
 // parseCiphertextMetadata decodes the configured ciphertext_metadata; an
 // empty one is none (nil).

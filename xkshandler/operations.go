@@ -12,14 +12,15 @@ import (
 	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
-// withBackend runs fn on the first backend that can serve keyID, falling
-// over to the next one only when a backend reports the HSM unavailable. A
-// backend that the key check found holding another key under keyID is
-// never used for it: its ciphertexts would not decrypt on the others.
-func (ks *KeyStore) withBackend(keyID string, fn func(*hsm.Backend) error) error {
+// withBackend runs fn on the first backend that can serve the HSM key
+// label, falling over to the next one only when a backend reports the HSM
+// unavailable. A backend that the key check found holding another key under
+// the label is never used for it: its ciphertexts would not decrypt on the
+// others.
+func (ks *KeyStore) withBackend(label string, fn func(*hsm.Backend) error) error {
 	var err error
 	var skipped []string
-	differs := ks.keyCheck.differing(keyID)
+	differs := ks.keyCheck.differing(label)
 	for i, b := range ks.backends {
 		if i < len(differs) && differs[i] {
 			skipped = append(skipped, b.Name())
@@ -30,20 +31,25 @@ func (ks *KeyStore) withBackend(keyID string, fn func(*hsm.Backend) error) error
 		}
 	}
 	if len(skipped) > 0 {
-		reason := fmt.Errorf("backends %s hold another key labelled %q and are not used for it", strings.Join(skipped, ", "), keyID)
+		reason := fmt.Errorf("backends %s hold another key labelled %q and are not used for it", strings.Join(skipped, ", "), label)
 		if err == nil {
-			return &hsm.Error{Kind: hsm.ErrUnavailable, Key: keyID, Err: reason}
+			return &hsm.Error{Kind: hsm.ErrUnavailable, Key: label, Err: reason}
 		}
 		return fmt.Errorf("%w; %w", err, reason)
 	}
 	return err
 }
 
-// keyMetadata answers GetKeyMetadata: the key's spec, usage and status.
+// keyMetadata answers GetKeyMetadata: the spec, usage and status of the
+// key's current version.
 func (ks *KeyStore) keyMetadata(ctx context.Context, keyID string) (any, error) {
+	label := keyID
+	if vk := ks.versioned[keyID]; vk != nil {
+		label = vk.current.Load().label
+	}
 	var md hsm.KeyMetadata
-	err := ks.withBackend(keyID, func(b *hsm.Backend) (err error) {
-		md, err = b.Metadata(ctx, keyID)
+	err := ks.withBackend(label, func(b *hsm.Backend) (err error) {
+		md, err = b.Metadata(ctx, label)
 		return err
 	})
 	if err != nil {
@@ -60,10 +66,15 @@ func (ks *KeyStore) keyMetadata(ctx context.Context, keyID string) (any, error) 
 // key store's ciphertextMetadata with the ciphertext and, if asked for, the
 // CDIV of what was proved decryptable.
 func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
-	aad := ks.framing.hsmAAD(req.aad, ks.ciphertextMetadata)
+	v, err := ks.forEncrypt(ks.keyVersions(ctx, keyID))
+	if err != nil {
+		return nil, err
+	}
+	md := ks.metadataFor(v)
+	aad := ks.framing.hsmAAD(req.aad, md)
 	var resp xksapi.EncryptResponse
-	err := ks.withBackend(keyID, func(b *hsm.Backend) error {
-		res, err := b.Encrypt(ctx, keyID, req.plaintext, aad)
+	err = ks.withBackend(v.label, func(b *hsm.Backend) error {
+		res, err := b.Encrypt(ctx, v.label, req.plaintext, aad)
 		if err != nil {
 			return err
 		}
@@ -73,7 +84,7 @@ func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) 
 		}
 		resp = xksapi.EncryptResponse{
 			Ciphertext:           res.Ciphertext,
-			CiphertextMetadata:   ks.ciphertextMetadata,
+			CiphertextMetadata:   md,
 			InitializationVector: res.IV,
 			AuthenticationTag:    res.Tag,
 		}
@@ -83,8 +94,8 @@ func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) 
 		// Appendix C: compute the CDIV over the bytes about to be returned
 		// first, then prove them decryptable, so a corruption after the
 		// check cannot hide behind a matching CDIV.
-		resp.CiphertextDataIntegrityValue = cdiv(req.aad, ks.ciphertextMetadata, res.IV, res.Ciphertext, res.Tag)
-		pt, err := b.Decrypt(ctx, keyID, res.IV, res.Ciphertext, res.Tag, aad)
+		resp.CiphertextDataIntegrityValue = cdiv(req.aad, md, res.IV, res.Ciphertext, res.Tag)
+		pt, err := b.Decrypt(ctx, v.label, res.IV, res.Ciphertext, res.Tag, aad)
 		if err != nil {
 			if errors.Is(err, hsm.ErrKeyUsage) {
 				return err
@@ -102,13 +113,17 @@ func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) 
 	return resp, nil
 }
 
-// decrypt answers Decrypt, over the AAD framed with the ciphertextMetadata
-// the request carries.
+// decrypt answers Decrypt with the key version the ciphertextMetadata
+// names, over the AAD framed with that metadata.
 func (ks *KeyStore) decrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
+	v, err := ks.forDecrypt(ks.keyVersions(ctx, keyID), req.ciphertextMetadata)
+	if err != nil {
+		return nil, err
+	}
 	aad := ks.framing.hsmAAD(req.aad, req.ciphertextMetadata)
 	var pt []byte
-	err := ks.withBackend(keyID, func(b *hsm.Backend) (err error) {
-		pt, err = b.Decrypt(ctx, keyID, req.iv, req.ciphertext, req.tag, aad)
+	err = ks.withBackend(v.label, func(b *hsm.Backend) (err error) {
+		pt, err = b.Decrypt(ctx, v.label, req.iv, req.ciphertext, req.tag, aad)
 		return err
 	})
 	if err != nil {
