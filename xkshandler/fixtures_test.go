@@ -80,9 +80,18 @@ type fixtureProxy struct {
 	*fixture
 	more func(s fixtureSetting) string
 	xks  string
+	// backend replaces the backend "main" on the token, when set.
+	backend *proxytest.Backend
 }
 
 func newFixtureProxy(t *testing.T, more func(s fixtureSetting) string) *fixtureProxy {
+	t.Helper()
+	return newFixtureProxyWith(t, func(fp *fixtureProxy) { fp.more = more })
+}
+
+// newFixtureProxyWith is newFixtureProxy with changes made before the first
+// load.
+func newFixtureProxyWith(t *testing.T, change func(*fixtureProxy)) *fixtureProxy {
 	t.Helper()
 	if !hsmtest.Available() {
 		t.Skip("SoftHSM2 is not installed")
@@ -97,7 +106,8 @@ func newFixtureProxy(t *testing.T, more func(s fixtureSetting) string) *fixtureP
 	f.logFile = f.proxy.LogFile
 	t.Setenv("XKS_TEST_PIN", f.token.PIN)
 	t.Setenv("XKS_TEST_SECRET_2", f.ks2.secret)
-	fp := &fixtureProxy{fixture: f, more: more}
+	fp := &fixtureProxy{fixture: f}
+	change(fp)
 	fp.load(nil)
 	return fp
 }
@@ -121,6 +131,9 @@ func (fp *fixtureProxy) config() string {
 		stores.WriteString("\t\t}\n")
 	}
 	hsm := proxytest.Backend{Name: "main", Module: f.token.Module, Token: f.token.Label, PINEnv: "XKS_TEST_PIN"}
+	if fp.backend != nil {
+		hsm = *fp.backend
+	}
 	return f.proxy.Global("\thsm {\n"+hsm.Block()+"\t}\n") + fmt.Sprintf("\nlocalhost:%d {\n\ttls %s %s\n\txks {\n%s%s\t}\n}\n",
 		f.proxy.HTTPSPort, f.cert, f.key, fp.xks, stores.String())
 }

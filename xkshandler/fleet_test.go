@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -49,22 +50,31 @@ func startInstance(t *testing.T, tk hsmtest.Token, storage string, c credential)
 	t.Helper()
 	in := &instance{Instance: proxytest.NewInstance(t)}
 	in.Storage = storage
+	in.start(t, tk, c, "", "")
+	return in
+}
+
+// start runs the instance's process, with xksExtra in the xks block and
+// ksExtra in the key store's. The instance's directory is its HOME and data
+// directory, so that it keeps its instance id across restarts.
+func (in *instance) start(t *testing.T, tk hsmtest.Token, c credential, xksExtra, ksExtra string) {
+	t.Helper()
 	config := filepath.Join(in.Dir, "Caddyfile")
 	hsm := proxytest.Backend{Name: "main", Module: tk.Module, Token: tk.Label, PINEnv: "XKS_FLEET_PIN"}
 	cfg := in.Global("\thsm {\n"+hsm.Block()+"\t}\n") + fmt.Sprintf(`
 localhost:%[1]d {
 	tls internal
 	xks {
-		key_store /fleet {
+%[6]s		key_store /fleet {
 			hsm main
 			region %[2]s
 			credential %[3]s {env.XKS_FLEET_SECRET}
 			keys %[4]s
 			fleet_size 2
-%[5]s		}
+%[5]s%[7]s		}
 	}
 }
-`, in.HTTPSPort, region, c.akid, keyBoth, proxytest.KeyStoreDefaults(""))
+`, in.HTTPSPort, region, c.akid, keyBoth, proxytest.KeyStoreDefaults(""), xksExtra, ksExtra)
 	if err := os.WriteFile(config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -79,17 +89,30 @@ localhost:%[1]d {
 	if err := in.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	cmd := in.cmd
 	t.Cleanup(func() {
-		_ = in.cmd.Process.Signal(syscall.SIGTERM)
+		if cmd.ProcessState != nil {
+			return // stopped by the test
+		}
+		_ = cmd.Process.Signal(syscall.SIGTERM)
 		done := make(chan struct{})
-		go func() { _ = in.cmd.Wait(); close(done) }()
+		go func() { _ = cmd.Wait(); close(done) }()
 		select {
 		case <-done:
 		case <-time.After(10 * time.Second):
-			_ = in.cmd.Process.Kill()
+			_ = cmd.Process.Kill()
 		}
 	})
-	return in
+}
+
+// stop ends the instance's process with sig (SIGTERM: a clean stop, as
+// systemctl stop does; SIGKILL: a crash) and waits for it to exit.
+func (in *instance) stop(t *testing.T, sig syscall.Signal) {
+	t.Helper()
+	if err := in.cmd.Process.Signal(sig); err != nil {
+		t.Fatal(err)
+	}
+	_ = in.cmd.Wait()
 }
 
 // TestFleetSharesCertificateStorage runs two proxy processes behind one
@@ -195,4 +218,97 @@ func fleetTry(in *instance, rootFile string, c credential, path, body string) (r
 	}
 	sum := sha256.Sum256(resp.TLS.PeerCertificates[0].Raw)
 	return r, sum[:], nil
+}
+
+// TestFleetSumsKeyUsage runs two proxy processes sharing Caddy's storage:
+// each counts its own Encrypts, writes them every usage_flush_interval, and
+// reports the fleet's sum; the counts survive a clean restart of each, and
+// a crash is counted as a whole flush interval at KMS's quota.
+func TestFleetSumsKeyUsage(t *testing.T) {
+	if !hsmtest.Available() {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	tk := hsmtest.NewToken(t)
+	tk.CreateKey(t, keyBoth)
+	storage := t.TempDir()
+	c := newCredential(t)
+	root := filepath.Join(storage, "pki", "authorities", "local", "root.crt")
+	const xks = "\t\tusage_flush_interval 100ms\n"
+	start := func(in *instance) {
+		in.start(t, tk, c, xks, "")
+		waitServing(t, in, root, c)
+	}
+	var a, b instance
+	for _, in := range []*instance{&a, &b} {
+		in.Instance = proxytest.NewInstance(t)
+		in.Storage = storage
+		start(in)
+	}
+	encrypt := func(in *instance, n int) {
+		for range n {
+			if r := fleetCall(t, in, root, c, "/keys/"+keyBoth+"/encrypt", encryptBody([]byte("counted"), nil, false)); r.status != http.StatusOK {
+				t.Fatalf("encrypt: %d %s", r.status, r.raw)
+			}
+		}
+	}
+	encrypt(&a, 3)
+	encrypt(&b, 4)
+	waitUsage(t, &a, 7)
+	waitUsage(t, &b, 7)
+
+	a.stop(t, syscall.SIGTERM)
+	start(&a)
+	waitUsage(t, &a, 7)
+	b.stop(t, syscall.SIGTERM)
+	start(&b)
+	waitUsage(t, &b, 7)
+	encrypt(&a, 2)
+	waitUsage(t, &b, 9)
+
+	// A crash: b's last record was not written at a stop, so b counts the
+	// most one interval can have held (0.1 s at 1,800/s) as used.
+	b.stop(t, syscall.SIGKILL)
+	start(&b)
+	waitUsage(t, &b, 9+180)
+	waitUsage(t, &a, 9+180)
+}
+
+// instanceMetrics fetches an instance's metrics from its admin socket.
+func instanceMetrics(t *testing.T, in *instance) string {
+	t.Helper()
+	client := &http.Client{Timeout: time.Minute, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", in.AdminSocket)
+		},
+	}}
+	defer client.CloseIdleConnections()
+	resp, err := client.Get("http://admin/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(raw)
+}
+
+// waitUsage waits until the instance reports the fleet's count of Encrypts
+// with keyBoth as want; the counts of the others arrive at their next write.
+func waitUsage(t *testing.T, in *instance, want float64) {
+	t.Helper()
+	sample := `caddy_xks_key_version_encryptions{key="` + keyBoth + `",key_store="/fleet/kms/xks/v1",label="` + keyBoth + `",version="1"}`
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		m := instanceMetrics(t, in)
+		got := proxytest.MetricValue(t, m, sample)
+		if got == want {
+			return
+		}
+		if got > want || time.Now().After(deadline) {
+			t.Fatalf("instance on port %d reports %v encryptions, want %v:\n%s", in.HTTPSPort, got, want, grepLines(m, "caddy_xks_key_"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

@@ -134,7 +134,9 @@ func (c *usageCounter) load(ctx context.Context) error {
 		}
 		n := rec.Encryptions
 		if !rec.Clean {
-			lost := uint64(math.Ceil(rec.FlushInterval * max(kmsDefaultRate, 2*rec.Rate)))
+			// Less a nanosecond's worth, so that float rounding of an exact
+			// product does not add one.
+			lost := uint64(math.Ceil(rec.FlushInterval*max(kmsDefaultRate, 2*rec.Rate) - 1e-9))
 			n += lost
 			c.logger.Warn("this instance stopped without writing its last key usage count; counting the most it can have lost as used",
 				zap.String("label", c.label), zap.Uint64("written", rec.Encryptions), zap.Uint64("counted_as_used", lost))

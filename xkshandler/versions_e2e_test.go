@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/caddy-xks/caddy-xks/internal/proxytest"
+	"github.com/caddy-xks/caddy-xks/internal/vendorshim"
 )
 
 // The key version tests run a real Caddy in front of a SoftHSM2 token that
@@ -327,5 +328,38 @@ func TestEncryptLimit(t *testing.T) {
 	}
 	if warned["fixture 60.0%"] != 1 || warned["fixture 100.0%"] != 1 || warned["fixture-v2 60.0%"] != 1 || warned["fixture-v2 100.0%"] != 1 || len(warned) != 4 {
 		t.Errorf("warnings at 50%% and 90%% of each version, once each: %v", warned)
+	}
+}
+
+// TestEncryptLimitWithHSMIVs: when the HSM makes the IVs (here the
+// CloudHSM personality of the vendor shim, which writes its IV back as
+// CloudHSM documents; see internal/vendorshim), the limit is the HSM's:
+// Encrypts past encrypt_limit are counted and reported, never refused.
+func TestEncryptLimitWithHSMIVs(t *testing.T) {
+	fp := newFixtureProxyWith(t, func(fp *fixtureProxy) {
+		shim := vendorshim.New(t, vendorshim.CloudHSM, fp.token.Module, fp.token.Label)
+		fp.backend = &proxytest.Backend{Name: "main", Module: shim.Path, Token: shim.TokenLabel(fp.token.Label), PINEnv: "XKS_TEST_PIN",
+			IV: shim.IVMode, Extra: "\t\t\tprivate_keys true\n"}
+		fp.more = func(s fixtureSetting) string {
+			if s.Name != "spec" {
+				return ""
+			}
+			return "\t\t\tencrypt_limit 3\n"
+		}
+	})
+	for i := range 5 {
+		if r := fp.call(fp.ks2, "/spec/kms/xks/v1/keys/"+fixtureKeyLabel+"/encrypt", encryptBody([]byte("hsm ivs"), nil, false)); r.status != http.StatusOK {
+			t.Fatalf("encrypt %d past the limit with HSM-made IVs: %d %s", i+1, r.status, r.raw)
+		}
+	}
+	m := fp.metrics()
+	if v := proxytest.MetricValue(t, m, `caddy_xks_key_version_limit_used_ratio{key="fixture",key_store="/spec/kms/xks/v1",label="fixture",version="1"}`); v != 5.0/3 {
+		t.Errorf("limit used %v, want 5/3:\n%s", v, grepLines(m, "caddy_xks_key_"))
+	}
+	warnings := fp.countLog(func(e logEntry) bool {
+		return strings.Contains(e.str("msg"), "large part of its encryption limit") && e.str("refused_at_limit") == "false"
+	})
+	if warnings != 2 {
+		t.Errorf("%d warnings saying the limit is not enforced, want 2 (50%% and 90%%)", warnings)
 	}
 }
