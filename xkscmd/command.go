@@ -73,7 +73,13 @@ ALWAYS_SENSITIVE, NEVER_EXTRACTABLE and PRIVATE (CKA_ omitted; ? when the
 token does not report one). Notes below the table name the keys the backend
 refuses because their value can leave the HSM, keys whose value existed
 outside it once (imported), and what a key that is not private means on
-this token.`,
+this token.
+
+Then, for each key store on the backend, each version of each key (version
+1 is the key labelled as the external key id; see the key store's versions)
+with its state (current, retired, disabled), the Encrypts the fleet counted
+with it in Caddy's storage, the key store's encrypt_limit, the share used,
+and the day the limit is reached at the fleet's current rate.`,
 		flags: func(fs *pflag.FlagSet) {
 			configFlags(fs)
 			fs.StringP("backend", "b", "", "HSM backend name from the config (default: the only one)")

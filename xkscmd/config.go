@@ -5,11 +5,14 @@
 package xkscmd
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"slices"
 
+	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/caddyserver/certmagic"
 
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/xkshandler"
@@ -20,6 +23,7 @@ import (
 type proxyConfig struct {
 	hsm       hsm.App
 	keyStores []*xkshandler.KeyStore
+	storage   json.RawMessage // the config's storage module, if it names one
 }
 
 // loadProxyConfig adapts and decodes the config the way `caddy run` would
@@ -33,12 +37,13 @@ func loadProxyConfig(file, adapter string) (*proxyConfig, error) {
 		return nil, fmt.Errorf("no config: give one with --config")
 	}
 	var top struct {
-		Apps map[string]json.RawMessage `json:"apps"`
+		Apps    map[string]json.RawMessage `json:"apps"`
+		Storage json.RawMessage            `json:"storage"`
 	}
 	if err := json.Unmarshal(raw, &top); err != nil {
 		return nil, fmt.Errorf("decoding config: %w", err)
 	}
-	pc := new(proxyConfig)
+	pc := &proxyConfig{storage: top.Storage}
 	if app, ok := top.Apps["hsm"]; ok {
 		if err := json.Unmarshal(app, &pc.hsm); err != nil {
 			return nil, fmt.Errorf("decoding the hsm app: %w", err)
@@ -122,4 +127,45 @@ func (pc *proxyConfig) keyStore(path string) (*xkshandler.KeyStore, error) {
 		return nil, fmt.Errorf("no key store %s in the config", path)
 	}
 	return pc.keyStores[i], nil
+}
+
+// openStorage opens the config's storage as `caddy run` would: its storage
+// module, or Caddy's default (file_system in the data directory). release
+// releases it.
+func (pc *proxyConfig) openStorage() (storage certmagic.Storage, release func(), err error) {
+	if len(pc.storage) == 0 {
+		return caddy.DefaultStorage, func() {}, nil
+	}
+	var named struct {
+		Module string `json:"module"`
+	}
+	if err := json.Unmarshal(pc.storage, &named); err != nil || named.Module == "" {
+		return nil, nil, fmt.Errorf("the config's storage names no module: %s", pc.storage)
+	}
+	info, err := caddy.GetModule("caddy.storage." + named.Module)
+	if err != nil {
+		return nil, nil, fmt.Errorf("the config's storage: %w", err)
+	}
+	mod := info.New()
+	if err := json.Unmarshal(pc.storage, mod); err != nil {
+		return nil, nil, fmt.Errorf("the config's storage %s: %w", named.Module, err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	if p, ok := mod.(caddy.Provisioner); ok {
+		if err := p.Provision(ctx); err != nil {
+			cancel()
+			return nil, nil, fmt.Errorf("the config's storage %s: %w", named.Module, err)
+		}
+	}
+	conv, ok := mod.(caddy.StorageConverter)
+	if !ok {
+		cancel()
+		return nil, nil, fmt.Errorf("the config's storage %s is not a storage module", named.Module)
+	}
+	storage, err = conv.CertMagicStorage()
+	if err != nil {
+		cancel()
+		return nil, nil, err
+	}
+	return storage, cancel, nil
 }

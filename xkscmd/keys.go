@@ -18,25 +18,27 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-xks/caddy-xks/hsm"
+	"github.com/caddy-xks/caddy-xks/xkshandler"
 )
 
 // openBackend opens the HSM backend named by --backend in the config given
 // by --config, resolving its PIN placeholder as the server does.
-func openBackend(fl caddycmd.Flags) (*hsm.Backend, error) {
+func openBackend(fl caddycmd.Flags) (*hsm.Backend, *proxyConfig, error) {
 	pc, err := loadProxyConfig(fl.String("config"), fl.String("adapter"))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	name, cfg, err := pc.backendConfig(fl.String("backend"))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	resolved := *cfg
 	resolved.PIN, err = caddy.NewReplacer().ReplaceOrErr(cfg.PIN, true, true)
 	if err != nil {
-		return nil, fmt.Errorf("backend %s: pin: %w", name, err)
+		return nil, nil, fmt.Errorf("backend %s: pin: %w", name, err)
 	}
-	return hsm.Open(name, resolved, zap.NewNop())
+	b, err := hsm.Open(name, resolved, zap.NewNop())
+	return b, pc, err
 }
 
 // parseUsage reads --usage: a comma-separated subset of encrypt and decrypt,
@@ -68,7 +70,7 @@ func cmdKeygen(fl caddycmd.Flags, out io.Writer) (int, error) {
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	b, err := openBackend(fl)
+	b, _, err := openBackend(fl)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
@@ -132,7 +134,7 @@ func proveKey(ctx context.Context, b *hsm.Backend, label string, usage hsm.Usage
 }
 
 func cmdKeys(fl caddycmd.Flags, out io.Writer) (int, error) {
-	b, err := openBackend(fl)
+	b, pc, err := openBackend(fl)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
@@ -189,7 +191,80 @@ func cmdKeys(fl caddycmd.Flags, out io.Writer) (int, error) {
 			fmt.Fprintln(out, n)
 		}
 	}
+	if err := printUsage(ctx, out, pc, b.Name(), keys); err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
 	return caddy.ExitCodeSuccess, nil
+}
+
+// printUsage prints, for each key store on the backend, each key version's
+// Encrypts as the fleet counted them in Caddy's storage, the key store's
+// limit, and the day the limit is reached at the fleet's current rate.
+func printUsage(ctx context.Context, out io.Writer, pc *proxyConfig, backend string, keys []hsm.KeyInfo) error {
+	var stores []*xkshandler.KeyStore
+	for _, ks := range pc.keyStores {
+		if slices.Contains(ks.HSM, backend) {
+			stores = append(stores, ks)
+		}
+	}
+	if len(stores) == 0 {
+		return nil
+	}
+	storage, closeStorage, err := pc.openStorage()
+	if err != nil {
+		return err
+	}
+	defer closeStorage()
+	fmt.Fprintln(out)
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "KEY STORE\tKEY\tVERSION\tLABEL\tSTATE\tENCRYPTIONS\tLIMIT\tUSED\tLIMIT REACHED")
+	now := time.Now()
+	for _, ks := range stores {
+		for _, key := range usageKeys(ks, keys) {
+			for _, v := range ks.ConfiguredVersions(key) {
+				n, _, rate, err := xkshandler.ReadUsage(ctx, storage, v.Label)
+				if err != nil {
+					return err
+				}
+				limit := ks.Limit()
+				reached := "-" // no Encrypts now
+				switch {
+				case n >= limit:
+					reached = "reached"
+				case rate > 0:
+					reached = now.Add(time.Duration(float64(limit-n) / rate * float64(time.Second))).UTC().Format(time.DateOnly)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%d\t%.2f%%\t%s\n",
+					ks.URIPath, key, v.Version, v.Label, v.State, n, limit, 100*float64(n)/float64(limit), reached)
+			}
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(out, "\nENCRYPTIONS is the fleet's count, as each instance last wrote it (every usage_flush_interval); LIMIT REACHED is at the fleet's rate over the last interval.")
+	return nil
+}
+
+// usageKeys are the external key ids of a key store: its keys, or with
+// "*" the token's keys that are not a version of another.
+func usageKeys(ks *xkshandler.KeyStore, keys []hsm.KeyInfo) []string {
+	if len(ks.Keys) != 1 || ks.Keys[0] != "*" {
+		return ks.Keys
+	}
+	versionLabels := map[string]bool{}
+	for _, kv := range ks.Versions {
+		for _, v := range kv.Versions {
+			versionLabels[v.Label] = v.Version > 1
+		}
+	}
+	var out []string
+	for _, k := range keys {
+		if !versionLabels[k.Label] {
+			out = append(out, k.Label)
+		}
+	}
+	return out
 }
 
 // protectionColumns are the columns of `caddy xks keys` that say who can

@@ -444,3 +444,45 @@ func (ks *KeyStore) versionedKeys() []*versionedKey {
 	}
 	return out
 }
+
+// VersionInfo is one configured version of an external key.
+type VersionInfo struct {
+	Version uint32
+	Label   string
+	// State is current, retired (decrypts only) or disabled.
+	State string
+}
+
+// ConfiguredVersions lists the versions of key as the key store configures
+// them, lowest first. At run time a current version at its limit may give
+// way to the next; this is the configuration only.
+func (ks *KeyStore) ConfiguredVersions(key string) []VersionInfo {
+	var kv *KeyVersions
+	for i := range ks.Versions {
+		if ks.Versions[i].Key == key {
+			kv = &ks.Versions[i]
+		}
+	}
+	vk := newVersionedKey(key, kv)
+	cur := vk.current.Load()
+	out := make([]VersionInfo, 0, len(vk.versions))
+	for _, v := range vk.versions {
+		state := "retired"
+		switch {
+		case v.disabled:
+			state = "disabled"
+		case v == cur:
+			state = "current"
+		}
+		out = append(out, VersionInfo{Version: v.n, Label: v.label, State: state})
+	}
+	return out
+}
+
+// Limit is the key store's encrypt_limit, or its default.
+func (ks *KeyStore) Limit() uint64 {
+	if ks.EncryptLimit == 0 {
+		return DefaultEncryptLimit
+	}
+	return ks.EncryptLimit
+}
