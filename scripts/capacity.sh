@@ -125,7 +125,7 @@ run() {
 	local thr p50 p99 max n429 n503 other settings
 	thr=$(awk '/^throughput/ {print $2}' <<<"$out")
 	p50=$(awk '/^p50/ {print $2}' <<<"$out")
-	p99=$(awk '/^p99/ {print $2}' <<<"$out")
+	p99=$(awk '$1 == "p99" {print $2}' <<<"$out")
 	max=$(awk '/^max/ {print $2}' <<<"$out")
 	n429=$(awk '/ThrottlingException/ {s += $NF} END {print s + 0}' <<<"$out")
 	n503=$(awk '/DependencyTimeoutException/ {s += $NF} END {print s + 0}' <<<"$out")

@@ -1,36 +1,72 @@
 #!/usr/bin/env bash
-# Measures the proxy under load, on loopback: Encrypt of a 32-byte plaintext
-# through Caddy + TLS + SigV4 + SoftHSM2, against a bare `respond` route of
-# the same server over TLS with the same client, in one run; then the
-# latency at KMS's default quota of 1,800 requests/s. Uses the demo's token
-# and key (it prepares .demo/ like `make demo`). Figures, not pass/fail:
-# client and server share this machine's cores.
+# Measures the proxy under load, on loopback, as a user would compare it:
+# Encrypt of a 32-byte plaintext through Caddy + TLS + SigV4 + SoftHSM2
+# against a bare `respond` route of the same server over TLS, with the same
+# client (`caddy xks bench`) and the same signed request, in one run:
 #
-#   make caddy && bash scripts/loadtest.sh
+#   1. XKS Encrypt, as fast as XKS_LOADTEST_CONCURRENCY requests allow
+#   2. the bare route, likewise
+#   3. XKS Encrypt paced at XKS_LOADTEST_RATE (KMS's quota, 1,800 req/s)
+#   4. the bare route paced likewise
+#
+# The server runs the production shape: the settings of Caddyfile.example
+# (session pool, deadlines, server timeouts), the audit log on and written
+# to a file as JSON, Caddy's HTTP metrics on. Each run prints req/s,
+# p50/p99/p99.9/max, the failures by XKS errorName and the server process's
+# CPU time per request (/proc/<pid>/stat); a Markdown table of all four,
+# dated, with the machine and the load average before and after each run,
+# ends the output. Uses the demo's token and key (it prepares .demo/ like
+# `make demo`). Figures, not pass/fail: client and server share the cores.
+#
+#   make loadtest        # or: make caddy && bash scripts/loadtest.sh
+#
+# XKS_LOADTEST_DURATION (10s) is the length of runs 1 and 2,
+# XKS_LOADTEST_PACED_DURATION (60s) that of runs 3 and 4,
+# XKS_LOADTEST_CONCURRENCY (32) the requests in flight, XKS_LOADTEST_RATE
+# (1800) the paced rate, XKS_LOADTEST_PORT (a free one) the HTTPS port,
+# XKS_LOADTEST_CADDY (bin/caddy) the binary under test. With
+# XKS_LOADTEST_PROFILE=<dir> (scripts/profile.sh sets it) the paced XKS run
+# also saves, from the admin endpoint, a CPU, block and mutex profile and an
+# execution trace of its middle, and the metrics before and after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 demo=$root/.demo
-caddy=$root/bin/caddy
-port=${XKS_LOADTEST_PORT:-18543}
+caddy=${XKS_LOADTEST_CADDY:-$root/bin/caddy}
 duration=${XKS_LOADTEST_DURATION:-10s}
+paced_duration=${XKS_LOADTEST_PACED_DURATION:-60s}
 concurrency=${XKS_LOADTEST_CONCURRENCY:-32}
+rate=${XKS_LOADTEST_RATE:-1800}
+if [ -n "${XKS_LOADTEST_PORT:-}" ]; then
+	port=$XKS_LOADTEST_PORT http_port=$((port + 1))
+else
+	{ read -r port; read -r http_port; } < <(CGO_ENABLED=0 go run ./internal/freeport 2)
+fi
 
 XKS_DEMO_SETUP_ONLY=1 bash scripts/demo.sh >/dev/null
 export SOFTHSM2_CONF=$demo/softhsm2.conf
 akid=$(grep -o '"AccessKeyId": *"[^"]*"' "$demo/proxy-config.json" | sed 's/.*: *"\(.*\)"/\1/')
-config=$(mktemp)
-log=$(mktemp)
+work=$(mktemp -d)
+config=$work/Caddyfile
 cat >"$config" <<CADDY
 {
-	admin unix/$demo/loadtest-admin.sock
+	admin unix/$work/admin.sock
 	persist_config off
 	skip_install_trust
 	https_port $port
-	http_port $((port + 1))
+	http_port $http_port
 	storage file_system $demo/storage
+	metrics
 	log {
-		output discard
+		output file $work/caddy.log
+		format json
+	}
+	servers {
+		timeouts {
+			read_header 5s
+			read_body 5s
+			idle 5m
+		}
 	}
 	hsm {
 		pkcs11 primary {
@@ -38,6 +74,10 @@ cat >"$config" <<CADDY
 			token xks-demo
 			pin {file.$demo/pin}
 			iv auto
+			private_keys true
+			max_sessions 32
+			session_wait 50ms
+			call_timeout 200ms
 		}
 	}
 }
@@ -53,30 +93,90 @@ localhost:$port {
 			region us-east-1
 			credential $akid {file.$demo/sigv4-secret-1}
 			keys demo-key
+			ciphertext_metadata eGtzMQ==
+			deadline 200ms
 		}
 	}
 }
 CADDY
-"$caddy" run --config "$config" --adapter caddyfile >"$log" 2>&1 &
+"$caddy" run --config "$config" --adapter caddyfile >"$work/stdout" 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$config" "$log"' EXIT
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
 
 ca=$demo/storage/pki/authorities/local/root.crt
-bench=("$caddy" xks bench --proxy-config "$demo/proxy-config.json" --cacert "$ca" --key demo-key --plaintext 32)
+bench=("$caddy" xks bench --proxy-config "$demo/proxy-config.json" --cacert "$ca" --key demo-key --plaintext 32 --concurrency "$concurrency" --server-pid "$server")
 for _ in $(seq 50); do
-	"${bench[@]}" "https://localhost:$port" --duration 200ms --concurrency 1 >/dev/null 2>&1 && break
+	"${bench[@]}" "https://localhost:$port" --duration 200ms >/dev/null 2>&1 && break
+	kill -0 $server 2>/dev/null || { cat "$work/stdout" >&2; exit 1; }
 	sleep 0.2
 done
+# Warm-up: TLS session and key handle caches, the Go heap, SoftHSM2.
+"${bench[@]}" "https://localhost:$port" --duration 2s >/dev/null 2>&1 || true
 
-echo "== XKS Encrypt (32 B), as fast as $concurrency concurrent requests allow, $duration"
-"${bench[@]}" "https://localhost:$port" --duration "$duration" --concurrency "$concurrency" 2>/dev/null | tee /tmp/xks-loadtest-xks.txt
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+admin() { curl -sS --unix-socket "$work/admin.sock" "http://localhost/$1"; }
+rows=()
+# run <title> <name> <bench args...>: one run, printed, and its table row.
+run() {
+	local title=$1 name=$2 out before after
+	shift 2
+	echo "== $title"
+	before=$(loadavg)
+	local profiling=
+	if [ -n "${XKS_LOADTEST_PROFILE:-}" ] && [ "$name" = xks-paced ]; then
+		profiling=1
+		admin metrics >"$XKS_LOADTEST_PROFILE/metrics-before.txt"
+		(
+			sleep 5
+			admin "debug/pprof/profile?seconds=10" >"$XKS_LOADTEST_PROFILE/cpu.pprof" &
+			admin "debug/pprof/block?seconds=10" >"$XKS_LOADTEST_PROFILE/block.pprof" &
+			admin "debug/pprof/mutex?seconds=10" >"$XKS_LOADTEST_PROFILE/mutex.pprof" &
+			wait
+			admin "debug/pprof/trace?seconds=3" >"$XKS_LOADTEST_PROFILE/trace.out"
+		) &
+		profiling=$!
+	fi
+	out=$("${bench[@]}" "$@" 2>/dev/null) || true
+	after=$(loadavg)
+	if [ -n "$profiling" ]; then
+		wait "$profiling"
+		admin metrics >"$XKS_LOADTEST_PROFILE/metrics-after.txt"
+		printf '%s\n' "$out" >"$XKS_LOADTEST_PROFILE/bench.txt"
+	fi
+	echo "$out"
+	echo "load average $before → $after"
+	echo
+	printf '%s\n' "$out" >"$work/$name.txt"
+	local errors
+	errors=$(awk '$1 == "error" { $1 = ""; sub(/^ /, ""); printf "%s%s", sep, $0; sep = "; " }' <<<"$out")
+	rows+=("$(awk -v title="$title" -v errors="${errors:-none}" -v load="$before → $after" '
+		$1 == "throughput" { rps = $2 }
+		$1 == "p50" { p50 = $2 } $1 == "p99" { p99 = $2 } $1 == "p99.9" { p999 = $2 } $1 == "max" { mx = $2 }
+		$1 == "server" && $2 == "cpu" { cpu = $(NF - 2) }
+		END { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |", title, rps, p50, p99, p999, mx, errors, cpu, load }' <<<"$out")")
+}
+
+run "XKS Encrypt 32 B, $concurrency concurrent, as fast as possible, $duration" xks \
+	"https://localhost:$port" --duration "$duration"
+run "bare route, same server, same request, as fast as possible, $duration" bare \
+	"https://localhost:$port/bare" --raw --duration "$duration"
+run "XKS Encrypt 32 B at $rate req/s, $paced_duration" xks-paced \
+	"https://localhost:$port" --rate "$rate" --duration "$paced_duration"
+run "bare route at $rate req/s, $paced_duration" bare-paced \
+	"https://localhost:$port/bare" --raw --rate "$rate" --duration "$paced_duration"
+
+xks=$(awk '$1 == "throughput" {print $2}' "$work/xks.txt")
+bare=$(awk '$1 == "throughput" {print $2}' "$work/bare.txt")
+audit=$(grep -c '"logger":"http.handlers.xks.audit"' "$work/caddy.log" || true)
+cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+
+echo "== summary"
 echo
-echo "== bare respond route, same server, same client, same request"
-"${bench[@]}" "https://localhost:$port/bare" --raw --duration "$duration" --concurrency "$concurrency" 2>/dev/null | tee /tmp/xks-loadtest-bare.txt
-xks=$(awk '/^throughput/ {print $2}' /tmp/xks-loadtest-xks.txt)
-bare=$(awk '/^throughput/ {print $2}' /tmp/xks-loadtest-bare.txt)
+echo "$(date -u +%Y-%m-%d), $(nproc) CPUs ($cpu), Linux $(uname -r), $(softhsm2-util --version 2>/dev/null | sed 's/^/SoftHSM2 /'), $("$caddy" version | cut -d' ' -f1),"
+echo "client and server on the same cores; audit log on ($audit lines written to a file), metrics on"
 echo
-echo "ratio XKS/bare: $(awk -v a="$xks" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')"
+echo "| run | req/s | p50 | p99 | p99.9 | max | errors | server CPU per request | load average before → after |"
+echo "|---|---|---|---|---|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
 echo
-echo "== XKS Encrypt (32 B) at 1800 requests/s, $duration"
-"${bench[@]}" "https://localhost:$port" --rate 1800 --duration "$duration" --concurrency "$concurrency" 2>/dev/null
+echo "XKS/bare, as fast as possible: $(awk -v a="$xks" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')"

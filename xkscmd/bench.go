@@ -266,25 +266,45 @@ func cmdBench(fl caddycmd.Flags, out io.Writer) (int, error) {
 		mode = fmt.Sprintf("at %.0f req/s", rate)
 	}
 	fmt.Fprintf(os.Stderr, "%s: %s for %s, %d concurrent\n", c.base, mode, duration, concurrency)
+	var server *serverCPU
+	if pid := fl.Int("server-pid"); pid != 0 {
+		if server, err = startServerCPU(pid); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+	}
 	stats := runLoad(ctx, c, ops, rate, concurrency, duration, os.Stderr)
 	printBench(out, stats, duration)
+	if server != nil {
+		if err := server.print(out, stats.ok.Load()+int64(stats.failed())); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+	}
 	if len(stats.errors) > 0 {
 		return caddy.ExitCodeFailedStartup, errors.New("some requests failed (see the errors above)")
 	}
 	return caddy.ExitCodeSuccess, nil
 }
 
+// failed counts the calls that got no answer or an error.
+func (s *benchStats) failed() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, e := range s.errors {
+		n += e
+	}
+	return n
+}
+
 func printBench(w io.Writer, s *benchStats, duration time.Duration) {
 	slices.Sort(s.latencies)
-	failed := 0
-	for _, n := range s.errors {
-		failed += n
-	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "requests\t%d ok, %d failed\n", s.ok.Load(), failed)
+	fmt.Fprintf(tw, "requests\t%d ok, %d failed\n", s.ok.Load(), s.failed())
 	fmt.Fprintf(tw, "throughput\t%.0f req/s\n", float64(s.ok.Load())/duration.Seconds())
-	for _, p := range []float64{50, 90, 99} {
-		fmt.Fprintf(tw, "p%.0f\t%s\n", p, percentile(s.latencies, p).Round(time.Microsecond))
+	// p99.9 and max are what a paced run is judged by: KMS gives a call
+	// 250 ms, and at 1,800 req/s one call in a thousand is two a second.
+	for _, p := range []float64{50, 90, 99, 99.9} {
+		fmt.Fprintf(tw, "p%g\t%s\n", p, percentile(s.latencies, p).Round(time.Microsecond))
 	}
 	if n := len(s.latencies); n > 0 {
 		fmt.Fprintf(tw, "max\t%s\n", s.latencies[n-1].Round(time.Microsecond))
@@ -298,4 +318,64 @@ func printBench(w io.Writer, s *benchStats, duration time.Duration) {
 		fmt.Fprintf(tw, "error\t%s: %d\n", name, s.errors[name])
 	}
 	tw.Flush()
+}
+
+// serverCPU measures the CPU time a server process on this machine spends
+// during a run, from /proc/<pid>/stat: what the proxy costs per request,
+// whoever else shares the cores.
+type serverCPU struct {
+	pid   int
+	start time.Duration
+}
+
+func startServerCPU(pid int) (*serverCPU, error) {
+	t, err := processCPU(pid)
+	if err != nil {
+		return nil, fmt.Errorf("--server-pid: %w", err)
+	}
+	return &serverCPU{pid: pid, start: t}, nil
+}
+
+// print writes the server's CPU time per request since the run started.
+func (c *serverCPU) print(w io.Writer, requests int64) error {
+	t, err := processCPU(c.pid)
+	if err != nil {
+		return fmt.Errorf("--server-pid: %w", err)
+	}
+	used := t - c.start
+	per := time.Duration(0)
+	if requests > 0 {
+		per = used / time.Duration(requests)
+	}
+	fmt.Fprintf(w, "server cpu  %s in all, %s per request\n", used.Round(time.Millisecond), per.Round(100*time.Nanosecond))
+	return nil
+}
+
+// clockTicks is USER_HZ, the unit of /proc/<pid>/stat's times: 100 on every
+// Linux architecture Go supports.
+const clockTicks = 100
+
+// processCPU returns the user plus system time of process pid and of its
+// threads, living and exited.
+func processCPU(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name, field 2, is in parentheses and may hold spaces;
+	// utime and stime are fields 14 and 15, the 12th and 13th after it.
+	i := strings.LastIndexByte(string(b), ')')
+	fields := strings.Fields(string(b[i+1:]))
+	if i < 0 || len(fields) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
+	}
+	var ticks int64
+	for _, f := range fields[11:13] {
+		n, err := strconv.ParseInt(f, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * time.Second / clockTicks, nil
 }

@@ -129,9 +129,10 @@ Sends SigV4-signed XKS calls to a running proxy, at a fixed rate (--rate,
 latency counted from when each request was due) or as fast as
 --concurrency allows (--rate 0), for --duration, with a mix of operations
 (--mix encrypt=3,decrypt=1,metadata=0,health=0) on one key (--key). It shows
-progress every second, then prints throughput, p50/p90/p99/max latency of
+progress every second, then prints throughput, p50/p90/p99/p99.9/max latency of
 the successful calls and the failures by errorName, and exits non-zero if
-any call failed.
+any call failed. With --server-pid (a server on the same Linux machine) it
+also prints the server process's CPU time per request, from /proc.
 
 The URL is the key store's endpoint plus its URI path, e.g.
 https://xks.example.com/prod/kms/xks/v1; with --proxy-config (the KMS
@@ -147,6 +148,7 @@ given, to measure a plain route of the same server as a baseline.`,
 			fs.String("mix", "encrypt=1", "Operations and their weights")
 			fs.Int("plaintext", 32, "Plaintext size in bytes")
 			fs.Bool("raw", false, "Send the Encrypt request to the URL as given (baseline)")
+			fs.Int("server-pid", 0, "Process id of the server, on this machine: report its CPU time per request (Linux)")
 		},
 		run: cmdBench,
 	},
