@@ -57,3 +57,27 @@ func TestDuplicateLabelIsFoundWithoutARestart(t *testing.T) {
 		return err == nil
 	})
 }
+
+// TestCheckKeyFindsAKeyMadeAMomentAgo: a label found missing is not
+// searched for again by Metadata for notFoundTTL, which bounds the searches
+// callers can cause; CheckKey (the key check of a reload after keygen)
+// searches regardless, and its finding serves Metadata from then on.
+func TestCheckKeyFindsAKeyMadeAMomentAgo(t *testing.T) {
+	old := notFoundTTL
+	notFoundTTL = time.Hour // no test run is that slow
+	t.Cleanup(func() { notFoundTTL = old })
+	b, tk := newBackend(t, "k")
+	if _, err := b.Metadata(bg, "new"); !errors.Is(err, ErrKeyNotFound) {
+		t.Fatalf("Metadata of a label not on the token: %v", err)
+	}
+	tk.CreateKey(t, "new")
+	if _, err := b.Metadata(bg, "new"); !errors.Is(err, ErrKeyNotFound) {
+		t.Fatalf("Metadata within notFoundTTL searched again: %v", err)
+	}
+	if _, err := b.CheckKey(bg, "new"); err != nil {
+		t.Fatalf("CheckKey of a key made a moment ago: %v", err)
+	}
+	if _, err := b.Metadata(bg, "new"); err != nil {
+		t.Fatalf("Metadata after CheckKey found the key: %v", err)
+	}
+}

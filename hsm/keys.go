@@ -403,7 +403,22 @@ func attrBool(b []byte) bool { return len(b) > 0 && b[0] != 0 }
 // replaced, or a second key given its label), reads its attributes (its
 // usage may have changed) and returns its XKS metadata. A key this backend
 // may not use is an error, as for Encrypt and Decrypt.
+//
+// A label found missing less than notFoundTTL ago is not searched for again:
+// that bounds the searches a caller can cause by asking for labels that do
+// not exist. CheckKey searches regardless.
 func (b *Backend) Metadata(ctx context.Context, keyLabel string) (KeyMetadata, error) {
+	return b.metadata(ctx, keyLabel, false)
+}
+
+// CheckKey is Metadata that searches even for a label found missing a
+// moment ago: for checks that must see a key made just before (a reload
+// after `caddy xks keygen`).
+func (b *Backend) CheckKey(ctx context.Context, keyLabel string) (KeyMetadata, error) {
+	return b.metadata(ctx, keyLabel, true)
+}
+
+func (b *Backend) metadata(ctx context.Context, keyLabel string, fresh bool) (KeyMetadata, error) {
 	var meta KeyMetadata
 	err := b.run(ctx, "metadata", keyLabel, b.callTimeout, func(cs *callSession) error {
 		var prev *keyEntry
@@ -412,7 +427,7 @@ func (b *Backend) Metadata(ctx context.Context, keyLabel string) (KeyMetadata, e
 			case e.gen != cs.gen:
 			case e.missingUntil.IsZero():
 				prev = e
-			case time.Now().Before(e.missingUntil):
+			case !fresh && time.Now().Before(e.missingUntil):
 				return &Error{Kind: ErrKeyNotFound, Op: "metadata", Key: keyLabel}
 			}
 		}

@@ -217,7 +217,7 @@ func (ks *KeyStore) keyStates(ctx context.Context, r *keyReport) ([]string, map[
 					s[i].err = failed[i]
 					continue
 				}
-				s[i].meta, s[i].err = b.Metadata(ctx, label)
+				s[i].meta, s[i].err = b.CheckKey(ctx, label)
 				if down(s[i].err) {
 					failed[i], r.silent[i] = s[i].err, true
 					r.unproven = append(r.unproven, fmt.Sprintf("backend %s did not answer the key check: %v", b.Name(), s[i].err))

@@ -363,3 +363,41 @@ func TestEncryptLimitWithHSMIVs(t *testing.T) {
 		t.Errorf("%d warnings saying the limit is not enforced, want 2 (50%% and 90%%)", warnings)
 	}
 }
+
+// TestKeyCheckProvesVersions: a configured version whose HSM key no
+// backend holds fails the load, saying which and what to do; one that
+// disappears later (destroyed on the HSM) makes health DEGRADED, naming it.
+func TestKeyCheckProvesVersions(t *testing.T) {
+	fp := newFixtureProxyWith(t, func(fp *fixtureProxy) {
+		fp.backend = &proxytest.Backend{Name: "main", Module: fp.token.Module, Token: fp.token.Label, PINEnv: "XKS_TEST_PIN",
+			Extra: "\t\t\thealth_ttl 100ms\n"}
+	})
+	fp.more = versionsOf("version 2 "+fixtureKeyLabel+"-v2", "current 1")
+	err := fp.proxy.TryLoad(fp.config())
+	if err == nil || !strings.Contains(err.Error(), `version 2 of key fixture, the HSM key labelled "fixture-v2", is on no backend`) ||
+		!strings.Contains(err.Error(), "caddy xks keygen --label fixture-v2") {
+		t.Fatalf("loading a version that no backend holds: %v", err)
+	}
+	fp.token.CreateKey(t, fixtureKeyLabel+"-v2")
+	fp.load(nil)
+	fp.token.DestroyKeys(t, fixtureKeyLabel+"-v2")
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		// The key check runs again once the last one is older than the
+		// backend's health_ttl: wait for it, however long that takes.
+		r := fp.call(fp.ks2, "/spec/kms/xks/v1/health", healthBody)
+		if strings.Contains(r.raw, `"healthStatus":"DEGRADED"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("health after a version's key was destroyed: %d %s", r.status, r.raw)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	found := fp.countLog(func(e logEntry) bool {
+		return e.str("level") == "error" && strings.Contains(e.str("msg"), `key check: version 2 of key fixture, the HSM key labelled "fixture-v2", is on no backend`)
+	})
+	if found == 0 {
+		t.Error("no error log line names the missing version")
+	}
+}
