@@ -82,6 +82,8 @@ type fixtureProxy struct {
 	xks  string
 	// backend replaces the backend "main" on the token, when set.
 	backend *proxytest.Backend
+	// keys replaces the key stores' keys (the fixture key), when set.
+	keys string
 }
 
 func newFixtureProxy(t *testing.T, more func(s fixtureSetting) string) *fixtureProxy {
@@ -115,10 +117,14 @@ func newFixtureProxyWith(t *testing.T, change func(*fixtureProxy)) *fixtureProxy
 // config is the proxy's Caddyfile for the current more and xks.
 func (fp *fixtureProxy) config() string {
 	f := fp.fixture
+	keys := fixtureKeyLabel
+	if fp.keys != "" {
+		keys = fp.keys
+	}
 	var stores strings.Builder
 	for _, s := range fixtureSettings {
 		fmt.Fprintf(&stores, "\t\tkey_store /%s {\n\t\t\thsm main\n\t\t\tregion %s\n\t\t\tcredential %s {env.XKS_TEST_SECRET_2}\n\t\t\tkeys %s\n%s",
-			s.Name, region, f.ks2.akid, fixtureKeyLabel, proxytest.KeyStoreDefaults(""))
+			s.Name, region, f.ks2.akid, keys, proxytest.KeyStoreDefaults(""))
 		if s.AADFraming != "" {
 			fmt.Fprintf(&stores, "\t\t\taad_framing %s\n", s.AADFraming)
 		}

@@ -101,11 +101,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 				"serve it on an https site, or set allow_plain_http behind a TLS-terminating load balancer", ks.URIPath, listen)
 		}
 	}
-	instance, err := instanceID()
-	if err != nil {
-		return fmt.Errorf("xks: %w", err)
-	}
-	usage := usageSettings{storage: ctx.Storage(), instance: instance, interval: time.Duration(h.UsageFlushInterval)}
+	usage := usageSettings{storage: ctx.Storage(), instance: instanceID(h.logger), interval: time.Duration(h.UsageFlushInterval)}
 	if usage.interval <= 0 {
 		usage.interval = defaultUsageFlushInterval
 	}

@@ -66,7 +66,11 @@ func (ks *KeyStore) keyMetadata(ctx context.Context, keyID string) (any, error) 
 // key store's ciphertextMetadata with the ciphertext and, if asked for, the
 // CDIV of what was proved decryptable.
 func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
-	v, err := ks.forEncrypt(ks.keyVersions(ctx, keyID))
+	vk, err := ks.keyVersions(ctx, keyID)
+	if err != nil {
+		return nil, err
+	}
+	v, err := ks.forEncrypt(vk)
 	if err != nil {
 		return nil, err
 	}
@@ -116,7 +120,11 @@ func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) 
 // decrypt answers Decrypt with the key version the ciphertextMetadata
 // names, over the AAD framed with that metadata.
 func (ks *KeyStore) decrypt(ctx context.Context, keyID string, req *xksRequest) (any, error) {
-	v, err := ks.forDecrypt(ks.keyVersions(ctx, keyID), req.ciphertextMetadata)
+	vk, err := ks.keyVersions(ctx, keyID)
+	if err != nil {
+		return nil, err
+	}
+	v, err := ks.forDecrypt(vk, req.ciphertextMetadata)
 	if err != nil {
 		return nil, err
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"math"
+	"os"
 	"path"
 	"strings"
 	"sync"
@@ -323,11 +324,19 @@ func releaseCounter(c *usageCounter) {
 	}
 }
 
-// instanceID names this instance in usage records.
-func instanceID() (string, error) {
+// instanceID names this instance in usage records: Caddy's instance id, or
+// if Caddy cannot keep one (a data directory it cannot write), the host
+// name, which also stays the same across restarts.
+func instanceID(logger *zap.Logger) string {
 	id, err := caddy.InstanceID()
-	if err != nil {
-		return "", fmt.Errorf("the instance id (for key usage records): %w", err)
+	if err == nil {
+		return id.String()
 	}
-	return id.String(), nil
+	host, herr := os.Hostname()
+	if herr != nil {
+		host = "unknown"
+	}
+	logger.Warn("Caddy's instance id is not available; key usage records are named by the host name, so instances sharing storage must have different host names",
+		zap.String("host", host), zap.Error(err))
+	return "host-" + host
 }

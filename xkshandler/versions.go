@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-xks/caddy-xks/hsm"
 )
 
 // Key versions put several HSM keys behind one external key id. KMS cannot
@@ -333,26 +335,40 @@ func (ks *KeyStore) newKey(ctx context.Context, key string, kv *KeyVersions) *ve
 }
 
 // keyVersions returns the versions of an external key id the key store
-// allows.
-func (ks *KeyStore) keyVersions(ctx context.Context, key string) *versionedKey {
+// allows. A key of a "*" key store met for the first time is looked up
+// first, so that only keys on the token get a counter (and a record in
+// storage), whatever ids a caller sends.
+func (ks *KeyStore) keyVersions(ctx context.Context, key string) (*versionedKey, error) {
 	if vk := ks.versioned[key]; vk != nil {
-		return vk
+		return vk, nil
+	}
+	ks.lazyMu.Lock()
+	vk := ks.lazy[key]
+	ks.lazyMu.Unlock()
+	if vk != nil {
+		return vk, nil
+	}
+	if err := ks.withBackend(key, func(b *hsm.Backend) error {
+		_, err := b.Metadata(ctx, key)
+		return err
+	}); err != nil {
+		return nil, err
 	}
 	ks.lazyMu.Lock()
 	defer ks.lazyMu.Unlock()
 	if vk := ks.lazy[key]; vk != nil {
-		return vk
+		return vk, nil
 	}
-	vk := ks.newKey(ctx, key, nil)
+	vk = ks.newKey(ctx, key, nil)
 	if ks.released {
 		// A request of a config already cleaned up: count, keep nothing.
 		for _, v := range vk.versions {
 			releaseCounter(v.usage)
 		}
-		return vk
+		return vk, nil
 	}
 	ks.lazy[key] = vk
-	return vk
+	return vk, nil
 }
 
 // cleanup gives back the key store's usage counters.

@@ -401,3 +401,29 @@ func TestKeyCheckProvesVersions(t *testing.T) {
 		t.Error("no error log line names the missing version")
 	}
 }
+
+// TestUsageOfAnyKey: a key store with keys "*" counts each key on the token
+// that is used, and makes no counter or storage record for an id that is
+// on no backend, whatever ids a caller sends.
+func TestUsageOfAnyKey(t *testing.T) {
+	fp := newFixtureProxyWith(t, func(fp *fixtureProxy) { fp.keys = "*" })
+	fp.encrypt(fp.ks2, "/spec", fixtureKeyLabel, []byte("any key"), nil)
+	for i := range 20 {
+		r := fp.call(fp.ks2, fmt.Sprintf("/spec/kms/xks/v1/keys/no-such-key-%d/encrypt", i), encryptBody([]byte("x"), nil, false))
+		expectError(t, r, http.StatusNotFound, "KeyNotFoundException")
+	}
+	m := fp.metrics()
+	if v := proxytest.MetricValue(t, m, `caddy_xks_key_version_encryptions{key="fixture",key_store="/spec/kms/xks/v1",label="fixture",version="1"}`); v != 1 {
+		t.Errorf("the fixture key's count is %v, want 1:\n%s", v, grepLines(m, "caddy_xks_key_"))
+	}
+	if strings.Contains(m, "no-such-key") {
+		t.Errorf("ids on no backend have counters:\n%s", grepLines(m, "no-such-key"))
+	}
+	records, err := os.ReadDir(fp.proxy.Storage + "/xks/usage")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(records) != 1 || records[0].Name() != fixtureKeyLabel {
+		t.Errorf("usage records for %v, want only %s", records, fixtureKeyLabel)
+	}
+}
