@@ -51,7 +51,7 @@ row "hsm layer, PKCS#11 calls (cgo)" 'runtime\.cgocall' 'runtime\.mstart'
 row "hsm layer, all of it" 'hsm\.\(\*Backend\)\.(Encrypt|work|run)$'
 row "JSON encode and write" 'xkshandler\.\(\*Handler\)\.respond'
 row "audit log line" 'xkshandler\.\(\*exchange\)\.log'
-row "metrics (handler's and Caddy's)" 'xkshandler\.\(\*exchange\)\.observe|caddyhttp\.\(\*metricsInstrumentedRoute\)|prometheus'
+row "metrics (Prometheus)" 'xkshandler\.\(\*exchange\)\.observe|prometheus'
 row "TLS (record layer, handshakes)" 'crypto/tls\.'
 row "HTTP server outside the handler" 'net/http\.\(\*conn\)\.serve' 'xkshandler\.\(\*Handler\)\.ServeHTTP|crypto/tls\.'
 row "garbage collector" 'runtime\.gcBgMarkWorker|runtime\.gcAssistAlloc|runtime\.bgsweep|runtime\.bgscavenge'
@@ -62,9 +62,9 @@ echo
 echo "== HSM time per request (caddy_xks_hsm_duration_seconds over the paced run)"
 awk '
 	FNR == 1 { f++ }
-	/^caddy_xks_hsm_duration_seconds_(sum|count)\{.*operation="encrypt"/ { split($1, n, "{"); v[f, n[1]] = $2 }
-	/^caddy_xks_hsm_duration_seconds_bucket\{.*operation="encrypt".*le="0.005"/ { v[f, "le5ms"] = $2 }
-	/^caddy_xks_hsm_duration_seconds_bucket\{.*operation="encrypt".*le="0.0005"/ { v[f, "le500us"] = $2 }
+	/^caddy_xks_hsm_duration_seconds_(sum|count)\{.*operation="Encrypt"/ { split($1, n, "{"); v[f, n[1]] = $2 }
+	/^caddy_xks_hsm_duration_seconds_bucket\{.*operation="Encrypt".*le="0.005"/ { v[f, "le5ms"] = $2 }
+	/^caddy_xks_hsm_duration_seconds_bucket\{.*operation="Encrypt".*le="0.0005"/ { v[f, "le500us"] = $2 }
 	END {
 		c = v[2, "caddy_xks_hsm_duration_seconds_count"] - v[1, "caddy_xks_hsm_duration_seconds_count"]
 		s = v[2, "caddy_xks_hsm_duration_seconds_sum"] - v[1, "caddy_xks_hsm_duration_seconds_sum"]
@@ -74,15 +74,15 @@ awk '
 
 echo
 echo "== blocking (block profile, 10 s): top 15 by delay"
-go tool pprof -top -nodecount=15 "$dir/block.pprof" 2>/dev/null | sed -n '/flat%/,$p'
+go tool pprof -top -nodecount=15 "$dir/block.pprof" 2>/dev/null | sed -n '/ flat /,$p'
 echo
 echo "== lock contention (mutex profile, 10 s): top 15 by delay"
-go tool pprof -top -nodecount=15 "$dir/mutex.pprof" 2>/dev/null | sed -n '/flat%/,$p'
+go tool pprof -top -nodecount=15 "$dir/mutex.pprof" 2>/dev/null | sed -n '/ flat /,$p'
 for kind in sched sync syscall; do
 	go tool trace -pprof="$kind" "$dir/trace.out" >"$dir/trace-$kind.pprof" 2>/dev/null || continue
 	echo
 	echo "== execution trace (3 s): $kind latency, top 15"
-	go tool pprof -top -nodecount=15 "$dir/trace-$kind.pprof" 2>/dev/null | sed -n '/flat%/,$p'
+	go tool pprof -top -nodecount=15 "$dir/trace-$kind.pprof" 2>/dev/null | sed -n '/ flat /,$p'
 done
 echo
 echo "profiles, trace and metrics: $dir"
