@@ -412,18 +412,35 @@ func (ks *KeyStore) warnUsage(vk *versionedKey, v *keyVersion, total uint64) {
 // forEncrypt counts one Encrypt with the key's current version and returns
 // it, or refuses: a version at its limit, in the caller IV mode, when no
 // higher version can take over.
+//
+// In this process the limit is exact: a count is taken only below it. The
+// other instances' counts arrive with their writes, so a fleet can go past
+// the limit by what the others counted in one usage_flush_interval.
 func (ks *KeyStore) forEncrypt(vk *versionedKey) (*keyVersion, error) {
 	v := vk.current.Load()
-	if ks.callerIVs && v.usage.total() >= ks.limit {
-		if v = vk.promote(v, ks.limit, ks.logger, ks.URIPath); v.usage.total() >= ks.limit {
+	if !ks.callerIVs {
+		ks.warnUsage(vk, v, v.usage.own.Add(1)+v.usage.others.Load())
+		return v, nil
+	}
+	for {
+		c := v.usage
+		own := c.own.Load()
+		if total := own + c.others.Load(); total < ks.limit {
+			if c.own.CompareAndSwap(own, own+1) {
+				ks.warnUsage(vk, v, total+1)
+				return v, nil
+			}
+			continue
+		}
+		next := vk.promote(v, ks.limit, ks.logger, ks.URIPath)
+		if next == v {
 			return nil, &xksError{name: InvalidStateException,
 				message: "the external key's current version has reached its encryption limit; the key store needs a new key version",
 				cause: fmt.Errorf("version %d of %s (label %s): %d encryptions counted, limit %d (encrypt_limit; NIST SP 800-38D §8.3)",
-					v.n, vk.key, v.label, v.usage.total(), ks.limit)}
+					v.n, vk.key, v.label, c.total(), ks.limit)}
 		}
+		v = next
 	}
-	ks.warnUsage(vk, v, v.usage.own.Add(1)+v.usage.others.Load())
-	return v, nil
 }
 
 // forDecrypt returns the version a Decrypt's ciphertextMetadata names, and

@@ -2,8 +2,15 @@ package xkshandler
 
 import (
 	"bytes"
+	"context"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
 )
 
 func TestVersionMetadataRoundTrip(t *testing.T) {
@@ -129,5 +136,34 @@ func TestVersionedKeyCurrentAndPromotion(t *testing.T) {
 	plain := newVersionedKey("p", nil)
 	if got := plain.current.Load(); got.n != 1 || got.label != "p" || len(plain.versions) != 1 {
 		t.Fatalf("a key without versions: current %d %s, %d versions", got.n, got.label, len(plain.versions))
+	}
+}
+
+// TestEncryptLimitIsExactUnderConcurrency: with the caller IV mode, of many
+// Encrypts racing for the last places below the limit, exactly the limit's
+// worth are counted and the rest are refused.
+func TestEncryptLimitIsExactUnderConcurrency(t *testing.T) {
+	ks := &KeyStore{URIPath: "/t/kms/xks/v1", Keys: []string{"k"}, EncryptLimit: 50, callerIVs: true,
+		logger: zap.NewNop(), usage: usageSettings{storage: &certmagic.FileStorage{Path: t.TempDir()}, instance: "test", interval: time.Hour}}
+	ks.keys = map[string]bool{"k": true}
+	ks.provisionVersions(context.Background())
+	t.Cleanup(ks.cleanup)
+	vk := ks.versioned["k"]
+	var ok, refused atomic.Int64
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for range 25 {
+				if _, err := ks.forEncrypt(vk); err != nil {
+					refused.Add(1)
+				} else {
+					ok.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if ok.Load() != 50 || refused.Load() != 150 || vk.current.Load().usage.total() != 50 {
+		t.Fatalf("%d counted, %d refused, total %d; want 50, 150, 50", ok.Load(), refused.Load(), vk.current.Load().usage.total())
 	}
 }
