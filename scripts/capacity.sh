@@ -17,8 +17,8 @@
 #
 # XKS_CAPACITY_DURATION (default 60s), XKS_CAPACITY_WARMUP (5s, at the rate,
 # not measured), XKS_CAPACITY_RATE (1800),
-# XKS_CAPACITY_LATENCIES (ms, default "1 5 20"), XKS_CAPACITY_PORT (18643)
-# and XKS_CADDY (default bin/caddy) change the runs.
+# XKS_CAPACITY_LATENCIES (ms, default "1 5 20"), XKS_CAPACITY_PORT (a free
+# port the kernel picks) and XKS_CADDY (default bin/caddy) change the runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -26,7 +26,11 @@ caddy=${XKS_CADDY:-$root/bin/caddy}
 duration=${XKS_CAPACITY_DURATION:-60s}
 rate=${XKS_CAPACITY_RATE:-1800}
 latencies=${XKS_CAPACITY_LATENCIES:-1 5 20}
-port=${XKS_CAPACITY_PORT:-18643}
+if [ -n "${XKS_CAPACITY_PORT:-}" ]; then
+	port=$XKS_CAPACITY_PORT http_port=$((port + 1))
+else
+	{ read -r port; read -r http_port; } < <(CGO_ENABLED=0 go run ./internal/freeport 2)
+fi
 warmup=${XKS_CAPACITY_WARMUP:-5s}
 softhsm=${XKS_SOFTHSM2:-/usr/lib/softhsm/libsofthsm2.so}
 [ -x "$caddy" ] || { echo "$caddy is missing: run 'make caddy' first" >&2; exit 1; }
@@ -61,7 +65,7 @@ config() { # max_sessions session_wait call_timeout
 	persist_config off
 	skip_install_trust
 	https_port $port
-	http_port $((port + 1))
+	http_port $http_port
 	storage file_system $work/storage
 	log {
 		output discard
