@@ -299,6 +299,11 @@ var counters = caddy.NewUsagePool()
 // storage the first time. release must be called when the config is done
 // with it.
 func acquireCounter(ctx context.Context, storage certmagic.Storage, instance, label string, interval time.Duration, logger *zap.Logger) *usageCounter {
+	if !validKeyID(label) {
+		// Callers pass only valid key ids; a label that is not one must
+		// never become a storage path.
+		panic(fmt.Sprintf("xks: usage counter for an invalid label %q", label))
+	}
 	v, _, _ := counters.LoadOrNew(label, func() (caddy.Destructor, error) {
 		c := &usageCounter{
 			label: label, instance: instance, storage: storage, interval: interval, logger: logger,

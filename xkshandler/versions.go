@@ -294,9 +294,14 @@ func (ks *KeyStore) provisionVersions(ctx context.Context) {
 	for i, w := range warnings {
 		ks.warnAt[i] = max(1, uint64(math.Ceil(w*float64(ks.limit))))
 	}
+	// Caddy validates after provisioning: what validate would refuse is
+	// left out here, so that no id or label that is not a valid key id
+	// (such as "../x") ever names a record in storage.
 	byKey := make(map[string]*KeyVersions, len(ks.Versions))
 	for i := range ks.Versions {
-		byKey[ks.Versions[i].Key] = &ks.Versions[i]
+		if ks.Versions[i].validate(ks.Keys) == nil {
+			byKey[ks.Versions[i].Key] = &ks.Versions[i]
+		}
 	}
 	ks.versioned = make(map[string]*versionedKey)
 	ks.lazy = make(map[string]*versionedKey)
@@ -305,7 +310,7 @@ func (ks *KeyStore) provisionVersions(ctx context.Context) {
 		keys = slices.Collect(maps.Keys(byKey))
 	}
 	for _, k := range keys {
-		if k == "*" {
+		if !validKeyID(k) || ks.versioned[k] != nil {
 			continue
 		}
 		vk := ks.newKey(ctx, k, byKey[k])

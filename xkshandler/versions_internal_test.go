@@ -3,6 +3,8 @@ package xkshandler
 import (
 	"bytes"
 	"context"
+	"io/fs"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -165,5 +167,32 @@ func TestEncryptLimitIsExactUnderConcurrency(t *testing.T) {
 	wg.Wait()
 	if ok.Load() != 50 || refused.Load() != 150 || vk.current.Load().usage.total() != 50 {
 		t.Fatalf("%d counted, %d refused, total %d; want 50, 150, 50", ok.Load(), refused.Load(), vk.current.Load().usage.total())
+	}
+}
+
+// TestProvisionNamesNoRecordBeforeValidation: Caddy provisions before it
+// validates, so a key id or version label that validation refuses must not
+// reach storage first.
+func TestProvisionNamesNoRecordBeforeValidation(t *testing.T) {
+	dir := t.TempDir()
+	ks := &KeyStore{URIPath: "/t/kms/xks/v1", Keys: []string{"../escape", "ok"}, logger: zap.NewNop(),
+		Versions: []KeyVersions{{Key: "ok", Current: 2, Versions: []KeyVersion{{Version: 2, Label: "../../v2"}}}},
+		usage:    usageSettings{storage: &certmagic.FileStorage{Path: filepath.Join(dir, "storage")}, instance: "test", interval: time.Hour}}
+	ks.keys = map[string]bool{"../escape": true, "ok": true}
+	ks.provisionVersions(context.Background())
+	ks.cleanup()
+	var files []string
+	_ = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			files = append(files, path)
+		}
+		return nil
+	})
+	want := filepath.Join(dir, "storage", "xks", "usage", "ok", "test.json")
+	if len(files) != 1 || files[0] != want {
+		t.Fatalf("records %v, want only %s", files, want)
+	}
+	if err := ks.validate(); err == nil {
+		t.Fatal("validate accepts the key store")
 	}
 }
