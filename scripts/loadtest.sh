@@ -24,7 +24,8 @@
 # XKS_LOADTEST_PACED_DURATION (60s) that of runs 3 and 4,
 # XKS_LOADTEST_CONCURRENCY (32) the requests in flight, XKS_LOADTEST_RATE
 # (1800) the paced rate, XKS_LOADTEST_PORT (a free one) the HTTPS port,
-# XKS_LOADTEST_CADDY (bin/caddy) the binary under test. With
+# XKS_LOADTEST_CADDY (bin/caddy) the binary under test,
+# XKS_LOADTEST_MAX_SESSIONS (32, Caddyfile.example's) the session pool. With
 # XKS_LOADTEST_PROFILE=<dir> (scripts/profile.sh sets it) the paced XKS run
 # also saves, from the admin endpoint, a CPU, block and mutex profile and an
 # execution trace of its middle, and the metrics before and after it.
@@ -75,7 +76,7 @@ cat >"$config" <<CADDY
 			pin {file.$demo/pin}
 			iv auto
 			private_keys true
-			max_sessions 32
+			max_sessions ${XKS_LOADTEST_MAX_SESSIONS:-32}
 			session_wait 50ms
 			call_timeout 200ms
 		}
