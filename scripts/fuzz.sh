@@ -25,7 +25,7 @@ declare -A execs=(
 	[FuzzVerify]=350000
 	[FuzzDecodeRequest]=50000
 	[FuzzDecodeStrict]=50000
-	[FuzzMetadataVersion]=300000
+	[FuzzMetadataVersion]=25000
 )
 default_execs=50000
 
