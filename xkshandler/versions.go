@@ -268,7 +268,7 @@ func (vk *versionedKey) labels() []string {
 	return out
 }
 
-// metadata is the ciphertextMetadata of an Encrypt with v.
+// metadataFor is the ciphertextMetadata of an Encrypt with v.
 func (ks *KeyStore) metadataFor(v *keyVersion) []byte {
 	if v.n == 1 {
 		return ks.ciphertextMetadata
