@@ -112,18 +112,25 @@ func newFixtureWith(t *testing.T, change func(*fixture)) *fixture {
 	f.token.CreateKey(t, keyOtherKS)
 	f.token.CreateKey(t, keyNotAllow)
 	f.token.CreateKey(t, keyOff)
-	f.cert, f.key = testcert.Localhost(t, f.dir)
 	f.ks1 = []credential{newCredential(t)}
-	f.ks2 = newCredential(t)
-	f.proxy = proxytest.New(t)
-	f.proxy.Trust(f.cert)
-	f.origin = f.proxy.Origin()
-	f.logFile = f.proxy.LogFile
-	t.Setenv("XKS_TEST_PIN", f.token.PIN)
+	f.newProxy()
 	change(f)
 	f.load(1)
 	t.Cleanup(f.checkLog)
 	return f
+}
+
+// newProxy makes the fixture's certificate, /ks2's credential and the
+// proxy instance, which trusts the certificate; nothing runs until a load.
+func (f *fixture) newProxy() {
+	f.t.Helper()
+	f.cert, f.key = testcert.Localhost(f.t, f.dir)
+	f.ks2 = newCredential(f.t)
+	f.proxy = proxytest.New(f.t)
+	f.proxy.Trust(f.cert)
+	f.origin = f.proxy.Origin()
+	f.logFile = f.proxy.LogFile
+	f.t.Setenv("XKS_TEST_PIN", f.token.PIN)
 }
 
 // checkLog fails the test if the proxy's log holds a secret, the PIN, or a

@@ -392,17 +392,7 @@ func TestReloadUnderLoad(t *testing.T) {
 		})
 	}
 	defer func() { stop.Store(true); wg.Wait() }()
-	// Load is measured in round trips, not time: a slow machine runs
-	// fewer of them per second.
-	awaitRoundTrips := func(n int64) {
-		deadline := time.Now().Add(2 * time.Minute)
-		for done.Load() < n {
-			if time.Now().After(deadline) {
-				t.Fatalf("only %d round trips ran, want %d", done.Load(), n)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}
+	awaitRoundTrips := func(n int64) { awaitCount(t, &done, n) }
 	awaitRoundTrips(10)
 	for i := range 5 {
 		f.reload(10 + i) // not f.load: keep the connections the clients use
@@ -420,6 +410,20 @@ func TestReloadUnderLoad(t *testing.T) {
 		t.Fatalf("only %d round trips ran", done.Load())
 	}
 	t.Logf("%d round trips, none failed, across 5 reloads", done.Load())
+}
+
+// awaitCount waits until done reaches n round trips of clients running in
+// the background. Load is measured in round trips, not time: a slow machine
+// runs fewer of them per second.
+func awaitCount(t *testing.T, done *atomic.Int64, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for done.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d round trips ran, want %d", done.Load(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // roundTrip encrypts and decrypts once; safe to call from any goroutine.

@@ -14,7 +14,6 @@ import (
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/caddy-xks/caddy-xks/internal/proxytest"
-	"github.com/caddy-xks/caddy-xks/internal/testcert"
 )
 
 // Ciphertext fixtures: Encrypt answers written by a released proxy, kept in
@@ -100,13 +99,7 @@ func newFixtureProxyWith(t *testing.T, change func(*fixtureProxy)) *fixtureProxy
 	}
 	f := &fixture{t: t, token: hsmtest.NewToken(t), dir: t.TempDir()}
 	f.token.ImportKey(t, fixtureKeyLabel, fixtureKeyValue())
-	f.cert, f.key = testcert.Localhost(t, f.dir)
-	f.ks2 = newCredential(t)
-	f.proxy = proxytest.New(t)
-	f.proxy.Trust(f.cert)
-	f.origin = f.proxy.Origin()
-	f.logFile = f.proxy.LogFile
-	t.Setenv("XKS_TEST_PIN", f.token.PIN)
+	f.newProxy()
 	t.Setenv("XKS_TEST_SECRET_2", f.ks2.secret)
 	fp := &fixtureProxy{fixture: f}
 	change(fp)
