@@ -107,15 +107,13 @@ func (tk Token) session(t testing.TB) (*pkcs11.Ctx, pkcs11.SessionHandle) {
 	return nil, 0
 }
 
-// CreateKey creates a private AES-256 token key permitted to encrypt and
-// decrypt, changed by opts. It does not refuse a label in use: tests make
-// duplicates on purpose.
-func (tk Token) CreateKey(t testing.TB, label string, opts ...KeyOption) {
-	t.Helper()
-	tmpl := []*pkcs11.Attribute{
+// keyTemplate is the template of CreateKey's and ImportKey's keys, without
+// the value or its length: a private AES token key, sensitive, not
+// extractable, not modifiable, that may encrypt and decrypt and nothing else.
+func keyTemplate(label string) []*pkcs11.Attribute {
+	return []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
@@ -131,6 +129,14 @@ func (tk Token) CreateKey(t testing.TB, label string, opts ...KeyOption) {
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 		pkcs11.NewAttribute(pkcs11.CKA_ID, []byte(label)),
 	}
+}
+
+// CreateKey creates a private AES-256 token key permitted to encrypt and
+// decrypt, changed by opts. It does not refuse a label in use: tests make
+// duplicates on purpose.
+func (tk Token) CreateKey(t testing.TB, label string, opts ...KeyOption) {
+	t.Helper()
+	tmpl := append(keyTemplate(label), pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32))
 	mech := uint(pkcs11.CKM_AES_KEY_GEN)
 	for _, o := range opts {
 		o(&tmpl, &mech)
