@@ -3,8 +3,6 @@ package xkscmd
 import (
 	"bytes"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -171,18 +169,7 @@ localhost:%[8]d {
 `, caddy.HTTPSPort, p.cacert, key, region, p.akid, keyDemo, keyEncryptOnly, mtlsPort, clientCA, ksDefaults)
 	// The key store answers once its handler runs: an unsigned call is
 	// refused in XKS terms.
-	caddy.Ready = func() error {
-		resp, err := caddy.Client.Post(p.url("/good")+"/health", "application/json", strings.NewReader("{}"))
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(resp.Body)
-		if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(string(body), "AuthenticationFailedException") {
-			return fmt.Errorf("unsigned health: %d %s", resp.StatusCode, body)
-		}
-		return nil
-	}
+	caddy.Ready = unsignedHealthAnswers(caddy.Client, p.url("/good"))
 	caddy.Load(config)
 	return p
 }

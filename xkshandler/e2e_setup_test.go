@@ -206,28 +206,42 @@ func (f *fixture) reload(fleetSize int) {
 
 // reports checks that /ks1 answers health with the fleet size.
 func (f *fixture) reports(fleetSize int) error {
-	body := healthBody
-	req, err := http.NewRequest(http.MethodPost, f.origin+"/ks1/kms/xks/v1/health", strings.NewReader(body))
+	r, err := f.try(f.ks1[0], "/ks1/kms/xks/v1/health", healthBody)
 	if err != nil {
 		return err
 	}
+	if want := fmt.Sprintf(`"xksProxyFleetSize":%d`, fleetSize); r.status != http.StatusOK || !strings.Contains(r.raw, want) {
+		return fmt.Errorf("health: %d %s, want %s", r.status, r.raw, want)
+	}
+	return nil
+}
+
+// try sends a POST signed with c and returns the answer, or the error a
+// client would see, without failing the test: for readiness probes and
+// clients running beside the test.
+func (f *fixture) try(c credential, path, body string) (response, error) {
+	req, err := http.NewRequest(http.MethodPost, f.origin+path, strings.NewReader(body))
+	if err != nil {
+		return response{}, err
+	}
 	req.Header.Set("Content-Type", "application/json")
-	if err := signRequest(req, f.ks1[0], body, region, time.Now()); err != nil {
-		return err
+	if err := signRequest(req, c, body, region, time.Now()); err != nil {
+		return response{}, err
 	}
 	resp, err := f.proxy.Client.Do(req)
 	if err != nil {
-		return err
+		return response{}, err
 	}
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return err
+		return response{}, err
 	}
-	if want := fmt.Sprintf(`"xksProxyFleetSize":%d`, fleetSize); resp.StatusCode != http.StatusOK || !strings.Contains(string(raw), want) {
-		return fmt.Errorf("health: %d %s, want %s", resp.StatusCode, raw, want)
+	r := response{status: resp.StatusCode, raw: string(raw)}
+	if err := json.Unmarshal(raw, &r.body); err != nil {
+		return r, fmt.Errorf("%s: %d %q: %w", path, r.status, raw, err)
 	}
-	return nil
+	return r, nil
 }
 
 // config is the proxy's Caddyfile for the fixture's current settings.

@@ -432,40 +432,24 @@ func (f *fixture) roundTrip(c credential) error {
 	if _, err := rand.Read(pt); err != nil {
 		return err
 	}
-	post := func(path, body string) (map[string]string, error) {
-		req, err := http.NewRequest(http.MethodPost, f.origin+path, strings.NewReader(body))
-		if err != nil {
-			return nil, err
+	post := func(path, body string) (response, error) {
+		r, err := f.try(c, path, body)
+		if err == nil && r.status != http.StatusOK {
+			err = fmt.Errorf("%s: %d %s", path, r.status, r.raw)
 		}
-		req.Header.Set("Content-Type", "application/json")
-		if err := signRequest(req, c, body, region, time.Now()); err != nil {
-			return nil, err
-		}
-		resp, err := f.proxy.Client.Do(req)
-		if err != nil {
-			return nil, err
-		}
-		defer resp.Body.Close()
-		var out map[string]string
-		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-			return nil, err
-		}
-		if resp.StatusCode != http.StatusOK {
-			return nil, fmt.Errorf("%s: %d %v", path, resp.StatusCode, out)
-		}
-		return out, nil
+		return r, err
 	}
 	enc, err := post("/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encryptBody(pt, nil, false))
 	if err != nil {
 		return err
 	}
 	body := fmt.Sprintf(`{%s,"ciphertext":%q,"initializationVector":%q,"authenticationTag":%q,"ciphertextMetadata":%q,"encryptionAlgorithm":"AES_GCM"}`,
-		cryptoMeta, enc["ciphertext"], enc["initializationVector"], enc["authenticationTag"], enc["ciphertextMetadata"])
+		cryptoMeta, enc.str("ciphertext"), enc.str("initializationVector"), enc.str("authenticationTag"), enc.str("ciphertextMetadata"))
 	dec, err := post("/ks1/kms/xks/v1/keys/"+keyBoth+"/decrypt", body)
 	if err != nil {
 		return err
 	}
-	if dec["plaintext"] != base64.StdEncoding.EncodeToString(pt) {
+	if dec.str("plaintext") != base64.StdEncoding.EncodeToString(pt) {
 		return errors.New("decrypt returned another plaintext")
 	}
 	return nil

@@ -89,7 +89,7 @@ func versionsOf(lines ...string) func(fixtureSetting) string {
 func (fp *fixtureProxy) encryptsWith(version []byte) func() error {
 	return func() error {
 		for _, s := range fixtureSettings {
-			r, err := fp.try("/"+s.Name+"/kms/xks/v1/keys/"+fixtureKeyLabel+"/encrypt", encryptBody([]byte("probe"), nil, false))
+			r, err := fp.try(fp.ks2, "/"+s.Name+"/kms/xks/v1/keys/"+fixtureKeyLabel+"/encrypt", encryptBody([]byte("probe"), nil, false))
 			if err != nil {
 				return err
 			}
@@ -153,7 +153,7 @@ func TestReleasedCiphertextsDecrypt(t *testing.T) {
 	// many it decrypted.
 	fp.more = versionsOf("version 1 disabled", "version 2 "+fixtureKeyLabel+"-v2", "current 2")
 	fp.load(func() error {
-		r, err := fp.try("/spec/kms/xks/v1/keys/"+fixtureKeyLabel+"/decrypt", decryptBody(sealed{ciphertext: fx.Fixtures[0].Ciphertext, iv: fx.Fixtures[0].IV, tag: fx.Fixtures[0].Tag}, fx.Fixtures[0].AAD))
+		r, err := fp.try(fp.ks2, "/spec/kms/xks/v1/keys/"+fixtureKeyLabel+"/decrypt", decryptBody(sealed{ciphertext: fx.Fixtures[0].Ciphertext, iv: fx.Fixtures[0].IV, tag: fx.Fixtures[0].Tag}, fx.Fixtures[0].AAD))
 		if err == nil && r.str("errorName") != "InvalidStateException" {
 			err = fmt.Errorf("version 1 not disabled yet: %d %s", r.status, r.raw)
 		}
@@ -206,7 +206,7 @@ func TestKeyRotationUnderLoad(t *testing.T) {
 				pt := make([]byte, 32)
 				_, _ = rand.Read(pt)
 				aad := []byte(fmt.Sprintf("worker %d call %d", w, i))
-				r, err := fp.try("/"+setting+"/kms/xks/v1/keys/"+fixtureKeyLabel+"/encrypt", encryptBody(pt, aad, false))
+				r, err := fp.try(fp.ks2, "/"+setting+"/kms/xks/v1/keys/"+fixtureKeyLabel+"/encrypt", encryptBody(pt, aad, false))
 				if err != nil || r.status != http.StatusOK {
 					fail(fmt.Errorf("encrypt: %d %s %v", r.status, r.raw, err))
 					continue
@@ -223,7 +223,7 @@ func TestKeyRotationUnderLoad(t *testing.T) {
 				mu.Unlock()
 				for _, y := range []ciphertextFixture{x, old[i%len(old)]} {
 					s := sealed{ciphertext: y.Ciphertext, iv: y.IV, tag: y.Tag, metadata: y.CiphertextMetadata}
-					r, err := fp.try("/"+setting+"/kms/xks/v1/keys/"+fixtureKeyLabel+"/decrypt", decryptBody(s, y.AAD))
+					r, err := fp.try(fp.ks2, "/"+setting+"/kms/xks/v1/keys/"+fixtureKeyLabel+"/decrypt", decryptBody(s, y.AAD))
 					if err != nil || r.status != http.StatusOK || r.str("plaintext") != enc64(y.Plaintext) {
 						fail(fmt.Errorf("decrypt: %d %s %v", r.status, r.raw, err))
 					}
