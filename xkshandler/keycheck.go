@@ -431,6 +431,7 @@ func (ks *KeyStore) latestKeyReport(ctx context.Context, ttl time.Duration) *key
 // Decrypt may need (every one that is not disabled) and that no backend
 // that answered holds.
 func (ks *KeyStore) checkVersions(r *keyReport, states map[string][]keyState) {
+	answered := slices.Contains(r.silent, false)
 	for _, k := range slices.Sorted(maps.Keys(ks.versioned)) {
 		vk := ks.versioned[k]
 		if !vk.configured {
@@ -440,13 +441,7 @@ func (ks *KeyStore) checkVersions(r *keyReport, states map[string][]keyState) {
 			if v.disabled {
 				continue
 			}
-			s := states[v.label]
-			held := slices.ContainsFunc(s, keyState.exists)
-			answered := false
-			for i := range ks.backends {
-				answered = answered || !r.silent[i]
-			}
-			if held || !answered {
+			if !answered || slices.ContainsFunc(states[v.label], keyState.exists) {
 				continue
 			}
 			msg := fmt.Sprintf("version %d of key %s, the HSM key labelled %q, is on no backend, so calls that need it fail: make it with `caddy xks keygen --label %s`, or disable the version",

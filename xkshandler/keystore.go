@@ -244,10 +244,11 @@ func (ks *KeyStore) validate() error {
 	if _, err := parseFraming(ks.AADFraming); err != nil {
 		return fmt.Errorf("key store %s: %w", ks.URIPath, err)
 	}
-	if _, err := parseCiphertextMetadata(ks.CiphertextMetadata); err != nil {
+	md, err := parseCiphertextMetadata(ks.CiphertextMetadata)
+	if err != nil {
 		return fmt.Errorf("key store %s: %w", ks.URIPath, err)
 	}
-	if bytes.HasPrefix(ks.ciphertextMetadataBytes(), versionPrefix) {
+	if bytes.HasPrefix(md, versionPrefix) {
 		return fmt.Errorf("key store %s: a ciphertext_metadata that starts with the bytes 00 78 6b is reserved for key version metadata", ks.URIPath)
 	}
 	versioned := map[string]bool{}
@@ -372,13 +373,6 @@ func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger, usage usageSetti
 
 // defaultDeadline leaves KMS's 250 ms for the network and TLS.
 const defaultDeadline = 200 * time.Millisecond
-
-// ciphertextMetadataBytes is CiphertextMetadata decoded, or nil when it is
-// not valid (validate says why).
-func (ks *KeyStore) ciphertextMetadataBytes() []byte {
-	md, _ := parseCiphertextMetadata(ks.CiphertextMetadata)
-	return md
-}
 
 // parseCiphertextMetadata decodes the configured ciphertext_metadata; an
 // empty one is none (nil).
