@@ -30,6 +30,10 @@ type benchEnv struct {
 	ctx *pkcs11.Ctx
 	tk  hsmtest.Token
 	key pkcs11.ObjectHandle
+	// publicKey is a key like key that is not CKA_PRIVATE: SoftHSM2
+	// decrypts a private token object's value with the token's key on every
+	// C_EncryptInit, and stores one that is not private in the clear.
+	publicKey pkcs11.ObjectHandle
 }
 
 var benchOnce struct {
@@ -41,6 +45,7 @@ func setupBench(b *testing.B) *benchEnv {
 	benchOnce.Do(func() {
 		tk := hsmtest.NewToken(b)
 		tk.CreateKey(b, "bench")
+		tk.CreateKey(b, "bench-not-private", hsmtest.Private(false))
 		cfg := configFor(tk)
 		// Benchmarks measure throughput, not deadlines: a busy machine's
 		// tail latency must not abort a run.
@@ -56,15 +61,18 @@ func setupBench(b *testing.B) *benchEnv {
 		}
 		env := &benchEnv{b: be, ctx: p, tk: tk}
 		sh := env.session(b)
-		if err := p.FindObjectsInit(sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, "bench")}); err != nil {
-			b.Fatal(err)
+		find := func(label string) pkcs11.ObjectHandle {
+			if err := p.FindObjectsInit(sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, label)}); err != nil {
+				b.Fatal(err)
+			}
+			hs, _, err := p.FindObjects(sh, 1)
+			_ = p.FindObjectsFinal(sh)
+			if err != nil || len(hs) != 1 {
+				b.Fatalf("finding the bench key %q: %v", label, err)
+			}
+			return hs[0]
 		}
-		hs, _, err := p.FindObjects(sh, 1)
-		_ = p.FindObjectsFinal(sh)
-		if err != nil || len(hs) != 1 {
-			b.Fatalf("finding the bench key: %v", err)
-		}
-		env.key = hs[0]
+		env.key, env.publicKey = find("bench"), find("bench-not-private")
 		_ = p.CloseSession(sh)
 		benchOnce.env = env
 	})
@@ -151,6 +159,29 @@ func bareDecrypt(p *pkcs11.Ctx, sh pkcs11.SessionHandle, key pkcs11.ObjectHandle
 	}
 	_, err := p.Decrypt(sh, in)
 	return err
+}
+
+// BenchmarkEncryptNotPrivate is the bare loop of BenchmarkEncrypt on a key
+// that is not CKA_PRIVATE: what SoftHSM2 costs a development token whose
+// keys are made with private_keys false, against the private key of the
+// production default.
+func BenchmarkEncryptNotPrivate(b *testing.B) {
+	env := setupBench(b)
+	pt := make([]byte, 32)
+	for _, k := range []struct {
+		name string
+		h    pkcs11.ObjectHandle
+	}{{"private", env.key}, {"not-private", env.publicKey}} {
+		b.Run(fmt.Sprintf("bare/%s/32B/g1", k.name), func(b *testing.B) {
+			parallel(b, 1, func() (func() error, func()) {
+				sh := env.session(b)
+				return func() error {
+					_, _, err := bareEncrypt(env.ctx, sh, k.h, pt, benchAAD)
+					return err
+				}, func() { _ = env.ctx.CloseSession(sh) }
+			})
+		})
+	}
 }
 
 // benchAAD has the XKS full-AAD shape: 2-byte length, sha256, 1-byte length.
