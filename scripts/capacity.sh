@@ -11,7 +11,8 @@
 # calls blocked in the HSM library cannot hold every P; docs/operations.md).
 # A benchmark, not a test: the figures depend on the machine, and client and
 # server share its cores. It prints one markdown table row per run and the
-# load average around each.
+# load average around each, with the share of CPU time the hypervisor gave
+# other guests during it (steal).
 #
 #   make caddy && bash scripts/capacity.sh
 #
@@ -33,6 +34,8 @@ else
 fi
 warmup=${XKS_CAPACITY_WARMUP:-5s}
 softhsm=${XKS_SOFTHSM2:-/usr/lib/softhsm/libsofthsm2.so}
+# shellcheck source=scripts/machine.sh
+source "$root/scripts/machine.sh"
 [ -x "$caddy" ] || { echo "$caddy is missing: run 'make caddy' first" >&2; exit 1; }
 
 work=$(mktemp -d)
@@ -120,10 +123,12 @@ run() {
 	# key handle is cached, as on a proxy that has been serving (a cold
 	# start at full rate is another matter; docs/operations.md).
 	"${bench[@]}" "$url" --rate "$rate" --duration "$warmup" >/dev/null 2>&1 || true
-	local before after out
-	before=$(cut -d' ' -f1-3 /proc/loadavg)
+	local before after out ticks steal
+	before=$(loadavg)
+	ticks=$(cpu_ticks)
 	out=$("${bench[@]}" "$url" --rate "$rate" --duration "$duration" 2>/dev/null || true)
-	after=$(cut -d' ' -f1-3 /proc/loadavg)
+	after=$(loadavg)
+	steal=$(steal_since "$ticks")
 	stop
 	printf '%s\n' "$out" >"$work/bench-$ms-$label.txt"
 	local thr p50 p99 max n429 n503 other settings
@@ -137,15 +142,15 @@ run() {
 	settings="$sessions, $wait, $timeout"
 	[ "$sessions" = default ] && settings="32, 50ms, 200ms"
 	[ "$procs" = default ] && procs="$(nproc)"
-	printf '| %s ms | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s → %s |\n' \
-		"$ms" "$label" "$settings" "$procs" "$thr" "$p50" "$p99" "$max" "$n429" "$n503" "$other" "$before" "$after"
+	printf '| %s ms | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s → %s | %s |\n' \
+		"$ms" "$label" "$settings" "$procs" "$thr" "$p50" "$p99" "$max" "$n429" "$n503" "$other" "$before" "$after" "$steal"
 }
 
 echo "caddy xks bench --rate $rate --duration $duration --mix encrypt=1,decrypt=1 --plaintext 32 --concurrency 512 (after $warmup at the rate)"
-echo "$(nproc) cores; load average before the runs: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "$(nproc) cores; load average before the runs: $(loadavg)"
 echo
-echo '| HSM latency | settings | max_sessions, session_wait, call_timeout | GOMAXPROCS | throughput (req/s) | p50 | p99 | max | 429 | 503 | other errors | load average (1, 5, 15 min) before → after |'
-echo '|---|---|---|---|---|---|---|---|---|---|---|---|'
+echo '| HSM latency | settings | max_sessions, session_wait, call_timeout | GOMAXPROCS | throughput (req/s) | p50 | p99 | max | 429 | 503 | other errors | load average (1, 5, 15 min) before → after | CPU stolen |'
+echo '|---|---|---|---|---|---|---|---|---|---|---|---|---|'
 for ms in $latencies; do
 	run "$ms" default default default
 	# max_sessions >= 2 x rate x latency, at least the default 32, in

@@ -14,7 +14,8 @@
 # to a file as JSON, Caddy's HTTP metrics on. Each run prints req/s,
 # p50/p99/p99.9/max, the failures by XKS errorName and the server process's
 # CPU time per request (/proc/<pid>/stat); a Markdown table of all four,
-# dated, with the machine and the load average before and after each run,
+# dated, with the machine, the load average before and after each run and
+# the share of CPU time the hypervisor gave other guests during it (steal),
 # ends the output. Uses the demo's token and key (it prepares .demo/ like
 # `make demo`). Figures, not pass/fail: client and server share the cores.
 #
@@ -114,15 +115,17 @@ done
 # Warm-up: TLS session and key handle caches, the Go heap, SoftHSM2.
 "${bench[@]}" "https://localhost:$port" --duration 2s >/dev/null 2>&1 || true
 
-loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+# shellcheck source=scripts/machine.sh
+source "$root/scripts/machine.sh"
 admin() { curl -sS --unix-socket "$work/admin.sock" "http://localhost/$1"; }
 rows=()
 # run <title> <name> <bench args...>: one run, printed, and its table row.
 run() {
-	local title=$1 name=$2 out before after
+	local title=$1 name=$2 out before after ticks steal
 	shift 2
 	echo "== $title"
 	before=$(loadavg)
+	ticks=$(cpu_ticks)
 	local profiling=
 	if [ -n "${XKS_LOADTEST_PROFILE:-}" ] && [ "$name" = xks-paced ]; then
 		profiling=1
@@ -139,22 +142,23 @@ run() {
 	fi
 	out=$("${bench[@]}" "$@" 2>/dev/null) || true
 	after=$(loadavg)
+	steal=$(steal_since "$ticks")
 	if [ -n "$profiling" ]; then
 		wait "$profiling"
 		admin metrics >"$XKS_LOADTEST_PROFILE/metrics-after.txt"
 		printf '%s\n' "$out" >"$XKS_LOADTEST_PROFILE/bench.txt"
 	fi
 	echo "$out"
-	echo "load average $before → $after"
+	echo "load average $before → $after; CPU time stolen by the hypervisor: $steal"
 	echo
 	printf '%s\n' "$out" >"$work/$name.txt"
 	local errors
 	errors=$(awk '$1 == "error" { $1 = ""; sub(/^ /, ""); printf "%s%s", sep, $0; sep = "; " }' <<<"$out")
-	rows+=("$(awk -v title="$title" -v errors="${errors:-none}" -v load="$before → $after" '
+	rows+=("$(awk -v title="$title" -v errors="${errors:-none}" -v load="$before → $after" -v steal="$steal" '
 		$1 == "throughput" { rps = $2 }
 		$1 == "p50" { p50 = $2 } $1 == "p99" { p99 = $2 } $1 == "p99.9" { p999 = $2 } $1 == "max" { mx = $2 }
 		$1 == "server" && $2 == "cpu" { cpu = $(NF - 2) }
-		END { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |", title, rps, p50, p99, p999, mx, errors, cpu, load }' <<<"$out")")
+		END { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", title, rps, p50, p99, p999, mx, errors, cpu, load, steal }' <<<"$out")")
 }
 
 run "XKS Encrypt 32 B, $concurrency concurrent, as fast as possible, $duration" xks \
@@ -176,8 +180,8 @@ echo
 echo "$(date -u +%Y-%m-%d), $(nproc) CPUs ($cpu), Linux $(uname -r), $(softhsm2-util --version 2>/dev/null | sed 's/^/SoftHSM2 /'), $("$caddy" version | cut -d' ' -f1),"
 echo "client and server on the same cores; audit log on ($audit lines written to a file), metrics on"
 echo
-echo "| run | req/s | p50 | p99 | p99.9 | max | errors | server CPU per request | load average before → after |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| run | req/s | p50 | p99 | p99.9 | max | errors | server CPU per request | load average before → after | CPU stolen |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo
 echo "XKS/bare, as fast as possible: $(awk -v a="$xks" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')"
