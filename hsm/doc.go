@@ -34,7 +34,12 @@
 // the caller stops waiting at the deadline (ErrTimeout, for
 // DependencyTimeoutException); the abandoned session is closed when the call
 // returns, never reused. The worker keeps its pool slot until then, so the
-// pool size also caps the threads stuck in the HSM. After any error in the
+// pool size also caps the threads stuck in the HSM. A module whose
+// C_Encrypt and C_Decrypt take milliseconds (a network HSM; the shortest
+// call of each window of 32 decides) has them made on threads of the
+// package's own, lanes, while the worker waits in Go's network poller: a
+// goroutine inside a cgo call keeps a Go P, and a few such calls left the
+// HTTP side of a 2-CPU proxy without one (crypt.go). After any error in the
 // middle of an operation the session is closed, since not every vendor ends
 // the operation. Session-class errors (SESSION_HANDLE_INVALID,
 // OPERATION_ACTIVE, GENERAL_ERROR, ...) are retried once on a new session,

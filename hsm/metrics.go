@@ -29,11 +29,13 @@ var (
 		"1 for the backend's current health status (ACTIVE, DEGRADED or UNAVAILABLE), 0 for the others.", []string{"backend", "status"}, nil)
 	descLoginFailures = prometheus.NewDesc("caddy_xks_hsm_login_failures_total",
 		"Failed C_Login calls on the backend's token since it was opened, refused PINs among them.", []string{"backend"}, nil)
+	descLaneCalls = prometheus.NewDesc("caddy_xks_hsm_lane_calls_total",
+		"C_Encrypt and C_Decrypt calls of the backend's PKCS#11 module (shared by the backends that load it) made on a thread of their own because the module answers in milliseconds, since the process started.", []string{"backend"}, nil)
 )
 
 // Describe implements prometheus.Collector.
 func (c backendCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descSessionsInUse, descSessionsIdle, descSessionWaiters, descStuckCalls, descMaxSessions, descHealth, descLoginFailures} {
+	for _, d := range []*prometheus.Desc{descSessionsInUse, descSessionsIdle, descSessionWaiters, descStuckCalls, descMaxSessions, descHealth, descLoginFailures, descLaneCalls} {
 		ch <- d
 	}
 }
@@ -51,6 +53,7 @@ func (c backendCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(m.desc, prometheus.GaugeValue, float64(m.v), name)
 		}
 		ch <- prometheus.MustNewConstMetric(descLoginFailures, prometheus.CounterValue, float64(b.tok.loginFailures.Load()), name)
+		ch <- prometheus.MustNewConstMetric(descLaneCalls, prometheus.CounterValue, float64(b.tok.lib.fns.calls.offloaded.Load()), name)
 		status := b.Health(ctx).Status
 		for _, st := range []string{HealthActive, HealthDegraded, HealthUnavailable} {
 			v := 0.0
