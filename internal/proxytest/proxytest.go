@@ -89,7 +89,13 @@ type Instance struct {
 	AdminSocket string
 	// Storage is Caddy's file_system storage directory.
 	Storage string
-	// LogFile receives every log line, JSON, at DEBUG.
+	// LogFile receives every log line, JSON, at DEBUG, but for the events
+	// app's, at INFO. At DEBUG the events app hands every CertMagic event
+	// to its origin's CaddyModule, and caddytls's TLS app (Caddy 2.11.9)
+	// answers that by copying its whole struct while its Start may still
+	// be writing it: the race detector failed TestACMEFailureAtStart on a
+	// certificate cached before the TLS app had started. A production log
+	// at INFO never takes that path.
 	LogFile string
 }
 
@@ -125,9 +131,16 @@ func (in *Instance) Global(extra string) string {
 		output file %s
 		format json
 		level DEBUG
+		exclude events
+	}
+	log events {
+		output file %s
+		format json
+		level INFO
+		include events
 	}
 %s}
-`, in.AdminSocket, in.HTTPPort, in.HTTPSPort, in.Storage, in.LogFile, extra)
+`, in.AdminSocket, in.HTTPPort, in.HTTPSPort, in.Storage, in.LogFile, in.LogFile, extra)
 }
 
 // Origin is the base URL of the instance's HTTPS port on localhost.
