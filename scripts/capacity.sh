@@ -4,11 +4,11 @@
 # proxy in front of the nShield personality of the vendor shim
 # (internal/vendorshim), which adds a fixed latency to every C_Encrypt and
 # C_Decrypt (1, 5 and 20 ms) over SoftHSM2, the time a network HSM's
-# client library spends blocked in C. Each latency runs with the defaults
-# (max_sessions, session_wait, call_timeout, and GOMAXPROCS, which Caddy
-# sets to the CPU count) and with the recommended values (max_sessions >=
-# 2 x rate x latency, at least 32; GOMAXPROCS = CPUs + max_sessions, so that
-# calls blocked in the HSM library cannot hold every P; docs/operations.md).
+# client library spends blocked in C. The proxy runs as users run it, the
+# audit log written to a file as JSON. Each latency runs with the defaults
+# (max_sessions, session_wait, call_timeout; GOMAXPROCS as Caddy sets it,
+# the CPU count) and, where the default pool is too small, with the
+# recommended one (max_sessions >= 2 x rate x latency; docs/operations.md).
 # A benchmark, not a test: the figures depend on the machine, and client and
 # server share its cores. It prints one markdown table row per run and the
 # load average around each, with the share of CPU time the hypervisor gave
@@ -19,7 +19,8 @@
 # XKS_CAPACITY_DURATION (default 60s), XKS_CAPACITY_WARMUP (5s, at the rate,
 # not measured), XKS_CAPACITY_RATE (1800),
 # XKS_CAPACITY_LATENCIES (ms, default "1 5 20"), XKS_CAPACITY_PORT (a free
-# port the kernel picks) and XKS_CADDY (default bin/caddy) change the runs.
+# port the kernel picks), XKS_CAPACITY_GOMAXPROCS (the server's, for every
+# run; default Caddy's) and XKS_CADDY (default bin/caddy) change the runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -71,7 +72,8 @@ config() { # max_sessions session_wait call_timeout
 	http_port $http_port
 	storage file_system $work/storage
 	log {
-		output discard
+		output file $work/audit.log
+		format json
 	}
 	hsm {
 		pkcs11 primary {
@@ -111,6 +113,7 @@ bench=("$caddy" xks bench --access-key-id "$akid" --secret-file "$work/secret" -
 run() {
 	local ms=$1 label=$2 procs=$3 sessions=$4 wait=${5:-} timeout=${6:-}
 	config "$sessions" "$wait" "$timeout" >"$work/Caddyfile"
+	rm -f "$work"/audit*.log
 	local env=(VENDORSHIM_LATENCY_US=$((ms * 1000)))
 	[ "$procs" = default ] || env+=(GOMAXPROCS="$procs")
 	env "${env[@]}" "$caddy" run --config "$work/Caddyfile" --adapter caddyfile >"$work/caddy.log" 2>&1 &
@@ -151,12 +154,12 @@ echo "$(nproc) cores; load average before the runs: $(loadavg)"
 echo
 echo '| HSM latency | settings | max_sessions, session_wait, call_timeout | GOMAXPROCS | throughput (req/s) | p50 | p99 | max | 429 | 503 | other errors | load average (1, 5, 15 min) before → after | CPU stolen |'
 echo '|---|---|---|---|---|---|---|---|---|---|---|---|---|'
+procs=${XKS_CAPACITY_GOMAXPROCS:-default}
 for ms in $latencies; do
-	run "$ms" default default default
-	# max_sessions >= 2 x rate x latency, at least the default 32, in
-	# multiples of 8; GOMAXPROCS the CPUs plus max_sessions.
+	run "$ms" default "$procs" default
+	# max_sessions >= 2 x rate x latency, in multiples of 8; the default 32
+	# where that is enough.
 	need=$(((2 * rate * ms + 999) / 1000))
 	sessions=$(((need + 7) / 8 * 8))
-	[ "$sessions" -ge 32 ] || sessions=32
-	run "$ms" recommended "$(($(nproc) + sessions))" "$sessions" 50ms 200ms
+	[ "$sessions" -le 32 ] || run "$ms" recommended "$procs" "$sessions" 50ms 200ms
 done
