@@ -149,33 +149,49 @@ func reinitsWithin(d time.Duration) int {
 }
 
 // TestHangTimesOut: the HSM hangs until the test releases it, so the
-// answer can only come from the call timeout.
+// answer can only come from the call timeout: for a call made directly, and
+// for one made on a lane (offload_test.go), as for a module that answers in
+// milliseconds.
 func TestHangTimesOut(t *testing.T) {
-	// Long enough for the start-up self-test on a loaded machine.
-	const timeout = time.Second
-	b, shim, _ := shimBackend(t, func(c *Config) { c.CallTimeout = caddy.Duration(timeout) })
-	shim.Set("C_Encrypt=hang")
-	start := time.Now()
-	_, err := b.Encrypt(bg, "k1", []byte("x"), nil)
-	elapsed := time.Since(start)
-	if !errors.Is(err, ErrTimeout) {
-		t.Fatalf("Encrypt on a hung HSM: %v", err)
-	}
-	if elapsed < timeout {
-		t.Fatalf("timed out after %s, before the %s call timeout", elapsed, timeout)
-	}
-	if s := b.Stats(); s.StuckCalls != 1 {
-		t.Fatalf("stats %+v, want one stuck call", s)
-	}
-	// Other operations go on meanwhile.
-	if _, err := b.Metadata(bg, "k1"); err != nil {
-		t.Fatalf("Metadata beside a hung call: %v", err)
-	}
-	shim.Set()
-	// The hung call returns, and its session is closed rather than reused.
-	waitFor(t, settle, func() bool { return b.Stats().StuckCalls == 0 })
-	if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); err != nil {
-		t.Fatal(err)
+	for _, onLane := range []bool{false, true} {
+		t.Run(map[bool]string{false: "direct", true: "lane"}[onLane], func(t *testing.T) {
+			// Long enough for the start-up self-test on a loaded machine.
+			const timeout = time.Second
+			b, shim, _ := shimBackend(t, func(c *Config) { c.CallTimeout = caddy.Duration(timeout) })
+			calls := b.tok.lib.fns.calls
+			if onLane {
+				// As if the module had answered in seconds so far.
+				calls.floor.Store(int64(time.Second))
+			}
+			shim.Set("C_Encrypt=hang")
+			start := time.Now()
+			_, err := b.Encrypt(bg, "k1", []byte("x"), nil)
+			elapsed := time.Since(start)
+			if !errors.Is(err, ErrTimeout) {
+				t.Fatalf("Encrypt on a hung HSM: %v", err)
+			}
+			if elapsed < timeout {
+				t.Fatalf("timed out after %s, before the %s call timeout", elapsed, timeout)
+			}
+			if s := b.Stats(); s.StuckCalls != 1 {
+				t.Fatalf("stats %+v, want one stuck call", s)
+			}
+			// Other operations go on meanwhile.
+			if _, err := b.Metadata(bg, "k1"); err != nil {
+				t.Fatalf("Metadata beside a hung call: %v", err)
+			}
+			shim.Set()
+			// The hung call returns, and its session is closed rather than reused.
+			waitFor(t, settle, func() bool { return b.Stats().StuckCalls == 0 })
+			if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); err != nil {
+				t.Fatal(err)
+			}
+			// Fewer calls than a window: the path chosen at the start held,
+			// for the hung call and the one after (and any health check's).
+			if n := calls.offloaded.Load(); (n > 0) != onLane || onLane && n < 2 {
+				t.Fatalf("%d crypt calls on lanes (on a lane: %v)", n, onLane)
+			}
+		})
 	}
 }
 

@@ -10,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/caddy-xks/caddy-xks/internal/vendorshim"
 )
@@ -114,34 +112,5 @@ func TestNetworkHSMCallsRunOnLanes(t *testing.T) {
 	res.Tag[0] ^= 1
 	if _, err := b.Decrypt(bg, "k1", res.IV, res.Ciphertext, res.Tag, aad); !errors.Is(err, ErrInvalidCiphertext) {
 		t.Fatalf("Decrypt of a bad tag on a lane: %v", err)
-	}
-}
-
-// TestHangOnALaneTimesOut is TestHangTimesOut with the call on a lane: the
-// caller is answered at its deadline, other operations go on, and the lane
-// and session come back when the HSM does.
-func TestHangOnALaneTimesOut(t *testing.T) {
-	const timeout = time.Second
-	b, shim, _ := shimBackend(t, func(c *Config) { c.CallTimeout = caddy.Duration(timeout) })
-	calls := b.tok.lib.fns.calls
-	// As if the module had answered in seconds so far.
-	calls.floor.Store(int64(time.Second))
-	shim.Set("C_Encrypt=hang")
-	if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); !errors.Is(err, ErrTimeout) {
-		t.Fatalf("Encrypt on a hung HSM: %v", err)
-	}
-	if s := b.Stats(); s.StuckCalls != 1 {
-		t.Fatalf("stats %+v, want one stuck call", s)
-	}
-	if _, err := b.Metadata(bg, "k1"); err != nil {
-		t.Fatalf("Metadata beside a hung call: %v", err)
-	}
-	shim.Set()
-	waitFor(t, settle, func() bool { return b.Stats().StuckCalls == 0 })
-	if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); err != nil {
-		t.Fatal(err)
-	}
-	if n := calls.offloaded.Load(); n < 2 {
-		t.Fatalf("%d crypt calls on lanes, want the hung one and the one after", n)
 	}
 }
