@@ -100,9 +100,11 @@ func TestNetworkHSMCallsRunOnLanes(t *testing.T) {
 	}
 	calls := b.tok.lib.fns.calls
 	// The test's 160 calls, but for the window in which the module's first
-	// calls (the start-up self-test's among them) were measured.
-	if n := calls.offloaded.Load(); n < 160-callWindow {
-		t.Fatalf("%d crypt calls on lanes, want %d at least (shortest call %s)", n, 160-callWindow, time.Duration(calls.floor.Load()))
+	// calls (the start-up self-test's among them) were measured, and for
+	// the calls of the other goroutines that had already chosen the direct
+	// path when it closed.
+	if n, want := calls.offloaded.Load(), uint64(160-callWindow-cap(errs)); n < want {
+		t.Fatalf("%d crypt calls on lanes, want %d at least (shortest call %s)", n, want, time.Duration(calls.floor.Load()))
 	}
 	// A bad tag is still invalid ciphertext, not a fault.
 	res, err := b.Encrypt(bg, "k1", []byte("x"), aad)
