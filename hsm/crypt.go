@@ -237,8 +237,9 @@ func (f functionList) call(fn C.int, sh pkcs11.SessionHandle, in []byte, inLen i
 }
 
 // offloadAbove is the shortest crypt call of a window above which a
-// module's calls are made on lanes: ten times what SoftHSM2's C_Encrypt
-// takes (about 6 µs on a 2-core VM), a tenth of a fast network round trip.
+// module's calls are made on lanes: over ten times what SoftHSM2's
+// C_Encrypt takes (about 6 µs on a 2-core VM), a tenth of a fast network
+// round trip.
 // The shortest call, not the average, because a local token under full
 // load makes calls wait for one another and for a CPU, and an average of
 // those passes 100 µs (measured with SoftHSM2 and 32 requests in flight),
@@ -279,7 +280,8 @@ func (c *callTimes) observe(d time.Duration, offloaded bool) {
 		}
 	}
 	if c.calls.Add(1)%callWindow == 0 {
-		// 0: another call closed this window a moment ago.
+		// 0 when the close of the window before, racing with this
+		// window's calls, took their shortest with it.
 		if m := c.shortest.Swap(0); m != 0 {
 			c.floor.Store(m - 1)
 		}
