@@ -222,15 +222,15 @@ func (f functionList) crypt(fn C.int, sh pkcs11.SessionHandle, in []byte, outCap
 // latency"). A goroutine waiting for a lane waits in the network poller and
 // holds neither a thread nor a P.
 func (f functionList) call(fn C.int, sh pkcs11.SessionHandle, in []byte, inLen int, out []byte, n *C.CK_ULONG) C.CK_RV {
+	inp, outp := (*C.CK_BYTE)(unsafe.Pointer(&in[0])), (*C.CK_BYTE)(unsafe.Pointer(&out[0]))
 	start := time.Now()
 	var rv C.CK_RV
 	offloaded := false
 	if f.calls.slow() {
-		rv, offloaded = offload(f.p, fn, sh, in, inLen, out, n)
+		rv, offloaded = offload(f.p, fn, C.CK_ULONG(sh), inp, C.CK_ULONG(inLen), outp, n)
 	}
 	if !offloaded {
-		rv = C.crypt_call(f.p, fn, C.CK_ULONG(sh), (*C.CK_BYTE)(unsafe.Pointer(&in[0])), C.CK_ULONG(inLen),
-			(*C.CK_BYTE)(unsafe.Pointer(&out[0])), n)
+		rv = C.crypt_call(f.p, fn, C.CK_ULONG(sh), inp, C.CK_ULONG(inLen), outp, n)
 	}
 	f.calls.observe(time.Since(start), offloaded)
 	return rv
@@ -333,17 +333,16 @@ func putLane(l *lane) {
 // buffers stay pinned until the lane is done with them; a call abandoned by
 // its caller (Backend.run) still holds its lane and its worker goroutine
 // until the module returns, as a direct call holds its thread.
-func offload(p *C.function_list, fn C.int, sh pkcs11.SessionHandle, in []byte, inLen int, out []byte, n *C.CK_ULONG) (C.CK_RV, bool) {
+func offload(p *C.function_list, fn C.int, sh C.CK_ULONG, in *C.CK_BYTE, inLen C.CK_ULONG, out *C.CK_BYTE, n *C.CK_ULONG) (C.CK_RV, bool) {
 	l := getLane()
 	if l == nil {
 		return 0, false
 	}
 	var pin runtime.Pinner
-	pin.Pin(&in[0])
-	pin.Pin(&out[0])
+	pin.Pin(in)
+	pin.Pin(out)
 	defer pin.Unpin()
-	C.lane_submit(l.c, p, fn, C.CK_ULONG(sh), (*C.CK_BYTE)(unsafe.Pointer(&in[0])), C.CK_ULONG(inLen),
-		(*C.CK_BYTE)(unsafe.Pointer(&out[0])), *n)
+	C.lane_submit(l.c, p, fn, sh, in, inLen, out, *n)
 	var buf [8]byte
 	for {
 		if _, err := l.done.Read(buf[:]); err == nil {
