@@ -11,7 +11,8 @@ cpu_ticks() { awk '$1 == "cpu" { t = 0; for (i = 2; i <= 9; i++) t += $i; print 
 
 # steal_since <ticks from cpu_ticks> prints the steal share since then.
 steal_since() {
-	# shellcheck disable=SC2046
-	awk -v s0="${1% *}" -v t0="${1#* }" $(cpu_ticks | awk '{ printf "-v s1=%s -v t1=%s", $1, $2 }') \
+	local s1 t1
+	read -r s1 t1 < <(cpu_ticks)
+	awk -v s0="${1% *}" -v t0="${1#* }" -v s1="$s1" -v t1="$t1" \
 		'BEGIN { if (t1 > t0) printf "%.1f%%\n", 100 * (s1 - s0) / (t1 - t0); else print "n/a" }'
 }
