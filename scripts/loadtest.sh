@@ -172,7 +172,8 @@ run "bare route at $rate req/s, $paced_duration" bare-paced \
 
 xks=$(awk '$1 == "throughput" {print $2}' "$work/xks.txt")
 bare=$(awk '$1 == "throughput" {print $2}' "$work/bare.txt")
-audit=$(grep -c '"logger":"http.handlers.xks.audit"' "$work/caddy.log" || true)
+# Caddy rolls the log at 100 MB and gzips the rolled file; count them all.
+audit=$(for f in "$work"/caddy*.log*; do zcat -f "$f"; done | grep -c '"logger":"http.handlers.xks.audit"' || true)
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 
 echo "== summary"
