@@ -29,7 +29,8 @@
 # XKS_LOADTEST_MAX_SESSIONS (32, Caddyfile.example's) the session pool. With
 # XKS_LOADTEST_PROFILE=<dir> (scripts/profile.sh sets it) the paced XKS run
 # also saves, from the admin endpoint, a CPU, block and mutex profile and an
-# execution trace of its middle, and the metrics before and after it.
+# execution trace of its middle, and the metrics before and after it, and
+# the full-speed XKS run a CPU profile of 3 s (cpu-full.pprof).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -139,14 +140,25 @@ run() {
 			admin "debug/pprof/trace?seconds=3" >"$XKS_LOADTEST_PROFILE/trace.out"
 		) &
 		profiling=$!
+	elif [ -n "${XKS_LOADTEST_PROFILE:-}" ] && [ "$name" = xks ]; then
+		# The full-speed run: a CPU profile of 3 s after the first.
+		(
+			sleep 1
+			admin "debug/pprof/profile?seconds=3" >"$XKS_LOADTEST_PROFILE/cpu-full.pprof"
+		) &
+		profiling=$!
 	fi
 	out=$("${bench[@]}" "$@" 2>/dev/null) || true
 	after=$(loadavg)
 	steal=$(steal_since "$ticks")
 	if [ -n "$profiling" ]; then
 		wait "$profiling"
-		admin metrics >"$XKS_LOADTEST_PROFILE/metrics-after.txt"
-		printf '%s\n' "$out" >"$XKS_LOADTEST_PROFILE/bench.txt"
+		if [ "$name" = xks-paced ]; then
+			admin metrics >"$XKS_LOADTEST_PROFILE/metrics-after.txt"
+			printf '%s\n' "$out" >"$XKS_LOADTEST_PROFILE/bench.txt"
+		else
+			printf '%s\n' "$out" >"$XKS_LOADTEST_PROFILE/bench-full.txt"
+		fi
 	fi
 	echo "$out"
 	echo "load average $before → $after; CPU time stolen by the hypervisor: $steal"

@@ -2,9 +2,10 @@
 # Where one Encrypt's time goes, server side: scripts/loadtest.sh against
 # a build of the proxy with the block and mutex profiles on
 # (internal/profcaddy), with a CPU, block and mutex profile and an execution
-# trace of the paced XKS run (10 s, 3 s of trace) saved from the admin
-# endpoint; then the server's CPU per request split by component (from the
-# CPU profile), the HSM time from the metrics, and what goroutines waited on
+# trace of the paced XKS run (10 s, 3 s of trace) and a CPU profile of the
+# full-speed XKS run (3 s) saved from the admin endpoint; then the server's
+# CPU per request split by component (from each CPU profile), the HSM time
+# from the metrics, and what goroutines waited on
 # (block and mutex profiles, the trace's scheduler, sync and syscall
 # latency).
 #
@@ -21,42 +22,55 @@ XKS_LOADTEST_DURATION=${XKS_LOADTEST_DURATION:-5s} XKS_LOADTEST_PACED_DURATION=$
 	XKS_LOADTEST_CADDY=$dir/caddy XKS_LOADTEST_PROFILE=$dir bash scripts/loadtest.sh | tee "$dir/loadtest.txt"
 
 pprof() { go tool pprof -nodefraction=0 -edgefraction=0 -nodecount=100000 "$@" 2>/dev/null; }
-# seconds <regexp>: CPU seconds of the samples with a frame matching it.
+# seconds <profile> <regexp> [<ignore regexp>]: CPU seconds of the samples
+# with a frame matching it.
 seconds() {
-	pprof -top ${1:+-focus="$1"} ${2:+-ignore="$2"} "$dir/cpu.pprof" |
+	pprof -top ${2:+-focus="$2"} ${3:+-ignore="$3"} "$1" |
 		awk '/^Showing nodes accounting for/ { v = $5; sub(/,$/, "", v); if (v ~ /ms$/) { sub(/ms$/, "", v); v /= 1000 } else if (v ~ /us$/) { sub(/us$/, "", v); v /= 1e6 } else sub(/s$/, "", v); print v + 0; found = 1 } END { if (!found) print 0 }'
 }
-total=$(seconds "")
-cpu_per=$(awk '$1 == "server" && $2 == "cpu" { print $(NF - 2) }' "$dir/bench.txt")
-requests=$(awk '$1 == "requests" { print $2 }' "$dir/bench.txt")
-paced=${XKS_LOADTEST_PACED_DURATION:-20s}
+# components <profile> <requests in the profile's span>: the server's CPU
+# split by component, as a Markdown table.
+components() {
+	local profile=$1 requests=$2 total
+	total=$(seconds "$profile" "")
+	echo "| component | frames | share of server CPU | per request |"
+	echo "|---|---|---|---|"
+	row() {
+		local s
+		s=$(seconds "$profile" "$2" "${3:-}")
+		awk -v name="$1" -v re="$2${3:+, not $3}" -v s="$s" -v t="$total" -v n="$requests" \
+			'BEGIN { printf "| %s | `%s` | %.1f%% | %.1f µs |\n", name, re, 100 * s / t, 1e6 * s / n }'
+	}
+	row "all of the server" '.'
+	row "whole XKS handler" 'xkshandler\.\(\*Handler\)\.ServeHTTP'
+	row "SigV4 verification" 'sigv4auth\.'
+	row "JSON decode and validation" 'xkshandler\.decodeRequest'
+	row "authorization (allow-list, policy, admission)" 'xkshandler\.admitKeyCall'
+	row "hsm layer, PKCS#11 calls (cgo)" 'runtime\.cgocall' 'runtime\.mstart'
+	row "hsm layer, all of it" 'hsm\.\(\*Backend\)\.(Encrypt|work|run)$'
+	row "JSON encode and write" 'xkshandler\.\(\*Handler\)\.respond'
+	row "audit log line" 'xkshandler\.\(\*exchange\)\.log'
+	row "log file: writes, rolling and gzip of rolled files" 'lumberjack|compress/'
+	row "metrics (Prometheus)" 'xkshandler\.\(\*exchange\)\.observe|prometheus'
+	row "TLS (record layer, handshakes)" 'crypto/tls\.'
+	row "HTTP server outside the handler" 'net/http\.\(\*conn\)\.serve|net/http\.\(\*http2serverConn\)' 'xkshandler\.\(\*Handler\)\.ServeHTTP|crypto/tls\.'
+	row "garbage collector" 'runtime\.gcBgMarkWorker|runtime\.gcAssistAlloc|runtime\.bgsweep|runtime\.bgscavenge'
+	row "scheduler (finding work, idle, wakeups)" 'runtime\.schedule|runtime\.findRunnable|runtime\.mcall|runtime\.park_m|runtime\.wakep|runtime\.startm|runtime\.notewakeup'
+	row "network poller and syscalls" 'runtime\.netpoll|syscall\.Syscall|internal/poll'
+}
 rate=${XKS_LOADTEST_RATE:-1800}
+cpu_per=$(awk '$1 == "server" && $2 == "cpu" { print $(NF - 2) }' "$dir/bench.txt")
+full_rps=$(awk '$1 == "throughput" { print $2 }' "$dir/bench-full.txt")
+full_cpu_per=$(awk '$1 == "server" && $2 == "cpu" { print $(NF - 2) }' "$dir/bench-full.txt")
 
 echo
-echo "== server CPU by component, paced XKS run ($rate req/s; profile of 10 s, ${total}s of samples; $cpu_per of CPU per request over the run)"
+echo "== server CPU by component, full-speed XKS run ($full_rps req/s; profile of 3 s; $full_cpu_per of CPU per request over the run)"
 echo
-echo "| component | frames | share of server CPU | per request |"
-echo "|---|---|---|---|"
-row() {
-	local s
-	s=$(seconds "$2" "${3:-}")
-	awk -v name="$1" -v re="$2${3:+, not $3}" -v s="$s" -v t="$total" -v rate="$rate" \
-		'BEGIN { printf "| %s | `%s` | %.1f%% | %.1f µs |\n", name, re, 100 * s / t, 1e6 * s / (rate * 10) }'
-}
-row "whole XKS handler" 'xkshandler\.\(\*Handler\)\.ServeHTTP'
-row "SigV4 verification" 'sigv4auth\.'
-row "JSON decode and validation" 'xkshandler\.decodeRequest'
-row "authorization (allow-list, policy, admission)" 'xkshandler\.admitKeyCall'
-row "hsm layer, PKCS#11 calls (cgo)" 'runtime\.cgocall' 'runtime\.mstart'
-row "hsm layer, all of it" 'hsm\.\(\*Backend\)\.(Encrypt|work|run)$'
-row "JSON encode and write" 'xkshandler\.\(\*Handler\)\.respond'
-row "audit log line" 'xkshandler\.\(\*exchange\)\.log'
-row "metrics (Prometheus)" 'xkshandler\.\(\*exchange\)\.observe|prometheus'
-row "TLS (record layer, handshakes)" 'crypto/tls\.'
-row "HTTP server outside the handler" 'net/http\.\(\*conn\)\.serve' 'xkshandler\.\(\*Handler\)\.ServeHTTP|crypto/tls\.'
-row "garbage collector" 'runtime\.gcBgMarkWorker|runtime\.gcAssistAlloc|runtime\.bgsweep|runtime\.bgscavenge'
-row "scheduler (finding work, idle, wakeups)" 'runtime\.schedule|runtime\.findRunnable|runtime\.mcall|runtime\.park_m|runtime\.wakep|runtime\.startm|runtime\.notewakeup'
-row "network poller and syscalls" 'runtime\.netpoll|syscall\.Syscall|internal/poll'
+components "$dir/cpu-full.pprof" "$((full_rps * 3))"
+echo
+echo "== server CPU by component, paced XKS run ($rate req/s; profile of 10 s; $cpu_per of CPU per request over the run)"
+echo
+components "$dir/cpu.pprof" "$((rate * 10))"
 
 echo
 echo "== HSM time per request (caddy_xks_hsm_duration_seconds over the paced run)"
