@@ -83,6 +83,13 @@ func Latency(d time.Duration) Option {
 	return func(env map[string]string) { env["VENDORSHIM_LATENCY_US"] = strconv.FormatInt(d.Microseconds(), 10) }
 }
 
+// LatencyLog has the module keep a histogram of the delays Latency adds, as
+// slept, in the file at path (VENDORSHIM_LATENCY_LOG in csrc/vendorshim.c
+// says its layout; scripts/capacity.sh reads it).
+func LatencyLog(path string) Option {
+	return func(env map[string]string) { env["VENDORSHIM_LATENCY_LOG"] = path }
+}
+
 // Build compiles the module into dir with cc and returns its path.
 func Build(t testing.TB, dir string) string {
 	t.Helper()
@@ -115,6 +122,7 @@ func New(t testing.TB, p Personality, target, token string, opts ...Option) *Shi
 		"VENDORSHIM_TARGET":       target,
 		"VENDORSHIM_TOKEN":        token,
 		"VENDORSHIM_LATENCY_US":   "0",
+		"VENDORSHIM_LATENCY_LOG":  "",
 		"VENDORSHIM_MAX_SESSIONS": strconv.Itoa(DefaultCloudHSMSessions),
 	}
 	if p.FakeLogin {

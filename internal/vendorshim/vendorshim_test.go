@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
+	"encoding/binary"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/miekg/pkcs11"
 
@@ -42,7 +45,7 @@ func TestABIMatchesMiekgHeader(t *testing.T) {
 
 // raw opens the shim with miekg/pkcs11 directly: the path the proxy's
 // backend takes for C_EncryptInit and the IV, here without the backend.
-func raw(t *testing.T, p Personality) (*pkcs11.Ctx, pkcs11.SessionHandle, pkcs11.ObjectHandle, cipher.Block) {
+func raw(t *testing.T, p Personality, opts ...Option) (*pkcs11.Ctx, pkcs11.SessionHandle, pkcs11.ObjectHandle, cipher.Block) {
 	t.Helper()
 	tk := hsmtest.NewToken(t)
 	tk.CreateKey(t, "k1", hsmtest.Extractable(), hsmtest.Private(false))
@@ -50,7 +53,7 @@ func raw(t *testing.T, p Personality) (*pkcs11.Ctx, pkcs11.SessionHandle, pkcs11
 	if err != nil {
 		t.Fatal(err)
 	}
-	shim := New(t, p, tk.Module, tk.Label)
+	shim := New(t, p, tk.Module, tk.Label, opts...)
 	ctx := pkcs11.New(shim.Path)
 	if ctx == nil {
 		t.Fatal("loading the shim failed")
@@ -181,5 +184,64 @@ func TestStrictLengthFailsMiekgsLengthQuery(t *testing.T) {
 	}
 	if _, err := ctx.Encrypt(sh, []byte("plaintext")); err != pkcs11.Error(pkcs11.CKR_BUFFER_TOO_SMALL) {
 		t.Fatalf("miekg Encrypt: %v, want CKR_BUFFER_TOO_SMALL", err)
+	}
+}
+
+// TestLatencyLogCountsEachDelay: with VENDORSHIM_LATENCY_LOG the shim counts
+// every delay it adds, once per C_Encrypt or C_Decrypt that produces output
+// (miekg/pkcs11 makes a length query before each: not delayed, not counted),
+// in the bucket of the time it slept, never below the latency asked for.
+func TestLatencyLogCountsEachDelay(t *testing.T) {
+	const (
+		latency = 2 * time.Millisecond
+		buckets = 1024 // SLEPT_BUCKETS
+		step    = 50 * time.Microsecond
+	)
+	histogram := filepath.Join(t.TempDir(), "slept")
+	ctx, sh, key, block := raw(t, NShield, Latency(latency), LatencyLog(histogram))
+	aead, _ := cipher.NewGCM(block)
+	const encrypts = 4
+	var iv, out []byte
+	for range encrypts {
+		params := pkcs11.NewGCMParams(make([]byte, 12), nil, 128)
+		if err := ctx.EncryptInit(sh, gcm(params), key); err != nil {
+			t.Fatal(err)
+		}
+		var err error
+		if out, err = ctx.Encrypt(sh, []byte("plaintext")); err != nil {
+			t.Fatal(err)
+		}
+		iv = params.IV()
+		params.Free()
+	}
+	params := pkcs11.NewGCMParams(iv, nil, 128)
+	defer params.Free()
+	if err := ctx.DecryptInit(sh, gcm(params), key); err != nil {
+		t.Fatal(err)
+	}
+	if pt, err := ctx.Decrypt(sh, out); err != nil || string(pt) != "plaintext" {
+		t.Fatalf("decrypt: %q %v", pt, err)
+	}
+	if _, err := aead.Open(nil, iv, out, nil); err != nil {
+		t.Fatalf("the last ciphertext does not open with crypto/cipher: %v", err)
+	}
+
+	counts, err := os.ReadFile(histogram)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(counts) != buckets*8 {
+		t.Fatalf("histogram of %d bytes, want %d", len(counts), buckets*8)
+	}
+	var total uint64
+	for b := range buckets {
+		n := binary.NativeEndian.Uint64(counts[8*b:])
+		if n > 0 && time.Duration(b+1)*step <= latency {
+			t.Errorf("%d delays counted in [%v, %v), below the %v asked for", n, time.Duration(b)*step, time.Duration(b+1)*step, latency)
+		}
+		total += n
+	}
+	if total != encrypts+1 {
+		t.Fatalf("%d delays counted, want %d: one per C_Encrypt or C_Decrypt with output", total, encrypts+1)
 	}
 }

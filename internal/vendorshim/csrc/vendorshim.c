@@ -88,6 +88,12 @@
  *                          C_Decrypt that produces output (a length query
  *                          is answered at once, as a client library does),
  *                          standing for a network HSM's round trip.
+ *   VENDORSHIM_LATENCY_LOG a file the shim keeps a histogram in of each such
+ *                          delay as slept (the machine's timers overshoot):
+ *                          SLEPT_BUCKETS native-endian 64-bit counters, the
+ *                          delay in steps of SLEPT_STEP_US, the last one for
+ *                          all longer; mapped shared, so a reader sees it
+ *                          while the module is loaded (scripts/capacity.sh).
  *
  * Only single-part GCM is emulated, which is what the proxy uses (Luna
  * accumulates multi-part GCM anyway); C_EncryptUpdate and C_EncryptFinal
@@ -99,12 +105,16 @@
  * (the package's test compiles this file against that header to prove it).
  */
 #include <dlfcn.h>
+#include <errno.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/random.h>
+#include <unistd.h>
 #include <time.h>
 
 #ifdef VENDORSHIM_CHECK_ABI
@@ -209,6 +219,9 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static enum personality who;
 static char token_label[33];
 static long latency_us;
+#define SLEPT_BUCKETS 1024
+#define SLEPT_STEP_US 50
+static unsigned long long *slept; /* VENDORSHIM_LATENCY_LOG's counters, or NULL */
 static long max_sessions;
 static long open_sessions;
 static int fake_login;
@@ -278,11 +291,39 @@ static void drop_op(CK_ULONG session) {
 	take_op(session, &o);
 }
 
+static long long now_us(void) {
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (long long)t.tv_sec * 1000000 + t.tv_nsec / 1000;
+}
+
 static void pause_for_latency(void) {
 	if (latency_us > 0) {
 		struct timespec ts = {latency_us / 1000000, (latency_us % 1000000) * 1000L};
-		nanosleep(&ts, NULL);
+		long long start = now_us();
+		while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+			; /* a signal does not cut the round trip short */
+		if (slept) {
+			long long b = (now_us() - start) / SLEPT_STEP_US;
+			__atomic_fetch_add(&slept[b < SLEPT_BUCKETS ? b : SLEPT_BUCKETS - 1], 1, __ATOMIC_RELAXED);
+		}
 	}
+}
+
+/* map_latency_log maps VENDORSHIM_LATENCY_LOG's histogram, creating it
+   zeroed; an existing one goes on counting. */
+static void map_latency_log(const char *path) {
+	const size_t size = SLEPT_BUCKETS * sizeof *slept;
+	int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (fd < 0 || ftruncate(fd, size) != 0) {
+		fprintf(stderr, "vendorshim: VENDORSHIM_LATENCY_LOG %s cannot be used\n", path);
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	close(fd);
+	slept = m == MAP_FAILED ? NULL : m;
 }
 
 static int all_zero(const CK_BYTE *p, CK_ULONG n) {
@@ -633,6 +674,9 @@ CK_RV C_GetFunctionList(function_list **list) {
 		snprintf(token_label, sizeof token_label, "%s", tok ? tok : "");
 		const char *lat = getenv("VENDORSHIM_LATENCY_US");
 		latency_us = lat ? strtol(lat, NULL, 10) : 0;
+		const char *hist = getenv("VENDORSHIM_LATENCY_LOG");
+		if (hist && *hist && !slept)
+			map_latency_log(hist);
 		const char *ms = getenv("VENDORSHIM_MAX_SESSIONS");
 		max_sessions = ms ? strtol(ms, NULL, 10) : 16;
 		memcpy(&shim, real, sizeof shim);
