@@ -12,8 +12,9 @@
 # The server runs the production shape: the settings of Caddyfile.example
 # (session pool, deadlines, server timeouts), the audit log on and written
 # to a file as JSON, Caddy's HTTP metrics on. Each run prints req/s,
-# p50/p99/p99.9/max, the failures by XKS errorName and the server process's
-# CPU time per request (/proc/<pid>/stat); a Markdown table of all four,
+# p50/p99/p99.9/max, the failures by XKS errorName and the server's and the
+# client's CPU time per request (/proc/<pid>/stat: on shared cores, the two
+# together are what bounds the throughput); a Markdown table of all four,
 # dated, with the machine, the load average before and after each run and
 # the share of CPU time the hypervisor gave other guests during it (steal),
 # ends the output. Uses the demo's token and key (it prepares .demo/ like
@@ -170,7 +171,8 @@ run() {
 		$1 == "throughput" { rps = $2 }
 		$1 == "p50" { p50 = $2 } $1 == "p99" { p99 = $2 } $1 == "p99.9" { p999 = $2 } $1 == "max" { mx = $2 }
 		$1 == "server" && $2 == "cpu" { cpu = $(NF - 2) }
-		END { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", title, rps, p50, p99, p999, mx, errors, cpu, load, steal }' <<<"$out")")
+		$1 == "client" && $2 == "cpu" { client = $(NF - 2) }
+		END { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", title, rps, p50, p99, p999, mx, errors, cpu, client, load, steal }' <<<"$out")")
 }
 
 run "XKS Encrypt 32 B, $concurrency concurrent, as fast as possible, $duration" xks \
@@ -193,8 +195,8 @@ echo
 echo "$(date -u +%Y-%m-%d), $(nproc) CPUs ($cpu), Linux $(uname -r), $(softhsm2-util --version 2>/dev/null | sed 's/^/SoftHSM2 /'), $("$caddy" version | cut -d' ' -f1),"
 echo "client and server on the same cores; audit log on ($audit lines written to a file), metrics on"
 echo
-echo "| run | req/s | p50 | p99 | p99.9 | max | errors | server CPU per request | load average before → after | CPU stolen |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| run | req/s | p50 | p99 | p99.9 | max | errors | server CPU per request | client CPU per request | load average before → after | CPU stolen |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo
 echo "XKS/bare, as fast as possible: $(awk -v a="$xks" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')"

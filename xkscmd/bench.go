@@ -266,16 +266,24 @@ func cmdBench(fl caddycmd.Flags, out io.Writer) (int, error) {
 		mode = fmt.Sprintf("at %.0f req/s", rate)
 	}
 	fmt.Fprintf(os.Stderr, "%s: %s for %s, %d concurrent\n", c.base, mode, duration, concurrency)
-	var server *serverCPU
+	// With a server on the same cores, its CPU time and this client's:
+	// together they are what a request costs the machine.
+	var server, client *processCPUMeter
 	if pid := fl.Int("server-pid"); pid != 0 {
-		if server, err = startServerCPU(pid); err != nil {
+		if server, err = startProcessCPU("server", pid); err != nil {
+			return caddy.ExitCodeFailedStartup, fmt.Errorf("--server-pid: %w", err)
+		}
+		if client, err = startProcessCPU("client", os.Getpid()); err != nil {
 			return caddy.ExitCodeFailedStartup, err
 		}
 	}
 	stats := runLoad(ctx, c, ops, rate, concurrency, duration, os.Stderr)
 	printBench(out, stats, duration)
-	if server != nil {
-		if err := server.print(out, stats.ok.Load()+int64(stats.failed())); err != nil {
+	for _, m := range []*processCPUMeter{server, client} {
+		if m == nil {
+			continue
+		}
+		if err := m.print(out, stats.ok.Load()+int64(stats.failed())); err != nil {
 			return caddy.ExitCodeFailedStartup, err
 		}
 	}
@@ -320,34 +328,35 @@ func printBench(w io.Writer, s *benchStats, duration time.Duration) {
 	tw.Flush()
 }
 
-// serverCPU measures the CPU time a server process on this machine spends
-// during a run, from /proc/<pid>/stat: what the proxy costs per request,
-// whoever else shares the cores.
-type serverCPU struct {
+// processCPUMeter measures the CPU time a process on this machine spends
+// during a run, from /proc/<pid>/stat: what the proxy (or the client)
+// costs per request, whoever else shares the cores.
+type processCPUMeter struct {
+	name  string
 	pid   int
 	start time.Duration
 }
 
-func startServerCPU(pid int) (*serverCPU, error) {
+func startProcessCPU(name string, pid int) (*processCPUMeter, error) {
 	t, err := processCPU(pid)
 	if err != nil {
-		return nil, fmt.Errorf("--server-pid: %w", err)
+		return nil, err
 	}
-	return &serverCPU{pid: pid, start: t}, nil
+	return &processCPUMeter{name: name, pid: pid, start: t}, nil
 }
 
-// print writes the server's CPU time per request since the run started.
-func (c *serverCPU) print(w io.Writer, requests int64) error {
+// print writes the process's CPU time per request since the run started.
+func (c *processCPUMeter) print(w io.Writer, requests int64) error {
 	t, err := processCPU(c.pid)
 	if err != nil {
-		return fmt.Errorf("--server-pid: %w", err)
+		return fmt.Errorf("%s cpu: %w", c.name, err)
 	}
 	used := t - c.start
 	per := time.Duration(0)
 	if requests > 0 {
 		per = used / time.Duration(requests)
 	}
-	fmt.Fprintf(w, "server cpu  %s in all, %s per request\n", used.Round(time.Millisecond), per.Round(100*time.Nanosecond))
+	fmt.Fprintf(w, "%s cpu  %s in all, %s per request\n", c.name, used.Round(time.Millisecond), per.Round(100*time.Nanosecond))
 	return nil
 }
 

@@ -44,8 +44,10 @@ func TestBenchAsFastAsPossible(t *testing.T) {
 	if ok := benchReport(t, out); ok < 10 {
 		t.Errorf("only %d calls in 2s", ok)
 	}
-	if !regexp.MustCompile(`(?m)^server cpu  \S+ in all, \S+ per request$`).MatchString(out) {
-		t.Errorf("no server cpu line in:\n%s", out)
+	for _, name := range []string{"server", "client"} {
+		if !regexp.MustCompile(`(?m)^` + name + ` cpu  \S+ in all, \S+ per request$`).MatchString(out) {
+			t.Errorf("no %s cpu line in:\n%s", name, out)
+		}
 	}
 }
 

@@ -132,7 +132,8 @@ latency counted from when each request was due) or as fast as
 progress every second, then prints throughput, p50/p90/p99/p99.9/max latency of
 the successful calls and the failures by errorName, and exits non-zero if
 any call failed. With --server-pid (a server on the same Linux machine) it
-also prints the server process's CPU time per request, from /proc.
+also prints the server process's CPU time per request, and its own, from
+/proc: on shared cores the two together are what a request costs.
 
 The URL is the key store's endpoint plus its URI path, e.g.
 https://xks.example.com/prod/kms/xks/v1; with --proxy-config (the KMS
