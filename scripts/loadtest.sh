@@ -5,7 +5,8 @@
 # client (`caddy xks bench`) and the same signed request, in one run:
 #
 #   1. XKS Encrypt, as fast as XKS_LOADTEST_CONCURRENCY requests allow
-#   2. the bare route, likewise
+#   2. the bare route, likewise; 1 and 2 in XKS_LOADTEST_ROUNDS (3) rounds,
+#      each with its XKS/bare ratio, and their median
 #   3. XKS Encrypt paced at XKS_LOADTEST_RATE (KMS's quota, 1,800 req/s)
 #   4. the bare route paced likewise
 #
@@ -14,7 +15,7 @@
 # to a file as JSON, Caddy's HTTP metrics on. Each run prints req/s,
 # p50/p99/p99.9/max, the failures by XKS errorName and the server's and the
 # client's CPU time per request (/proc/<pid>/stat: on shared cores, the two
-# together are what bounds the throughput); a Markdown table of all four,
+# together are what bounds the throughput); a Markdown table of all runs,
 # dated, with the machine, the load average before and after each run and
 # the share of CPU time the hypervisor gave other guests during it (steal),
 # ends the output. Uses the demo's token and key (it prepares .demo/ like
@@ -22,7 +23,7 @@
 #
 #   make loadtest        # or: make caddy && bash scripts/loadtest.sh
 #
-# XKS_LOADTEST_DURATION (10s) is the length of runs 1 and 2,
+# XKS_LOADTEST_DURATION (10s) is the length of each run 1 and 2,
 # XKS_LOADTEST_PACED_DURATION (60s) that of runs 3 and 4,
 # XKS_LOADTEST_CONCURRENCY (32) the requests in flight, XKS_LOADTEST_RATE
 # (1800) the paced rate, XKS_LOADTEST_PORT (a free one) the HTTPS port,
@@ -31,7 +32,7 @@
 # XKS_LOADTEST_PROFILE=<dir> (scripts/profile.sh sets it) the paced XKS run
 # also saves, from the admin endpoint, a CPU, block and mutex profile and an
 # execution trace of its middle, and the metrics before and after it, and
-# the full-speed XKS run a CPU profile of 3 s (cpu-full.pprof).
+# the first full-speed XKS run a CPU profile of 3 s (cpu-full.pprof).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -40,6 +41,7 @@ caddy=${XKS_LOADTEST_CADDY:-$root/bin/caddy}
 duration=${XKS_LOADTEST_DURATION:-10s}
 paced_duration=${XKS_LOADTEST_PACED_DURATION:-60s}
 concurrency=${XKS_LOADTEST_CONCURRENCY:-32}
+rounds=${XKS_LOADTEST_ROUNDS:-3}
 rate=${XKS_LOADTEST_RATE:-1800}
 if [ -n "${XKS_LOADTEST_PORT:-}" ]; then
 	port=$XKS_LOADTEST_PORT http_port=$((port + 1))
@@ -141,7 +143,7 @@ run() {
 			admin "debug/pprof/trace?seconds=3" >"$XKS_LOADTEST_PROFILE/trace.out"
 		) &
 		profiling=$!
-	elif [ -n "${XKS_LOADTEST_PROFILE:-}" ] && [ "$name" = xks ]; then
+	elif [ -n "${XKS_LOADTEST_PROFILE:-}" ] && [ "$name" = xks-1 ]; then
 		# The full-speed run: a CPU profile of 3 s after the first.
 		(
 			sleep 1
@@ -175,17 +177,24 @@ run() {
 		END { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", title, rps, p50, p99, p999, mx, errors, cpu, client, load, steal }' <<<"$out")")
 }
 
-run "XKS Encrypt 32 B, $concurrency concurrent, as fast as possible, $duration" xks \
-	"https://localhost:$port" --duration "$duration"
-run "bare route, same server, same request, as fast as possible, $duration" bare \
-	"https://localhost:$port/bare" --raw --duration "$duration"
+# The full-speed pair runs in rounds, XKS then bare, so that both meet the
+# same moments of a shared machine; each round's ratio is reported.
+for r in $(seq "$rounds"); do
+	run "XKS Encrypt 32 B, $concurrency concurrent, as fast as possible, $duration, round $r" "xks-$r" \
+		"https://localhost:$port" --duration "$duration"
+	run "bare route, same server, same request, as fast as possible, $duration, round $r" "bare-$r" \
+		"https://localhost:$port/bare" --raw --duration "$duration"
+done
 run "XKS Encrypt 32 B at $rate req/s, $paced_duration" xks-paced \
 	"https://localhost:$port" --rate "$rate" --duration "$paced_duration"
 run "bare route at $rate req/s, $paced_duration" bare-paced \
 	"https://localhost:$port/bare" --raw --rate "$rate" --duration "$paced_duration"
 
-xks=$(awk '$1 == "throughput" {print $2}' "$work/xks.txt")
-bare=$(awk '$1 == "throughput" {print $2}' "$work/bare.txt")
+ratios=()
+for r in $(seq "$rounds"); do
+	ratios+=("$(awk '$1 == "throughput" { t[FILENAME] = $2 } END { printf "%.2f", t[ARGV[1]] / t[ARGV[2]] }' "$work/xks-$r.txt" "$work/bare-$r.txt")")
+done
+median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { printf "%.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
 # Caddy rolls the log at 100 MB and gzips the rolled file; count them all.
 audit=$(for f in "$work"/caddy*.log*; do zcat -f "$f"; done | grep -c '"logger":"http.handlers.xks.audit"' || true)
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
@@ -199,4 +208,4 @@ echo "| run | req/s | p50 | p99 | p99.9 | max | errors | server CPU per request 
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo
-echo "XKS/bare, as fast as possible: $(awk -v a="$xks" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')"
+echo "XKS/bare, as fast as possible, by round: ${ratios[*]}; median $median"
