@@ -52,7 +52,7 @@ components() {
 	row "hsm layer, all of it" 'hsm\.\(\*Backend\)\.(Encrypt|work|run)$'
 	row "JSON encode and write" 'xkshandler\.\(\*Handler\)\.respond'
 	row "audit log line" 'xkshandler\.\(\*exchange\)\.log'
-	row "log file: writes, rolling and gzip of rolled files" 'lumberjack|compress/'
+	row "log file: writes, rolling and gzip of rolled files" 'timberjack|lumberjack|compress/'
 	row "metrics (Prometheus)" 'xkshandler\.\(\*exchange\)\.observe|prometheus'
 	row "TLS (record layer, handshakes)" 'crypto/tls\.'
 	row "HTTP server outside the handler" 'net/http\.\(\*conn\)\.serve|net/http\.\(\*http2serverConn\)' 'xkshandler\.\(\*Handler\)\.ServeHTTP|crypto/tls\.'
