@@ -116,8 +116,7 @@ bench=("$caddy" xks bench --access-key-id "$akid" --secret-file "$work/secret" -
 run() {
 	local ms=$1 label=$2 procs=$3 sessions=$4 wait=${5:-} timeout=${6:-}
 	config "$sessions" "$wait" "$timeout" >"$work/Caddyfile"
-	rm -f "$work"/audit*.log
-	rm -f "$work/slept"
+	rm -f "$work"/audit*.log "$work/slept"
 	local env=(VENDORSHIM_LATENCY_US=$((ms * 1000)) VENDORSHIM_LATENCY_LOG="$work/slept")
 	[ "$procs" = default ] || env+=(GOMAXPROCS="$procs")
 	env "${env[@]}" "$caddy" run --config "$work/Caddyfile" --adapter caddyfile >"$work/caddy.log" 2>&1 &
@@ -131,14 +130,13 @@ run() {
 	# start at full rate is another matter; docs/operations.md).
 	"${bench[@]}" "$url" --rate "$rate" --duration "$warmup" >/dev/null 2>&1 || true
 	local before after out ticks steal slept
-	[ "$ms" = 0 ] || cp "$work/slept" "$work/slept-before"
+	cp "$work/slept" "$work/slept-before"
 	before=$(loadavg)
 	ticks=$(cpu_ticks)
 	out=$("${bench[@]}" "$url" --rate "$rate" --duration "$duration" 2>/dev/null || true)
 	after=$(loadavg)
 	steal=$(steal_since "$ticks")
-	slept=n/a
-	[ "$ms" = 0 ] || slept=$(slept_percentiles "$work/slept-before" "$work/slept")
+	slept=$(slept_percentiles "$work/slept-before" "$work/slept")
 	stop
 	printf '%s\n' "$out" >"$work/bench-$ms-$label.txt"
 	local thr p50 p99 max n429 n503 other settings
