@@ -6,11 +6,13 @@ import (
 	"crypto/cipher"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -499,6 +501,60 @@ func TestCurlSigV4(t *testing.T) {
 	c.secret = newCredential(t).secret
 	if code, body := run("/ks1/kms/xks/v1/health", healthBody); code != 401 || !strings.Contains(body, "AuthenticationFailedException") {
 		t.Errorf("curl with a wrong secret: %d %s", code, body)
+	}
+}
+
+// TestBodyOfUndeclaredLength sends an Encrypt whose body has no declared
+// length: chunked on HTTP/1.1, without content-length on HTTP/2. The
+// handler reads a body of declared length as exactly that many bytes, and
+// any other to its end, within max_request_body.
+func TestBodyOfUndeclaredLength(t *testing.T) {
+	f := newFixture(t)
+	h2 := f.proxy.Client
+	tr := h2.Transport.(*http.Transport).Clone()
+	tr.ForceAttemptHTTP2 = false
+	tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
+	tr.TLSClientConfig.NextProtos = []string{"http/1.1"}
+	h1 := &http.Client{Timeout: h2.Timeout, Transport: tr}
+	for _, tt := range []struct {
+		name   string
+		client *http.Client
+		proto  int
+	}{{"HTTP/2", h2, 2}, {"HTTP/1.1, chunked", h1, 1}} {
+		t.Run(tt.name, func(t *testing.T) {
+			send := func(body string) (int, string) {
+				t.Helper()
+				req, err := http.NewRequest(http.MethodPost, f.origin+"/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				req.Body, req.ContentLength = io.NopCloser(strings.NewReader(body)), -1
+				req.Header.Set("Content-Type", "application/json")
+				if err := signRequest(req, f.ks1[0], body, region, time.Now()); err != nil {
+					t.Fatal(err)
+				}
+				f.remember([]byte(body))
+				resp, err := tt.client.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer resp.Body.Close()
+				if resp.ProtoMajor != tt.proto {
+					t.Errorf("answered over HTTP/%d, want HTTP/%d", resp.ProtoMajor, tt.proto)
+				}
+				raw, err := io.ReadAll(resp.Body)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return resp.StatusCode, string(raw)
+			}
+			if status, raw := send(encryptBody(random(t, 32), nil, false)); status != http.StatusOK || !strings.Contains(raw, `"ciphertext":`) {
+				t.Errorf("encrypt with a body of undeclared length: %d %s", status, raw)
+			}
+			if status, raw := send(encryptBody(random(t, 50000), nil, false)); status != http.StatusNotImplemented || !strings.Contains(raw, `"UnsupportedOperationException"`) {
+				t.Errorf("a body of undeclared length over the limit: %d %s", status, raw)
+			}
+		})
 	}
 }
 
