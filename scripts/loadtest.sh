@@ -10,6 +10,11 @@
 #   3. XKS Encrypt paced at XKS_LOADTEST_RATE (KMS's quota, 1,800 req/s)
 #   4. the bare route paced likewise
 #
+# 1 to 4 run over each protocol of XKS_LOADTEST_PROTOCOLS ("h2 http1"):
+# HTTP/2, one connection with the requests multiplexed on it, then
+# HTTP/1.1, a keep-alive connection per request in flight. KMS may use
+# either (the spec requires HTTP/1.1 and allows HTTP/2).
+#
 # The server runs the production shape: the settings of Caddyfile.example
 # (session pool, deadlines, server timeouts), the audit log on and written
 # to a file as JSON, Caddy's HTTP metrics on. Each run prints req/s,
@@ -28,9 +33,10 @@
 # XKS_LOADTEST_CONCURRENCY (32) the requests in flight, XKS_LOADTEST_RATE
 # (1800) the paced rate, XKS_LOADTEST_PORT (a free one) the HTTPS port,
 # XKS_LOADTEST_CADDY (bin/caddy) the binary under test,
-# XKS_LOADTEST_MAX_SESSIONS (32, Caddyfile.example's) the session pool. With
+# XKS_LOADTEST_MAX_SESSIONS (32, Caddyfile.example's) the session pool,
+# XKS_LOADTEST_PROTOCOLS (h2 http1) the protocols, in order. With
 # XKS_LOADTEST_PROFILE=<dir> (scripts/profile.sh sets it) the paced XKS run
-# also saves, from the admin endpoint, a CPU, block and mutex profile and an
+# of the first protocol also saves, from the admin endpoint, a CPU, block and mutex profile and an
 # execution trace of its middle, and the metrics before and after it, and
 # the first full-speed XKS run a CPU profile of 3 s (cpu-full.pprof).
 set -euo pipefail
@@ -43,6 +49,9 @@ paced_duration=${XKS_LOADTEST_PACED_DURATION:-60s}
 concurrency=${XKS_LOADTEST_CONCURRENCY:-32}
 rounds=${XKS_LOADTEST_ROUNDS:-3}
 rate=${XKS_LOADTEST_RATE:-1800}
+protocols=${XKS_LOADTEST_PROTOCOLS:-h2 http1}
+# The protocol whose runs XKS_LOADTEST_PROFILE profiles: the first.
+profiled=${protocols%% *}
 if [ -n "${XKS_LOADTEST_PORT:-}" ]; then
 	port=$XKS_LOADTEST_PORT http_port=$((port + 1))
 else
@@ -131,7 +140,7 @@ run() {
 	before=$(loadavg)
 	ticks=$(cpu_ticks)
 	local profiling=
-	if [ -n "${XKS_LOADTEST_PROFILE:-}" ] && [ "$name" = xks-paced ]; then
+	if [ -n "${XKS_LOADTEST_PROFILE:-}" ] && [ "$name" = "$profiled-xks-paced" ]; then
 		profiling=1
 		admin metrics >"$XKS_LOADTEST_PROFILE/metrics-before.txt"
 		(
@@ -143,7 +152,7 @@ run() {
 			admin "debug/pprof/trace?seconds=3" >"$XKS_LOADTEST_PROFILE/trace.out"
 		) &
 		profiling=$!
-	elif [ -n "${XKS_LOADTEST_PROFILE:-}" ] && [ "$name" = xks-1 ]; then
+	elif [ -n "${XKS_LOADTEST_PROFILE:-}" ] && [ "$name" = "$profiled-xks-1" ]; then
 		# The full-speed run: a CPU profile of 3 s after the first.
 		(
 			sleep 1
@@ -156,7 +165,7 @@ run() {
 	steal=$(steal_since "$ticks")
 	if [ -n "$profiling" ]; then
 		wait "$profiling"
-		if [ "$name" = xks-paced ]; then
+		if [ "$name" = "$profiled-xks-paced" ]; then
 			admin metrics >"$XKS_LOADTEST_PROFILE/metrics-after.txt"
 			printf '%s\n' "$out" >"$XKS_LOADTEST_PROFILE/bench.txt"
 		else
@@ -177,24 +186,36 @@ run() {
 		END { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", title, rps, p50, p99, p999, mx, errors, cpu, client, load, steal }' <<<"$out")")
 }
 
-# The full-speed pair runs in rounds, XKS then bare, so that both meet the
-# same moments of a shared machine; each round's ratio is reported.
-for r in $(seq "$rounds"); do
-	run "XKS Encrypt 32 B, $concurrency concurrent, as fast as possible, $duration, round $r" "xks-$r" \
-		"https://localhost:$port" --duration "$duration"
-	run "bare route, same server, same request, as fast as possible, $duration, round $r" "bare-$r" \
-		"https://localhost:$port/bare" --raw --duration "$duration"
-done
-run "XKS Encrypt 32 B at $rate req/s, $paced_duration" xks-paced \
-	"https://localhost:$port" --rate "$rate" --duration "$paced_duration"
-run "bare route at $rate req/s, $paced_duration" bare-paced \
-	"https://localhost:$port/bare" --raw --rate "$rate" --duration "$paced_duration"
+# Each protocol in turn: HTTP/2 over one connection, and HTTP/1.1 over a
+# keep-alive connection per request in flight (--http1), the shape of the
+# client that issue 14's figures came from. The full-speed pair runs in
+# rounds, XKS then bare, so that both meet the same moments of a shared
+# machine; each round's ratio is reported.
+ratio_lines=()
+for proto in $protocols; do
+	case $proto in
+	h2) label=HTTP/2 args=() ;;
+	http1) label=HTTP/1.1 args=(--http1) ;;
+	*) echo "XKS_LOADTEST_PROTOCOLS: unknown protocol $proto (h2, http1)" >&2; exit 1 ;;
+	esac
+	for r in $(seq "$rounds"); do
+		run "$label, XKS Encrypt 32 B, $concurrency concurrent, as fast as possible, $duration, round $r" "$proto-xks-$r" \
+			"https://localhost:$port" "${args[@]}" --duration "$duration"
+		run "$label, bare route, same server, same request, as fast as possible, $duration, round $r" "$proto-bare-$r" \
+			"https://localhost:$port/bare" "${args[@]}" --raw --duration "$duration"
+	done
+	run "$label, XKS Encrypt 32 B at $rate req/s, $paced_duration" "$proto-xks-paced" \
+		"https://localhost:$port" "${args[@]}" --rate "$rate" --duration "$paced_duration"
+	run "$label, bare route at $rate req/s, $paced_duration" "$proto-bare-paced" \
+		"https://localhost:$port/bare" "${args[@]}" --raw --rate "$rate" --duration "$paced_duration"
 
-ratios=()
-for r in $(seq "$rounds"); do
-	ratios+=("$(awk '$1 == "throughput" { t[FILENAME] = $2 } END { printf "%.2f", t[ARGV[1]] / t[ARGV[2]] }' "$work/xks-$r.txt" "$work/bare-$r.txt")")
+	ratios=()
+	for r in $(seq "$rounds"); do
+		ratios+=("$(awk '$1 == "throughput" { t[FILENAME] = $2 } END { printf "%.2f", t[ARGV[1]] / t[ARGV[2]] }' "$work/$proto-xks-$r.txt" "$work/$proto-bare-$r.txt")")
+	done
+	median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { printf "%.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
+	ratio_lines+=("$label, XKS/bare, as fast as possible, by round: ${ratios[*]}; median $median")
 done
-median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { printf "%.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
 # Caddy rolls the log at 100 MB and gzips the rolled file; count them all.
 audit=$(for f in "$work"/caddy*.log*; do zcat -f "$f"; done | grep -c '"logger":"http.handlers.xks.audit"' || true)
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
@@ -208,4 +229,4 @@ echo "| run | req/s | p50 | p99 | p99.9 | max | errors | server CPU per request 
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo
-echo "XKS/bare, as fast as possible, by round: ${ratios[*]}; median $median"
+printf '%s\n' "${ratio_lines[@]}"

@@ -12,15 +12,16 @@
 #   make caddy && bash scripts/profile.sh [dir]     # dir: where the profiles go (a new temporary one)
 #
 # The loadtest's variables apply; XKS_LOADTEST_DURATION,
-# XKS_LOADTEST_PACED_DURATION and XKS_LOADTEST_ROUNDS default here to 5s,
-# 20s and 1.
+# XKS_LOADTEST_PACED_DURATION, XKS_LOADTEST_ROUNDS and
+# XKS_LOADTEST_PROTOCOLS default here to 5s, 20s, 1 and h2 (http1 profiles
+# HTTP/1.1 instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-$(mktemp -d /tmp/xks-profile.XXXXXX)}
 mkdir -p "$dir"
 go build -o "$dir/caddy" ./internal/profcaddy
 XKS_LOADTEST_DURATION=${XKS_LOADTEST_DURATION:-5s} XKS_LOADTEST_PACED_DURATION=${XKS_LOADTEST_PACED_DURATION:-20s} \
-	XKS_LOADTEST_ROUNDS=${XKS_LOADTEST_ROUNDS:-1} \
+	XKS_LOADTEST_ROUNDS=${XKS_LOADTEST_ROUNDS:-1} XKS_LOADTEST_PROTOCOLS=${XKS_LOADTEST_PROTOCOLS:-h2} \
 	XKS_LOADTEST_CADDY=$dir/caddy XKS_LOADTEST_PROFILE=$dir bash scripts/loadtest.sh | tee "$dir/loadtest.txt"
 
 pprof() { go tool pprof -nodefraction=0 -edgefraction=0 -nodecount=100000 "$@" 2>/dev/null; }

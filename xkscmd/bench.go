@@ -279,6 +279,7 @@ func cmdBench(fl caddycmd.Flags, out io.Writer) (int, error) {
 	}
 	stats := runLoad(ctx, c, ops, rate, concurrency, duration, os.Stderr)
 	printBench(out, stats, duration)
+	fmt.Fprintf(out, "protocol  %s\n", c.protocols)
 	for _, m := range []*processCPUMeter{server, client} {
 		if m == nil {
 			continue

@@ -33,21 +33,33 @@ func benchReport(t *testing.T, out string) int {
 
 func TestBenchAsFastAsPossible(t *testing.T) {
 	p := startProxy(t)
-	// The proxy runs in this process, whose CPU time bench reads.
-	args := append(p.clientArgs(), "--duration", "2s", "--concurrency", "4", "--mix", "encrypt=3,decrypt=1",
-		"--server-pid", strconv.Itoa(os.Getpid()), p.url("/good"))
-	out, err := runCommand(t, "bench", args...)
-	t.Logf("caddy xks bench:\n%s", out)
-	if err != nil {
-		t.Fatalf("bench: %v", err)
-	}
-	if ok := benchReport(t, out); ok < 10 {
-		t.Errorf("only %d calls in 2s", ok)
-	}
-	for _, name := range []string{"server", "client"} {
-		if !regexp.MustCompile(`(?m)^` + name + ` cpu  \S+ in all, \S+ per request$`).MatchString(out) {
-			t.Errorf("no %s cpu line in:\n%s", name, out)
-		}
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		protocol string
+	}{{"HTTP/2", nil, "HTTP/2.0"}, {"HTTP/1.1", []string{"--http1"}, "HTTP/1.1"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			// The proxy runs in this process, whose CPU time bench reads.
+			args := append(p.clientArgs(), tc.args...)
+			args = append(args, "--duration", "2s", "--concurrency", "4", "--mix", "encrypt=3,decrypt=1",
+				"--server-pid", strconv.Itoa(os.Getpid()), p.url("/good"))
+			out, err := runCommand(t, "bench", args...)
+			t.Logf("caddy xks bench:\n%s", out)
+			if err != nil {
+				t.Fatalf("bench: %v", err)
+			}
+			if ok := benchReport(t, out); ok < 10 {
+				t.Errorf("only %d calls in 2s", ok)
+			}
+			for _, name := range []string{"server", "client"} {
+				if !regexp.MustCompile(`(?m)^` + name + ` cpu  \S+ in all, \S+ per request$`).MatchString(out) {
+					t.Errorf("no %s cpu line in:\n%s", name, out)
+				}
+			}
+			if !regexp.MustCompile(`(?m)^protocol  ` + regexp.QuoteMeta(tc.protocol) + `$`).MatchString(out) {
+				t.Errorf("no line %q in:\n%s", "protocol  "+tc.protocol, out)
+			}
+		})
 	}
 }
 

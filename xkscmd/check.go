@@ -388,8 +388,9 @@ func cmdCheck(fl caddycmd.Flags, out io.Writer) (int, error) {
 	if err := tw.Flush(); err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
+	fmt.Fprintf(out, "\nprotocol %s\n", c.protocols)
 	if p99 > 0 {
-		fmt.Fprintf(out, "\np50 %s\np99 %s\n", p50.Round(time.Microsecond), p99.Round(time.Microsecond))
+		fmt.Fprintf(out, "p50 %s\np99 %s\n", p50.Round(time.Microsecond), p99.Round(time.Microsecond))
 	}
 	if len(failed) > 0 {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("%d of %d checks failed: %s", len(failed), len(ck.rows), strings.Join(failed, ", "))

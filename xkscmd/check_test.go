@@ -15,27 +15,38 @@ var checkRows = []string{
 	"GET method", "malformed body", "encrypt-only CDIV", "latency",
 }
 
+// TestCheckPassesAgainstACorrectProxy runs every check over HTTP/2 and
+// over HTTP/1.1, which the spec requires a proxy to fall back to.
 func TestCheckPassesAgainstACorrectProxy(t *testing.T) {
 	p := startProxy(t)
-	args := append(p.checkArgs(), "--key", keyDemo, "--encrypt-only-key", keyEncryptOnly, "--samples", "20", p.url("/good"))
-	out, err := runCommand(t, "check", args...)
-	t.Logf("caddy xks check:\n%s", out)
-	if err != nil {
-		t.Fatalf("check failed: %v", err)
-	}
-	rows := parseTable(t, out)
-	for _, name := range checkRows {
-		if rows[name].result != "PASS" {
-			t.Errorf("row %q: %+v, want PASS", name, rows[name])
-		}
-	}
-	if len(rows) != len(checkRows) {
-		t.Errorf("%d rows, want %d", len(rows), len(checkRows))
-	}
-	for _, want := range []string{"\np50 ", "\np99 "} {
-		if !strings.Contains(out, want) {
-			t.Errorf("output has no %q line", strings.TrimSpace(want))
-		}
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		protocol string
+	}{{"HTTP/2", nil, "HTTP/2.0"}, {"HTTP/1.1", []string{"--http1"}, "HTTP/1.1"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append(p.checkArgs(), tc.args...)
+			args = append(args, "--key", keyDemo, "--encrypt-only-key", keyEncryptOnly, "--samples", "20", p.url("/good"))
+			out, err := runCommand(t, "check", args...)
+			t.Logf("caddy xks check:\n%s", out)
+			if err != nil {
+				t.Fatalf("check failed: %v", err)
+			}
+			rows := parseTable(t, out)
+			for _, name := range checkRows {
+				if rows[name].result != "PASS" {
+					t.Errorf("row %q: %+v, want PASS", name, rows[name])
+				}
+			}
+			if len(rows) != len(checkRows) {
+				t.Errorf("%d rows, want %d", len(rows), len(checkRows))
+			}
+			for _, want := range []string{"\nprotocol " + tc.protocol + "\n", "\np50 ", "\np99 "} {
+				if !strings.Contains(out, want) {
+					t.Errorf("output has no %q line", strings.TrimSpace(want))
+				}
+			}
+		})
 	}
 }
 

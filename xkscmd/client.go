@@ -13,7 +13,9 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -33,6 +35,48 @@ type xksClient struct {
 	http       *http.Client
 	signer     *v4.Signer
 	now        func() time.Time
+
+	// protocols counts the answers by HTTP version; copies of a client
+	// (check's variations of one) count into the same one.
+	protocols *protocolCount
+}
+
+// protocolCount counts answers by HTTP version, as the proxy chose it.
+type protocolCount struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+// add counts an answer; a client made without a count (in tests) counts
+// nothing.
+func (p *protocolCount) add(proto string) {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	p.n[proto]++
+	p.mu.Unlock()
+}
+
+// String names the HTTP versions the proxy answered with, and how often
+// when it used more than one.
+func (p *protocolCount) String() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch len(p.n) {
+	case 0:
+		return "none (no answer)"
+	case 1:
+		for proto := range p.n {
+			return proto
+		}
+	}
+	parts := make([]string, 0, len(p.n))
+	for proto, n := range p.n {
+		parts = append(parts, fmt.Sprintf("%s (%d)", proto, n))
+	}
+	slices.Sort(parts)
+	return strings.Join(parts, ", ")
 }
 
 // clientFromFlags builds a client from --proxy-config (the console file,
@@ -40,7 +84,7 @@ type xksClient struct {
 // --access-key-id and --secret-file; --cacert trusts a local CA. With
 // --proxy-config, a target without a path gets the file's key store path.
 func clientFromFlags(fl caddycmd.Flags, target string, concurrency int) (*xksClient, error) {
-	c := &xksClient{region: fl.String("region"), signer: v4.NewSigner(), now: time.Now}
+	c := &xksClient{region: fl.String("region"), signer: v4.NewSigner(), now: time.Now, protocols: &protocolCount{n: make(map[string]int)}}
 	base := strings.TrimSuffix(target, "/")
 	if file := fl.String("proxy-config"); file != "" {
 		raw, err := os.ReadFile(file)
@@ -89,15 +133,21 @@ func clientFromFlags(fl caddycmd.Flags, target string, concurrency int) (*xksCli
 		}
 		tlsConfig.Certificates = []tls.Certificate{cert}
 	}
-	c.http = &http.Client{
-		Timeout: 5 * time.Second,
-		Transport: &http.Transport{
-			TLSClientConfig:     tlsConfig,
-			ForceAttemptHTTP2:   true,
-			MaxIdleConnsPerHost: concurrency,
-			IdleConnTimeout:     90 * time.Second,
-		},
+	transport := &http.Transport{
+		TLSClientConfig:     tlsConfig,
+		ForceAttemptHTTP2:   true,
+		MaxIdleConnsPerHost: concurrency,
+		IdleConnTimeout:     90 * time.Second,
 	}
+	if fl.Bool("http1") {
+		// A client that does not offer h2 gets HTTP/1.1 from any proxy,
+		// as the spec requires the proxy to fall back to; each request in
+		// flight then has a keep-alive connection of its own.
+		tlsConfig.NextProtos = []string{"http/1.1"}
+		transport.ForceAttemptHTTP2 = false
+		transport.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
+	}
+	c.http = &http.Client{Timeout: 5 * time.Second, Transport: transport}
 	return c, nil
 }
 
@@ -139,6 +189,7 @@ func (c *xksClient) call(ctx context.Context, method, path string, body []byte, 
 		return result{}, err
 	}
 	defer resp.Body.Close()
+	c.protocols.add(resp.Proto)
 	out, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if err != nil {
 		return result{}, err

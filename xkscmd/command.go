@@ -35,6 +35,7 @@ func clientFlags(fs *pflag.FlagSet) {
 	fs.String("cacert", "", "Trust this CA (PEM) for the proxy's certificate, for local use")
 	fs.String("client-cert", "", "Client certificate (PEM) to present to a proxy that requires mTLS")
 	fs.String("client-key", "", "Private key (PEM) of --client-cert")
+	fs.Bool("http1", false, "Speak HTTP/1.1 (one keep-alive connection per request in flight), not HTTP/2")
 }
 
 var subcommands = []subcommand{
@@ -130,8 +131,10 @@ latency counted from when each request was due) or as fast as
 --concurrency allows (--rate 0), for --duration, with a mix of operations
 (--mix encrypt=3,decrypt=1,metadata=0,health=0) on one key (--key). It shows
 progress every second, then prints throughput, p50/p90/p99/p99.9/max latency of
-the successful calls and the failures by errorName, and exits non-zero if
-any call failed. With --server-pid (a server on the same Linux machine) it
+the successful calls, the failures by errorName and the HTTP version the
+proxy answered with, and exits non-zero if any call failed. It speaks
+HTTP/2 over one connection, or with --http1 HTTP/1.1 over a keep-alive
+connection per request in flight. With --server-pid (a server on the same Linux machine) it
 also prints the server process's CPU time per request, and its own, from
 /proc: on shared cores the two together are what a request costs.
 
@@ -189,8 +192,9 @@ PASS or FAIL with a short detail:
                        their p99 is --max-p99 (default 250 ms, KMS's
                        timeout) or more
 
-It then prints the p50 and p99 latency and exits non-zero if any check
-failed. The URL and credential are given as for 'caddy xks bench': the key
+It then prints the HTTP version the proxy answered with and the p50 and
+p99 latency, and exits non-zero if any check failed. The spec requires a
+proxy to fall back to HTTP/1.1: --http1 runs every check over it. The URL and credential are given as for 'caddy xks bench': the key
 store's endpoint plus its URI path, e.g.
 https://xks.example.com/prod/kms/xks/v1, with --access-key-id and
 --secret-file, or the KMS console file with --proxy-config.`,
