@@ -15,7 +15,9 @@
 # other guests during it (steal), and the emulated latency as the shim
 # actually slept it during the run (VENDORSHIM_LATENCY_LOG): a virtual
 # machine's timers wake late, so a "5 ms" HSM call takes longer, and the
-# proxy's own share of the p99 is what is left above that.
+# proxy's own share of the p99 is what is left above that, and above how
+# late the client itself sent the calls (bench's "sent late", the same
+# timers on the client's side).
 #
 #   make caddy && bash scripts/capacity.sh
 #
@@ -139,19 +141,20 @@ run() {
 	slept=$(slept_percentiles "$work/slept-before" "$work/slept")
 	stop
 	printf '%s\n' "$out" >"$work/bench-$ms-$label.txt"
-	local thr p50 p99 max n429 n503 other settings
+	local thr p50 p99 max late n429 n503 other settings
 	thr=$(awk '/^throughput/ {print $2}' <<<"$out")
 	p50=$(awk '/^p50/ {print $2}' <<<"$out")
 	p99=$(awk '$1 == "p99" {print $2}' <<<"$out")
 	max=$(awk '/^max/ {print $2}' <<<"$out")
+	late=$(awk '$1 == "sent" && $2 == "late" { l = $6; sub(/,$/, "", l); print l }' <<<"$out")
 	n429=$(awk '/ThrottlingException/ {s += $NF} END {print s + 0}' <<<"$out")
 	n503=$(awk '/DependencyTimeoutException/ {s += $NF} END {print s + 0}' <<<"$out")
 	other=$(awk '/^error/ && !/ThrottlingException|DependencyTimeoutException/ {s += $NF} END {print s + 0}' <<<"$out")
 	settings="$sessions, $wait, $timeout"
 	[ "$sessions" = default ] && settings="32, 50ms, 200ms"
 	[ "$procs" = default ] && procs="$(nproc)"
-	printf '| %s ms | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s → %s | %s |\n' \
-		"$ms" "$slept" "$label" "$settings" "$procs" "$thr" "$p50" "$p99" "$max" "$n429" "$n503" "$other" "$before" "$after" "$steal"
+	printf '| %s ms | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s → %s | %s |\n' \
+		"$ms" "$slept" "$label" "$settings" "$procs" "$thr" "$p50" "$p99" "$max" "${late:-n/a}" "$n429" "$n503" "$other" "$before" "$after" "$steal"
 }
 
 # slept_percentiles <histogram before> <after>: p50 and p99 of the delays
@@ -174,8 +177,8 @@ slept_percentiles() {
 echo "caddy xks bench --rate $rate --duration $duration --mix encrypt=1,decrypt=1 --plaintext 32 --concurrency 512 (after $warmup at the rate)"
 echo "$(nproc) cores; load average before the runs: $(loadavg)"
 echo
-echo '| HSM latency | as slept, p50 / p99 | settings | max_sessions, session_wait, call_timeout | GOMAXPROCS | throughput (req/s) | p50 | p99 | max | 429 | 503 | other errors | load average (1, 5, 15 min) before → after | CPU stolen |'
-echo '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|'
+echo '| HSM latency | as slept, p50 / p99 | settings | max_sessions, session_wait, call_timeout | GOMAXPROCS | throughput (req/s) | p50 | p99 | max | sent late, p99 | 429 | 503 | other errors | load average (1, 5, 15 min) before → after | CPU stolen |'
+echo '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|'
 procs=${XKS_CAPACITY_GOMAXPROCS:-default}
 for ms in $latencies; do
 	run "$ms" default "$procs" default

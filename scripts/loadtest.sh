@@ -18,12 +18,14 @@
 # The server runs the production shape: the settings of Caddyfile.example
 # (session pool, deadlines, server timeouts), the audit log on and written
 # to a file as JSON, Caddy's HTTP metrics on. Each run prints req/s,
-# p50/p99/p99.9/max, the failures by XKS errorName and the server's and the
-# client's CPU time per request (/proc/<pid>/stat: on shared cores, the two
-# together are what bounds the throughput); a Markdown table of all runs,
-# dated, with the machine, the load average before and after each run and
-# the share of CPU time the hypervisor gave other guests during it (steal),
-# ends the output. Uses the demo's token and key (it prepares .demo/ like
+# p50/p99/p99.9/max (for a paced run counted from when each request was
+# due, and the p99 of how late the client itself sent them: part of every
+# latency, and not the proxy's), the failures by XKS errorName and the
+# server's and the client's CPU time per request (/proc/<pid>/stat: on
+# shared cores, the two together are what bounds the throughput); a
+# Markdown table of all runs, dated, with the machine, the load average
+# before and after each run and the share of CPU time the hypervisor gave
+# other guests during it (steal), ends the output. Uses the demo's token and key (it prepares .demo/ like
 # `make demo`). Figures, not pass/fail: client and server share the cores.
 #
 #   make loadtest        # or: make caddy && bash scripts/loadtest.sh
@@ -183,7 +185,8 @@ run() {
 		$1 == "p50" { p50 = $2 } $1 == "p99" { p99 = $2 } $1 == "p99.9" { p999 = $2 } $1 == "max" { mx = $2 }
 		$1 == "server" && $2 == "cpu" { cpu = $(NF - 2) }
 		$1 == "client" && $2 == "cpu" { client = $(NF - 2) }
-		END { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", title, rps, p50, p99, p999, mx, errors, cpu, client, load, steal }' <<<"$out")")
+		$1 == "sent" && $2 == "late" { late = $6; sub(/,$/, "", late) }
+		END { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", title, rps, p50, p99, p999, mx, late ? late : "–", errors, cpu, client, load, steal }' <<<"$out")")
 }
 
 # Each protocol in turn: HTTP/2 over one connection, and HTTP/1.1 over a
@@ -225,8 +228,8 @@ echo
 echo "$(date -u +%Y-%m-%d), $(nproc) CPUs ($cpu), Linux $(uname -r), $(softhsm2-util --version 2>/dev/null | sed 's/^/SoftHSM2 /'), $("$caddy" version | cut -d' ' -f1),"
 echo "client and server on the same cores; audit log on ($audit lines written to a file), metrics on"
 echo
-echo "| run | req/s | p50 | p99 | p99.9 | max | errors | server CPU per request | client CPU per request | load average before → after | CPU stolen |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| run | req/s | p50 | p99 | p99.9 | max | sent late, p99 | errors | server CPU per request | client CPU per request | load average before → after | CPU stolen |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo
 printf '%s\n' "${ratio_lines[@]}"

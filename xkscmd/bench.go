@@ -118,13 +118,17 @@ func benchOps(ctx context.Context, c *xksClient, key string, mix map[string]int,
 type benchStats struct {
 	mu        sync.Mutex
 	latencies []time.Duration
-	errors    map[string]int
-	ok, sent  atomic.Int64
+	// late is, for a paced load, how long after it was due each call was
+	// sent: the client's own delay, part of every latency.
+	late     []time.Duration
+	errors   map[string]int
+	ok, sent atomic.Int64
 }
 
-func (s *benchStats) record(r result, err error, latency time.Duration) {
+func (s *benchStats) record(r result, err error, latency, late time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.late = append(s.late, late)
 	switch {
 	case err != nil:
 		s.errors["transport: "+shortError(err)]++
@@ -172,9 +176,10 @@ func runLoad(ctx context.Context, c *xksClient, ops []benchOp, rate float64, con
 	for range concurrency {
 		wg.Go(func() {
 			for at := range due {
+				late := time.Since(at)
 				op := ops[schedule[int(next.Add(1)-1)%len(schedule)]]
 				r, err := c.call(context.Background(), http.MethodPost, op.path, op.body, nil)
-				stats.record(r, err, time.Since(at))
+				stats.record(r, err, time.Since(at), late)
 			}
 		})
 	}
@@ -278,7 +283,7 @@ func cmdBench(fl caddycmd.Flags, out io.Writer) (int, error) {
 		}
 	}
 	stats := runLoad(ctx, c, ops, rate, concurrency, duration, os.Stderr)
-	printBench(out, stats, duration)
+	printBench(out, stats, duration, rate > 0)
 	fmt.Fprintf(out, "protocol  %s\n", c.protocols)
 	for _, m := range []*processCPUMeter{server, client} {
 		if m == nil {
@@ -305,8 +310,9 @@ func (s *benchStats) failed() int {
 	return n
 }
 
-func printBench(w io.Writer, s *benchStats, duration time.Duration) {
+func printBench(w io.Writer, s *benchStats, duration time.Duration, paced bool) {
 	slices.Sort(s.latencies)
+	slices.Sort(s.late)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "requests\t%d ok, %d failed\n", s.ok.Load(), s.failed())
 	fmt.Fprintf(tw, "throughput\t%.0f req/s\n", float64(s.ok.Load())/duration.Seconds())
@@ -317,6 +323,10 @@ func printBench(w io.Writer, s *benchStats, duration time.Duration) {
 	}
 	if n := len(s.latencies); n > 0 {
 		fmt.Fprintf(tw, "max\t%s\n", s.latencies[n-1].Round(time.Microsecond))
+	}
+	if n := len(s.late); paced && n > 0 {
+		fmt.Fprintf(tw, "sent late\tp50 %s, p99 %s, max %s\n", percentile(s.late, 50).Round(time.Microsecond),
+			percentile(s.late, 99).Round(time.Microsecond), s.late[n-1].Round(time.Microsecond))
 	}
 	names := make([]string, 0, len(s.errors))
 	for name := range s.errors {

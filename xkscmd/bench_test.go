@@ -74,6 +74,9 @@ func TestBenchAtAFixedRate(t *testing.T) {
 	if ok := benchReport(t, out); ok < 45 || ok > 50 {
 		t.Errorf("%d calls at 50 req/s for 1s, want about 50", ok)
 	}
+	if !regexp.MustCompile(`(?m)^sent late\s+p50 \S+, p99 \S+, max \S+$`).MatchString(out) {
+		t.Errorf("no sent late line in:\n%s", out)
+	}
 }
 
 func TestBenchCountsFailures(t *testing.T) {
