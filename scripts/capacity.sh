@@ -16,8 +16,9 @@
 # actually slept it during the run (VENDORSHIM_LATENCY_LOG): a virtual
 # machine's timers wake late, so a "5 ms" HSM call takes longer, and the
 # proxy's own share of the p99 is what is left above that, and above how
-# late the client itself sent the calls (bench's "sent late", the same
-# timers on the client's side).
+# late the calls were sent (bench's "sent late": the client's own timers
+# wake late too, and every call also waits once all in flight wait for the
+# proxy).
 #
 #   make caddy && bash scripts/capacity.sh
 #

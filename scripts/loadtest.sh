@@ -19,14 +19,15 @@
 # (session pool, deadlines, server timeouts), the audit log on and written
 # to a file as JSON, Caddy's HTTP metrics on. Each run prints req/s,
 # p50/p99/p99.9/max (for a paced run counted from when each request was
-# due, and the p99 of how late the client itself sent them: part of every
-# latency, and not the proxy's), the failures by XKS errorName and the
-# server's and the client's CPU time per request (/proc/<pid>/stat: on
-# shared cores, the two together are what bounds the throughput); a
-# Markdown table of all runs, dated, with the machine, the load average
-# before and after each run and the share of CPU time the hypervisor gave
-# other guests during it (steal), ends the output. Uses the demo's token and key (it prepares .demo/ like
-# `make demo`). Figures, not pass/fail: client and server share the cores.
+# due, and the p99 of how late they were sent: part of every latency, the
+# client's own delay unless all requests in flight wait for the server),
+# the failures by XKS errorName and the server's and the client's CPU time
+# per request (/proc/<pid>/stat: on shared cores, the two together are
+# what bounds the throughput); a Markdown table of all runs, dated, with
+# the machine, the load average before and after each run and the share of
+# CPU time the hypervisor gave other guests during it (steal), ends the
+# output. Uses the demo's token and key (it prepares .demo/ like `make
+# demo`). Figures, not pass/fail: client and server share the cores.
 #
 #   make loadtest        # or: make caddy && bash scripts/loadtest.sh
 #
@@ -38,9 +39,10 @@
 # XKS_LOADTEST_MAX_SESSIONS (32, Caddyfile.example's) the session pool,
 # XKS_LOADTEST_PROTOCOLS (h2 http1) the protocols, in order. With
 # XKS_LOADTEST_PROFILE=<dir> (scripts/profile.sh sets it) the paced XKS run
-# of the first protocol also saves, from the admin endpoint, a CPU, block and mutex profile and an
-# execution trace of its middle, and the metrics before and after it, and
-# the first full-speed XKS run a CPU profile of 3 s (cpu-full.pprof).
+# of the first protocol also saves, from the admin endpoint, a CPU, block
+# and mutex profile and an execution trace of its middle, and the metrics
+# before and after it, and its first full-speed XKS run a CPU profile of
+# 3 s (cpu-full.pprof).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD

@@ -119,7 +119,8 @@ type benchStats struct {
 	mu        sync.Mutex
 	latencies []time.Duration
 	// late is, for a paced load, how long after it was due each call was
-	// sent: the client's own delay, part of every latency.
+	// sent, part of every latency: the client's own delay, and the
+	// server's once every worker is waiting for an answer.
 	late     []time.Duration
 	errors   map[string]int
 	ok, sent atomic.Int64

@@ -127,8 +127,9 @@ mode 0600; hand it only to those who administer the key store in AWS.`,
 		short: "Loads a running proxy with signed XKS calls and reports latency",
 		long: `
 Sends SigV4-signed XKS calls to a running proxy, at a fixed rate (--rate,
-latency counted from when each request was due, and how late the client
-itself sent them shown apart) or as fast as
+latency counted from when each request was due, and how late they were
+sent shown apart: the client's own delay, or the server's once every
+request in flight waits for an answer) or as fast as
 --concurrency allows (--rate 0), for --duration, with a mix of operations
 (--mix encrypt=3,decrypt=1,metadata=0,health=0) on one key (--key). It shows
 progress every second, then prints throughput, p50/p90/p99/p99.9/max latency of
