@@ -33,11 +33,7 @@ func benchReport(t *testing.T, out string) int {
 
 func TestBenchAsFastAsPossible(t *testing.T) {
 	p := startProxy(t)
-	for _, tc := range []struct {
-		name     string
-		args     []string
-		protocol string
-	}{{"HTTP/2", nil, "HTTP/2.0"}, {"HTTP/1.1", []string{"--http1"}, "HTTP/1.1"}} {
+	for _, tc := range clientProtocols {
 		t.Run(tc.name, func(t *testing.T) {
 			// The proxy runs in this process, whose CPU time bench reads.
 			args := append(p.clientArgs(), tc.args...)

@@ -19,11 +19,7 @@ var checkRows = []string{
 // over HTTP/1.1, which the spec requires a proxy to fall back to.
 func TestCheckPassesAgainstACorrectProxy(t *testing.T) {
 	p := startProxy(t)
-	for _, tc := range []struct {
-		name     string
-		args     []string
-		protocol string
-	}{{"HTTP/2", nil, "HTTP/2.0"}, {"HTTP/1.1", []string{"--http1"}, "HTTP/1.1"}} {
+	for _, tc := range clientProtocols {
 		t.Run(tc.name, func(t *testing.T) {
 			args := append(p.checkArgs(), tc.args...)
 			args = append(args, "--key", keyDemo, "--encrypt-only-key", keyEncryptOnly, "--samples", "20", p.url("/good"))

@@ -182,6 +182,14 @@ func (p proxy) checkArgs() []string {
 }
 
 // tableRow is one row of check's table.
+// clientProtocols are the ways bench and check can speak to a proxy: the
+// flags that choose one, and the version the proxy answers with.
+var clientProtocols = []struct {
+	name     string
+	args     []string
+	protocol string
+}{{"HTTP/2", nil, "HTTP/2.0"}, {"HTTP/1.1", []string{"--http1"}, "HTTP/1.1"}}
+
 type tableRow struct{ result, detail string }
 
 var columnGap = regexp.MustCompile(`\s{2,}`)
