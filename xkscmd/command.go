@@ -136,9 +136,10 @@ progress every second, then prints throughput, p50/p90/p99/p99.9/max latency of
 the successful calls, the failures by errorName and the HTTP version the
 proxy answered with, and exits non-zero if any call failed. It speaks
 HTTP/2 over one connection, or with --http1 HTTP/1.1 over a keep-alive
-connection per request in flight. With --server-pid (a server on the same Linux machine) it
-also prints the server process's CPU time per request, and its own, from
-/proc: on shared cores the two together are what a request costs.
+connection per request in flight. With --server-pid (a server on the same
+Linux machine) it also prints the server process's CPU time per request,
+and its own, from /proc: on shared cores the two together are what a
+request costs.
 
 The URL is the key store's endpoint plus its URI path, e.g.
 https://xks.example.com/prod/kms/xks/v1; with --proxy-config (the KMS
@@ -196,10 +197,11 @@ PASS or FAIL with a short detail:
 
 It then prints the HTTP version the proxy answered with and the p50 and
 p99 latency, and exits non-zero if any check failed. The spec requires a
-proxy to fall back to HTTP/1.1: --http1 runs every check over it. The URL and credential are given as for 'caddy xks bench': the key
-store's endpoint plus its URI path, e.g.
-https://xks.example.com/prod/kms/xks/v1, with --access-key-id and
---secret-file, or the KMS console file with --proxy-config.`,
+proxy to fall back to HTTP/1.1: --http1 runs every check over it. The URL
+and credential are given as for 'caddy xks bench': the key store's
+endpoint plus its URI path, e.g. https://xks.example.com/prod/kms/xks/v1,
+with --access-key-id and --secret-file, or the KMS console file with
+--proxy-config.`,
 		flags: func(fs *pflag.FlagSet) {
 			clientFlags(fs)
 			fs.String("key", "demo-key", "External key id to check, which must be usable by KMS")
