@@ -214,6 +214,7 @@ for proto in $protocols; do
 	run "$label, bare route at $rate req/s, $paced_duration" "$proto-bare-paced" \
 		"https://localhost:$port/bare" "${args[@]}" --raw --rate "$rate" --duration "$paced_duration"
 
+	[ "$rounds" -gt 0 ] || continue
 	ratios=()
 	for r in $(seq "$rounds"); do
 		ratios+=("$(awk '$1 == "throughput" { t[FILENAME] = $2 } END { printf "%.2f", t[ARGV[1]] / t[ARGV[2]] }' "$work/$proto-xks-$r.txt" "$work/$proto-bare-$r.txt")")
@@ -233,5 +234,7 @@ echo
 echo "| run | req/s | p50 | p99 | p99.9 | max | sent late, p99 | errors | server CPU per request | client CPU per request | load average before → after | CPU stolen |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
-echo
-printf '%s\n' "${ratio_lines[@]}"
+if ((${#ratio_lines[@]})); then
+	echo
+	printf '%s\n' "${ratio_lines[@]}"
+fi
