@@ -94,8 +94,11 @@ type Instance struct {
 	// to its origin's CaddyModule, and caddytls's TLS app (Caddy 2.11.9)
 	// answers that by copying its whole struct while its Start may still
 	// be writing it: the race detector failed TestACMEFailureAtStart on a
-	// certificate cached before the TLS app had started. A production log
-	// at INFO never takes that path.
+	// certificate cached before the TLS app had started. An event someone
+	// subscribed to takes the same path at any level; tlscheck's preflight
+	// subscribes to the certificate events, which is why that test starts
+	// its second proxy, the one with a certificate in storage, as a new
+	// process.
 	LogFile string
 }
 
