@@ -118,9 +118,10 @@ func benchOps(ctx context.Context, c *xksClient, key string, mix map[string]int,
 type benchStats struct {
 	mu        sync.Mutex
 	latencies []time.Duration
-	// late is, for a paced load, how long after it was due each call was
-	// sent, part of every latency: the client's own delay, and the
-	// server's once every worker is waiting for an answer.
+	// paced is a load at a fixed rate; late is then how long after it was
+	// due each call was sent, part of every latency: the client's own
+	// delay, and the server's once every worker is waiting for an answer.
+	paced    bool
 	late     []time.Duration
 	errors   map[string]int
 	ok, sent atomic.Int64
@@ -129,7 +130,9 @@ type benchStats struct {
 func (s *benchStats) record(r result, err error, latency, late time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.late = append(s.late, late)
+	if s.paced {
+		s.late = append(s.late, late)
+	}
 	switch {
 	case err != nil:
 		s.errors["transport: "+shortError(err)]++
@@ -162,7 +165,7 @@ func percentile(sorted []time.Duration, p float64) time.Duration {
 // from when each request was due, so a stalled server cannot hide its
 // queue) or, with rate 0, as fast as concurrency allows.
 func runLoad(ctx context.Context, c *xksClient, ops []benchOp, rate float64, concurrency int, duration time.Duration, progress io.Writer) *benchStats {
-	stats := &benchStats{errors: make(map[string]int)}
+	stats := &benchStats{errors: make(map[string]int), paced: rate > 0}
 	var schedule []int // ops indexes by weight, cycled through
 	for i, op := range ops {
 		for range op.weight {
@@ -284,7 +287,7 @@ func cmdBench(fl caddycmd.Flags, out io.Writer) (int, error) {
 		}
 	}
 	stats := runLoad(ctx, c, ops, rate, concurrency, duration, os.Stderr)
-	printBench(out, stats, duration, rate > 0)
+	printBench(out, stats, duration)
 	fmt.Fprintf(out, "protocol  %s\n", c.protocols)
 	for _, m := range []*processCPUMeter{server, client} {
 		if m == nil {
@@ -311,7 +314,7 @@ func (s *benchStats) failed() int {
 	return n
 }
 
-func printBench(w io.Writer, s *benchStats, duration time.Duration, paced bool) {
+func printBench(w io.Writer, s *benchStats, duration time.Duration) {
 	slices.Sort(s.latencies)
 	slices.Sort(s.late)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -325,7 +328,7 @@ func printBench(w io.Writer, s *benchStats, duration time.Duration, paced bool) 
 	if n := len(s.latencies); n > 0 {
 		fmt.Fprintf(tw, "max\t%s\n", s.latencies[n-1].Round(time.Microsecond))
 	}
-	if n := len(s.late); paced && n > 0 {
+	if n := len(s.late); n > 0 {
 		fmt.Fprintf(tw, "sent late\tp50 %s, p99 %s, max %s\n", percentile(s.late, 50).Round(time.Microsecond),
 			percentile(s.late, 99).Round(time.Microsecond), s.late[n-1].Round(time.Microsecond))
 	}
