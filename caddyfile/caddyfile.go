@@ -175,6 +175,7 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 //
 //	xks [<matcher>] {
 //		max_request_body <bytes>
+//		max_concurrent_streams <n>
 //		ready_path       <path>
 //		hostnames        <name>...
 //		usage_flush_interval <duration>
@@ -228,6 +229,16 @@ func parseXKS(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 				return nil, h.Errf("max_request_body %q: %v", val, err)
 			}
 			handler.MaxRequestBody = n
+		case "max_concurrent_streams":
+			var val string
+			if !h.AllArgs(&val) {
+				return nil, h.ArgErr()
+			}
+			n, err := intArg(h.Dispenser, "max_concurrent_streams", val)
+			if err != nil {
+				return nil, err
+			}
+			handler.MaxConcurrentStreams = n
 		case "ready_path":
 			if !h.AllArgs(&handler.ReadyPath) {
 				return nil, h.ArgErr()

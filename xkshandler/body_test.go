@@ -16,10 +16,15 @@ type countingBody struct {
 	calls int
 	// pastEnd counts the calls made once every byte had been read.
 	pastEnd int
+	// firstLen is the buffer the first call was given.
+	firstLen int
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
 	b.calls++
+	if b.calls == 1 {
+		b.firstLen = len(p)
+	}
 	if b.data == "" {
 		b.pastEnd++
 		return 0, io.EOF
@@ -30,8 +35,9 @@ func (b *countingBody) Read(p []byte) (int, error) {
 }
 
 func TestReadBody(t *testing.T) {
-	const limit = 1000
+	const limit = 10000
 	body := strings.Repeat("x", 700)
+	long := strings.Repeat("x", 5000)
 	tests := []struct {
 		name string
 		// declared is the Content-Length, -1 for none (chunked).
@@ -44,10 +50,13 @@ func TestReadBody(t *testing.T) {
 	}{
 		{"declared length: one call, none past the end", 700, body, 4096, 1, ""},
 		{"declared length in two pieces: two calls, none past the end", 700, body, 400, 2, ""},
+		{"declared length at the limit, one byte sent: a small buffer", limit, "x", 4096, 0, ValidationException},
+		{"declared length past the first buffer: it doubles as the bytes come", 5000, long, 1 << 16, 3, ""},
 		{"empty declared body: no call", 0, "", 4096, 0, ""},
 		{"declared length longer than what came", 800, body, 4096, 0, ValidationException},
 		{"declared length over the limit: refused before any call", limit + 1, "", 4096, 0, UnsupportedOperationException},
 		{"no declared length, within the limit", -1, body, 300, 0, ""},
+		{"no declared length, past the first buffer", -1, long, 1 << 16, 0, ""},
 		{"no declared length, over the limit", -1, strings.Repeat("x", limit+1), 4096, 0, UnsupportedOperationException},
 	}
 	for _, tt := range tests {
@@ -55,6 +64,12 @@ func TestReadBody(t *testing.T) {
 			rb := &countingBody{data: tt.sent, chunk: tt.chunk}
 			r := &http.Request{Method: http.MethodPost, ContentLength: tt.declared, Body: io.NopCloser(rb)}
 			got, xerr := readBody(r, limit)
+			// The buffer grows with what arrives, never with what is
+			// declared: a client that declares a large body and sends
+			// nothing makes the proxy hold firstBodyRead bytes at most.
+			if rb.firstLen > firstBodyRead {
+				t.Errorf("the first Read was given %d bytes before any had arrived, want at most %d", rb.firstLen, firstBodyRead)
+			}
 			if tt.wantErr != "" {
 				if xerr == nil || xerr.name != tt.wantErr {
 					t.Fatalf("readBody = %q, %v; want %s", got, xerr, tt.wantErr)

@@ -44,6 +44,15 @@ type Handler struct {
 	// authenticated. Default: 65536.
 	MaxRequestBody int64 `json:"max_request_body,omitempty"`
 
+	// MaxConcurrentStreams is how many requests each HTTP/2 connection of
+	// the server may have open at once (HTTP/2's
+	// SETTINGS_MAX_CONCURRENT_STREAMS), for every site of the server; with
+	// several xks handlers on one server, the smallest value applies. A
+	// request's body is read before its signature is checked, so this
+	// bounds what one connection can make the proxy hold without any
+	// credential. Default: 32.
+	MaxConcurrentStreams int `json:"max_concurrent_streams,omitempty"`
+
 	// ReadyPath is a path answered without authentication, for load
 	// balancers: 200 when every key store has an HSM backend that is not
 	// UNAVAILABLE, 503 otherwise, with no detail either way. It must lie
@@ -89,6 +98,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxRequestBody == 0 {
 		h.MaxRequestBody = defaultMaxRequestBody
 	}
+	if h.MaxConcurrentStreams == 0 {
+		h.MaxConcurrentStreams = defaultMaxConcurrentStreams
+	}
+	limitHTTP2Streams(ctx, h.MaxConcurrentStreams)
 	appIface, err := ctx.AppIfConfigured("hsm")
 	if err != nil {
 		return fmt.Errorf("the xks handler needs HSM backends (the hsm app): %w", err)
@@ -158,6 +171,9 @@ func (h *Handler) Validate() error {
 	}
 	if h.MaxRequestBody < 0 {
 		return errors.New("xks: max_request_body must be positive")
+	}
+	if h.MaxConcurrentStreams < 0 {
+		return errors.New("xks: max_concurrent_streams must be positive")
 	}
 	if h.ReadyPath != "" {
 		if !strings.HasPrefix(h.ReadyPath, "/") || strings.Contains(h.ReadyPath, APIPathSuffix+"/") {
@@ -318,38 +334,62 @@ func admitKeyCall(x *exchange) (release func(), xerr *xksError) {
 	return ks.admit()
 }
 
+// firstBodyRead is the buffer a body's first Read gets: every KMS request
+// whose AAD is not unusually long fits, so it is read in one call.
+const firstBodyRead = 2 << 10
+
 // readBody reads at most limit bytes of the request body.
 //
-// A body of declared length is read as exactly that many bytes, into a
-// buffer of that size: one Read call as a rule, and none past the end.
-// Each Read of a request body costs more than the copy on HTTP/2: Caddy's
-// idle read timeout (on by default, a minute) sets the stream's read
-// deadline before the call and puts it back after it, and each of those is
-// a message to the connection's serving goroutine and a timer there. Read
-// to EOF through io.ReadAll, a 700-byte Encrypt took three calls and six
-// such messages; the serving goroutine, one per connection, handles every
-// stream's frames too, and the handlers waiting for it were the largest
-// scheduling delay in the trace of a paced load (scripts/profile.sh).
-// HTTP/1.1 and HTTP/2 both hold a body to its declared length (a shorter
-// one is a read error, a longer one a protocol error), so the bytes read
-// are the whole body.
+// Memory grows with the bytes that arrive, never with the length a client
+// declares: the body is read into a buffer of firstBodyRead bytes (less
+// for a shorter body), which doubles each time it fills, up to the declared
+// length or limit. The body comes before the signature is checked, so
+// anyone who knows a key store's path could otherwise make the proxy hold
+// max_request_body bytes per HTTP/2 stream with a HEADERS frame of a few
+// bytes: 240 streams of one connection that declared 64 KiB and sent
+// nothing held 17 MiB (TestUnsignedHTTP2BodiesHoldNoMemory).
+//
+// A body of declared length that fits the first buffer takes one Read call
+// as a rule, and no call is made past its end. Each Read of a request body
+// costs more than the copy on HTTP/2: Caddy's idle read timeout (on by
+// default, a minute) sets the stream's read deadline before the call and
+// puts it back after it, and each of those is a message to the
+// connection's serving goroutine and a timer there. Read to EOF through
+// io.ReadAll, a 700-byte Encrypt took three calls and six such messages;
+// the serving goroutine, one per connection, handles every stream's frames
+// too, and the handlers waiting for it were the largest scheduling delay in
+// the trace of a paced load (scripts/profile.sh). HTTP/1.1 and HTTP/2 both
+// hold a body to its declared length (a shorter one is a read error, a
+// longer one a protocol error), so the bytes read are the whole body.
 func readBody(r *http.Request, limit int64) ([]byte, *xksError) {
-	if r.ContentLength > limit {
-		return nil, newError(UnsupportedOperationException, fmt.Sprintf("request bodies larger than %d bytes are not supported", limit))
+	tooLarge := func() *xksError {
+		return newError(UnsupportedOperationException, fmt.Sprintf("request bodies larger than %d bytes are not supported", limit))
 	}
-	if r.ContentLength >= 0 {
-		body := make([]byte, r.ContentLength)
-		if _, err := io.ReadFull(r.Body, body); err != nil {
+	if r.ContentLength > limit {
+		return nil, tooLarge()
+	}
+	// Without a declared length, one byte past the limit says the body is
+	// too large.
+	want := r.ContentLength
+	if want < 0 {
+		want = limit + 1
+	}
+	body := make([]byte, 0, min(want, firstBodyRead))
+	for int64(len(body)) < want {
+		if len(body) == cap(body) {
+			body = append(make([]byte, 0, min(want, 2*int64(cap(body)))), body...)
+		}
+		n, err := r.Body.Read(body[len(body):cap(body)])
+		body = body[:len(body)+n]
+		if errors.Is(err, io.EOF) && r.ContentLength < 0 {
+			break
+		}
+		if err != nil && int64(len(body)) < want {
 			return nil, validationError("the request body could not be read")
 		}
-		return body, nil
-	}
-	body, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
-	if err != nil {
-		return nil, validationError("the request body could not be read")
 	}
 	if int64(len(body)) > limit {
-		return nil, newError(UnsupportedOperationException, fmt.Sprintf("request bodies larger than %d bytes are not supported", limit))
+		return nil, tooLarge()
 	}
 	return body, nil
 }
