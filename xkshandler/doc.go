@@ -23,7 +23,8 @@
 //     else 400 ValidationException (an AAD too long for the HSM's framing:
 //     UnsupportedOperationException) (decodeRequest, request.go).
 //  4. Allow-list: the external key id must be one of the key store's keys,
-//     else 404 KeyNotFoundException (KeyStore.allows, keystore.go).
+//     and never the HSM label of a key's version 2 or later, else 404
+//     KeyNotFoundException (KeyStore.allows, keystore.go).
 //  5. Authorize: the key store's policy must allow the call, given its
 //     requestMetadata, else 403 AccessDeniedException (KeyStore.authorize,
 //     package authz). A disabled key then gets InvalidStateException for

@@ -53,14 +53,16 @@ type KeyStore struct {
 	// Keys lists the external key ids (HSM key labels) KMS may use through
 	// this key store; any other id gets KeyNotFoundException without the
 	// HSM being asked. The single entry "*" allows every AES key on the
-	// token. Either way a key whose value can leave the HSM is refused
+	// token but those that are versions 2 and up of a key (Versions): a
+	// version is reached through its key's id only. Either way a key whose value can leave the HSM is refused
 	// (KeyNotFoundException) by a backend without allow_exportable_keys.
 	// Required.
 	Keys []string `json:"keys"`
 
 	// DisabledKeys lists external key ids that are disabled: GetKeyMetadata
 	// reports them DISABLED and Encrypt and Decrypt answer
-	// InvalidStateException, without the HSM being asked to use them. It
+	// InvalidStateException, without the HSM being asked to use them,
+	// whichever of their versions a ciphertext names. It
 	// is how a key is switched off quickly (a config reload), since
 	// PKCS#11 keys have no disabled state. Default: none.
 	DisabledKeys []string `json:"disabled_keys,omitempty"`
@@ -149,11 +151,14 @@ type KeyStore struct {
 	verifier *sigv4auth.Verifier
 	backends []*hsm.Backend
 	keys     map[string]bool // nil: every key allowed
-	disabled map[string]bool
-	policy   *authz.Policy
-	limiter  *rate.Limiter // nil: no quota
-	slots    chan struct{} // nil: no bound on concurrent HSM work
-	framing  aadFraming
+	// versionLabels are the HSM labels of versions 2 and up: reached only
+	// through their key's id, never as an id of their own.
+	versionLabels map[string]bool
+	disabled      map[string]bool
+	policy        *authz.Policy
+	limiter       *rate.Limiter // nil: no quota
+	slots         chan struct{} // nil: no bound on concurrent HSM work
+	framing       aadFraming
 	// ciphertextMetadata is CiphertextMetadata decoded: what Encrypt
 	// returns and binds into the AAD.
 	ciphertextMetadata []byte
@@ -334,6 +339,14 @@ func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger, usage usageSetti
 			ks.keys[k] = true
 		}
 	}
+	ks.versionLabels = make(map[string]bool)
+	for _, kv := range ks.Versions {
+		for _, v := range kv.Versions {
+			if v.Version > 1 {
+				ks.versionLabels[v.Label] = true
+			}
+		}
+	}
 	ks.disabled = make(map[string]bool, len(ks.DisabledKeys))
 	for _, k := range ks.DisabledKeys {
 		ks.disabled[k] = true
@@ -414,7 +427,11 @@ func (ks *KeyStore) authorize(in *authz.Input) authz.Decision {
 	return ks.policy.Evaluate(in)
 }
 
-// allows applies the key store's allow-list of external key ids.
+// allows applies the key store's allow-list of external key ids. The label
+// of a key's version 2 or later is never an id of its own, with keys "*"
+// too: called by it, the version would escape its key's disable, its own
+// disabled state and every authorization rule on the key's id, and KMS
+// could bind a key to it.
 func (ks *KeyStore) allows(keyID string) bool {
-	return ks.keys == nil || ks.keys[keyID]
+	return (ks.keys == nil || ks.keys[keyID]) && !ks.versionLabels[keyID]
 }

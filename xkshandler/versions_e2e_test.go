@@ -419,3 +419,63 @@ func TestUsageOfAnyKey(t *testing.T) {
 		t.Errorf("usage records for %v, want only %s", records, fixtureKeyLabel)
 	}
 }
+
+// TestVersionLabelIsNoKeyID: a key's version 2 or later is reached through
+// the key's id only. Called by its own HSM label, in a key store with keys
+// "*", it escaped the key's disable, its own disabled state and the rules
+// on the key's id, and KMS could have bound a key to it.
+func TestVersionLabelIsNoKeyID(t *testing.T) {
+	f := newFixtureWith(t, func(f *fixture) {
+		for _, k := range []string{"rot", "rot-v2", "old", "old-v2"} {
+			f.token.CreateKey(t, k)
+		}
+		f.xksExtra = fmt.Sprintf(`		key_store /any {
+			hsm main
+			region %s
+			credential %s {env.XKS_TEST_SECRET_2}
+			keys *
+			disable rot
+			versions rot {
+				version 2 rot-v2
+				current 2
+			}
+			versions old {
+				version 2 old-v2 disabled
+				current 1
+			}
+			authorize {
+				deny no-old-metadata `+"`key_id == \"old\" && operation == \"GetKeyMetadata\"`"+`
+			}
+%s		}
+`, region, f.ks2.akid, proxytest.KeyStoreDefaults(""))
+	})
+	tests := []struct {
+		name, key, op string
+		status        int
+		errorName     string
+	}{
+		{"a disabled key", "rot", "encrypt", http.StatusBadRequest, "InvalidStateException"},
+		{"the disabled key's current version, by its label", "rot-v2", "encrypt", http.StatusNotFound, "KeyNotFoundException"},
+		{"its metadata, by its label", "rot-v2", "metadata", http.StatusNotFound, "KeyNotFoundException"},
+		{"a key with a disabled version", "old", "encrypt", http.StatusOK, ""},
+		{"the disabled version, by its label", "old-v2", "encrypt", http.StatusNotFound, "KeyNotFoundException"},
+		{"a rule on the key id denies", "old", "metadata", http.StatusForbidden, "AccessDeniedException"},
+		{"the rule's key, by a version's label", "old-v2", "metadata", http.StatusNotFound, "KeyNotFoundException"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			body := encryptBody([]byte("version label"), nil, false)
+			if tt.op == "metadata" {
+				body = metaBody
+			}
+			r := f.call(f.ks2, "/any/kms/xks/v1/keys/"+tt.key+"/"+tt.op, body)
+			if tt.errorName == "" {
+				if r.status != tt.status {
+					t.Fatalf("got %d %s, want %d", r.status, r.raw, tt.status)
+				}
+				return
+			}
+			expectError(t, r, tt.status, tt.errorName)
+		})
+	}
+}
