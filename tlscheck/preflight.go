@@ -71,7 +71,7 @@ func Preflight(ctx caddy.Context, hostnames []string, logger *zap.Logger, onRepo
 // Watcher adds hostnames to a running preflight.
 type Watcher struct {
 	p    *preflight
-	seen sync.Map // hostname as given -> struct{}: the fast path of Watch
+	seen sync.Map // hostname, lower case without a trailing dot -> struct{}: the fast path of Watch
 
 	learned int  // hostnames added by Watch; guarded by p.mu
 	capped  bool // the cap was reached and said so; guarded by p.mu
@@ -87,12 +87,17 @@ const MaxLearnedHostnames = 32
 // so it may be called on every request; call it only for requests that
 // were authenticated, since the name comes from the client (its TLS server
 // name). At most MaxLearnedHostnames names are added.
+//
+// A name is watched, and remembered, in the form certificates match it in:
+// lower case, without a trailing dot. Go keeps the case the client sent,
+// so keyed on that, the spellings of one name (XKS.example.com,
+// xKs.example.com., ...) each took an entry: 200,000 of them, 30 MiB.
 func (w *Watcher) Watch(hostname string) {
-	if _, ok := w.seen.Load(hostname); ok {
-		return
-	}
 	host := strings.TrimSuffix(strings.ToLower(hostname), ".")
 	if host == "" {
+		return
+	}
+	if _, ok := w.seen.Load(host); ok {
 		return
 	}
 	w.p.mu.Lock()
@@ -113,7 +118,7 @@ func (w *Watcher) Watch(hostname string) {
 		}
 		return
 	}
-	w.seen.Store(hostname, struct{}{})
+	w.seen.Store(host, struct{}{})
 	if !known {
 		for _, chain := range w.p.cached(host) {
 			w.p.check(host, chain)

@@ -279,3 +279,35 @@ func TestWatchIsBounded(t *testing.T) {
 		t.Fatalf("the fast-path map holds %d names: it grows with names that are not watched", n)
 	}
 }
+
+// TestWatchIsBoundedAcrossSpellings: the spellings of a name (case, a
+// trailing dot) are one name, in the names watched and in the fast-path
+// map: a client that sends every spelling of two names grows neither.
+func TestWatchIsBoundedAcrossSpellings(t *testing.T) {
+	f := newPreflightFixture(t)
+	w := &Watcher{p: f.preflight}
+	names := []string{"xks.example.com", "other.example.com"}
+	spellings := 0
+	for _, name := range names {
+		// Every case of the first 12 letters, with and without the dot.
+		for mask := range 1 << 12 {
+			b := []byte(name)
+			for i := range 12 {
+				if mask&(1<<i) != 0 && b[i] >= 'a' && b[i] <= 'z' {
+					b[i] -= 'a' - 'A'
+				}
+			}
+			w.Watch(string(b))
+			w.Watch(string(b) + ".")
+			spellings += 2
+		}
+	}
+	if got := w.p.names(); len(got) != len(names) {
+		t.Fatalf("%d spellings of %d names: watched %v", spellings, len(names), got)
+	}
+	n := 0
+	w.seen.Range(func(any, any) bool { n++; return true })
+	if n != len(names) {
+		t.Fatalf("%d spellings of %d names: the fast-path map holds %d entries, want %d", spellings, len(names), n, len(names))
+	}
+}
