@@ -219,8 +219,11 @@ func printUsage(ctx context.Context, out io.Writer, pc *proxyConfig, backend str
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "KEY STORE\tKEY\tVERSION\tLABEL\tSTATE\tENCRYPTIONS\tLIMIT\tUSED\tLIMIT REACHED")
 	now := time.Now()
+	var notKeyIDs []string
 	for _, ks := range stores {
-		for _, key := range usageKeys(ks, keys) {
+		ids, invalid := usageKeys(ks, keys)
+		notKeyIDs = append(notKeyIDs, invalid...)
+		for _, key := range ids {
 			for _, v := range ks.ConfiguredVersions(key) {
 				n, _, rate, err := xkshandler.ReadUsage(ctx, storage, v.Label)
 				if err != nil {
@@ -243,14 +246,20 @@ func printUsage(ctx context.Context, out io.Writer, pc *proxyConfig, backend str
 		return err
 	}
 	fmt.Fprintln(out, "\nENCRYPTIONS is the fleet's count, as each instance last wrote it (every usage_flush_interval); LIMIT REACHED is at the fleet's rate over the last interval.")
+	for _, label := range slices.Compact(slices.Sorted(slices.Values(notKeyIDs))) {
+		fmt.Fprintf(out, "%q: not a valid external key id, so KMS cannot use it and it has no usage\n", label)
+	}
 	return nil
 }
 
 // usageKeys are the external key ids of a key store: its keys, or with
-// "*" the token's keys that are not a version of another.
-func usageKeys(ks *xkshandler.KeyStore, keys []hsm.KeyInfo) []string {
+// "*" the token's keys that are not a version of another. The labels on
+// the token that are not valid external key ids are returned apart: whoever
+// can write to the token can label a key "../..", which must never name a
+// path in storage.
+func usageKeys(ks *xkshandler.KeyStore, keys []hsm.KeyInfo) (ids, invalid []string) {
 	if len(ks.Keys) != 1 || ks.Keys[0] != "*" {
-		return ks.Keys
+		return ks.Keys, nil
 	}
 	versionLabels := map[string]bool{}
 	for _, kv := range ks.Versions {
@@ -258,13 +267,15 @@ func usageKeys(ks *xkshandler.KeyStore, keys []hsm.KeyInfo) []string {
 			versionLabels[v.Label] = v.Version > 1
 		}
 	}
-	var out []string
 	for _, k := range keys {
-		if !versionLabels[k.Label] {
-			out = append(out, k.Label)
+		switch {
+		case !xkshandler.ValidKeyID(k.Label):
+			invalid = append(invalid, k.Label)
+		case !versionLabels[k.Label]:
+			ids = append(ids, k.Label)
 		}
 	}
-	return out
+	return ids, invalid
 }
 
 // protectionColumns are the columns of `caddy xks keys` that say who can

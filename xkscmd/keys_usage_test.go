@@ -109,3 +109,49 @@ func usageRow(out, label string) string {
 	}
 	return ""
 }
+
+// TestKeysReadsOnlyUsageRecords: with keys "*", the labels on the token
+// name usage records in storage; a label that is not a valid external key
+// id ("../..") is said to be one, and nothing outside the usage records is
+// read for it.
+func TestKeysReadsOnlyUsageRecords(t *testing.T) {
+	if !hsmtest.Available() {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	tk := hsmtest.NewToken(t)
+	tk.CreateKey(t, "uk")
+	tk.CreateKey(t, "../..")
+	in := proxytest.NewInstance(t)
+	// What "../.." leads to from xks/usage/<label>: the storage's root.
+	if err := os.MkdirAll(in.Storage, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, in.Storage, "planted.json", `{"instance":"planted","label":"../..","encryptions":7}`)
+	t.Setenv("XKSCMD_USAGE_SECRET", strings.Repeat("s", 43))
+	config := in.Global("\thsm {\n"+backendBlock(t, "main", tk)+"\t}\n") + fmt.Sprintf(`
+localhost:%d {
+	xks {
+		key_store /u {
+			hsm main
+			region %s
+			credential AAAAAAAAAAAAAAAAAAAA {env.XKSCMD_USAGE_SECRET}
+			keys *
+		}
+	}
+}
+`, in.HTTPSPort, region)
+	file := writeFile(t, t.TempDir(), "Caddyfile", config)
+	out, err := runCommand(t, "keys", "--config", file)
+	if err != nil {
+		t.Fatalf("keys: %v\n%s", err, out)
+	}
+	if row := usageRow(out, "uk"); row != "/u/kms/xks/v1 uk 1 uk current 0 4294967296 0.00% -" {
+		t.Errorf("the usage row of uk is %q:\n%s", row, out)
+	}
+	if row := usageRow(out, "../.."); row != "" {
+		t.Errorf("a usage row for \"../..\", read from outside the usage records: %q", row)
+	}
+	if !strings.Contains(out, `"../..": not a valid external key id`) {
+		t.Errorf("keys does not say that \"../..\" is not a valid external key id:\n%s", out)
+	}
+}

@@ -23,6 +23,11 @@ func validKeyID(id string) bool {
 	return id != "." && id != ".." && keyIDPattern.MatchString(id)
 }
 
+// ValidKeyID reports whether id is an external key id the proxy serves: 1
+// to 128 characters of a-z, A-Z, 0-9, ., - and _, not . or .. . Only such
+// an id names a usage record in storage.
+func ValidKeyID(id string) bool { return validKeyID(id) }
+
 // operation is one of the four XKS API calls.
 type operation uint8
 

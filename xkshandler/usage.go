@@ -231,7 +231,13 @@ func readUsage(ctx context.Context, storage certmagic.Storage, label, skip strin
 // ReadUsage is the fleet's count of Encrypts and Decrypts with an HSM key
 // label, from the records in storage, and the fleet's Encrypts per second
 // (the instances that have not stopped).
+//
+// A label that is not a valid external key id is an error: its path in
+// storage could lead out of the usage records ("../..").
 func ReadUsage(ctx context.Context, storage certmagic.Storage, label string) (encrypts, decrypts uint64, rate float64, err error) {
+	if !validKeyID(label) {
+		return 0, 0, 0, fmt.Errorf("reading usage: %q is not a valid external key id, and no usage is recorded under it", label)
+	}
 	recs, err := readUsage(ctx, storage, label, "")
 	for _, r := range recs {
 		encrypts += r.Encryptions

@@ -196,3 +196,23 @@ func TestProvisionNamesNoRecordBeforeValidation(t *testing.T) {
 		t.Fatal("validate accepts the key store")
 	}
 }
+
+// TestReadUsageOfWhatIsNoKeyID: only a valid external key id names usage
+// records; any other label, such as one a token holds, is an error and
+// reads nothing, so that "../.." cannot lead out of them.
+func TestReadUsageOfWhatIsNoKeyID(t *testing.T) {
+	dir := t.TempDir()
+	storage := &certmagic.FileStorage{Path: dir}
+	ctx := context.Background()
+	if err := storage.Store(ctx, "planted.json", []byte(`{"instance":"planted","encryptions":7}`)); err != nil {
+		t.Fatal(err)
+	}
+	for _, label := range []string{"../..", "..", ".", "a/b", ""} {
+		if n, _, _, err := ReadUsage(ctx, storage, label); err == nil || n != 0 {
+			t.Errorf("ReadUsage(%q) = %d, %v; want an error and nothing read", label, n, err)
+		}
+	}
+	if _, _, _, err := ReadUsage(ctx, storage, "k"); err != nil {
+		t.Errorf("ReadUsage of a key without records: %v", err)
+	}
+}
