@@ -73,6 +73,11 @@ var libraries = struct {
 
 var finalizeAtExit sync.Once
 
+// afterModuleCheck runs between the check of a module's path and its load,
+// with the path about to be loaded. It does nothing; a test replaces the
+// module's symlink there, as someone racing the check could.
+var afterModuleCheck = func(string) {}
+
 // loadLibrary returns the process-wide library for path, loading and
 // initializing it on first use. env is set in the process environment before
 // the first load, because vendor libraries read it in C_Initialize; initArgs,
@@ -94,16 +99,19 @@ func loadLibrary(path string, env map[string]string, initArgs string, logger *za
 		}
 		return lib, nil
 	}
-	// Before dlopen, which runs the library's constructors.
-	if err := checkModulePath(path); err != nil {
+	// Before dlopen, which runs the library's constructors; dlopen then
+	// opens the file checked, symlinks resolved.
+	resolved, err := checkModulePath(path)
+	if err != nil {
 		return nil, err
 	}
+	afterModuleCheck(resolved)
 	for k, v := range env {
 		if err := os.Setenv(k, v); err != nil {
 			return nil, fmt.Errorf("setting %s for pkcs11 module: %w", k, err)
 		}
 	}
-	ctx := pkcs11.New(path)
+	ctx := pkcs11.New(resolved)
 	if ctx == nil {
 		return nil, fmt.Errorf("loading pkcs11 module %q: not a PKCS#11 library (dlopen or C_GetFunctionList failed)", path)
 	}
@@ -122,7 +130,7 @@ func loadLibrary(path string, env map[string]string, initArgs string, logger *za
 		ctx.Destroy()
 		return nil, fmt.Errorf("initializing pkcs11 module %q: %w", path, err)
 	}
-	fns, err := loadFunctionList(path)
+	fns, err := loadFunctionList(resolved)
 	if err != nil {
 		return nil, err
 	}

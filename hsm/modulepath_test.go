@@ -88,15 +88,31 @@ func TestCheckModulePath(t *testing.T) {
 	if err := os.Chmod(groupDir, 0o775); err != nil { //nolint:gosec // the attack
 		t.Fatal(err)
 	}
-	link := filepath.Join(base, "link.so")
-	if err := os.Symlink(write(filepath.Join(base, "ok"), "target.so", 0o644), link); err != nil {
-		t.Fatal(err)
+	target := write(filepath.Join(base, "ok"), "target.so", 0o644)
+	symlink := func(name, to string) string {
+		t.Helper()
+		if err := os.Symlink(to, name); err != nil {
+			t.Fatal(err)
+		}
+		return name
 	}
+	link := symlink(filepath.Join(base, "link.so"), target)
+	// A symlink to a symlink that lives in a group-writable directory:
+	// both ends are in trusted directories, the hop between them is not.
+	hop := symlink(filepath.Join(base, "hop.so"), symlink(filepath.Join(groupDir, "hop.so"), target))
+	// The same through a relative symlink to a directory, and back out of
+	// it with "..".
+	relHop := symlink(filepath.Join(base, "ok", "rel.so"), "../group-link/../ok/target.so")
+	symlink(filepath.Join(base, "group-link"), "group")
+	loop := symlink(filepath.Join(base, "loop.so"), "loop.so")
 	tests := []struct {
 		name, path, wantErr string
 	}{
 		{"a root-owned module in root-owned directories", write(filepath.Join(base, "ok"), "lib.so", 0o755), ""},
 		{"a symlink to one", link, ""},
+		{"a symlink by way of a symlink in a group-writable directory", hop, "writable by group or others"},
+		{"a relative symlink through a group-writable directory", relHop, "writable by group or others"},
+		{"a symlink loop", loop, "symlinks on the way"},
 		{"a file in a sticky world-writable directory", write(sticky, "lib.so", 0o644), ""},
 		{"a relative path", "lib.so", "must be absolute"},
 		{"a missing file", filepath.Join(base, "missing.so"), "no such file"},
@@ -117,10 +133,13 @@ func TestCheckModulePath(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := checkModulePath(tt.path)
+			resolved, err := checkModulePath(tt.path)
 			if tt.wantErr == "" {
 				if err != nil {
 					t.Fatal(err)
+				}
+				if want, _ := filepath.EvalSymlinks(tt.path); resolved != want {
+					t.Fatalf("checked %s, want %s loaded", resolved, want)
 				}
 				return
 			}
@@ -128,5 +147,46 @@ func TestCheckModulePath(t *testing.T) {
 				t.Fatalf("err = %v, want one naming %s and saying %q", err, tt.path, tt.wantErr)
 			}
 		})
+	}
+}
+
+// TestModuleLoadedIsTheFileChecked: the module is loaded from the path its
+// check resolved, so a symlink replaced between the check and the load
+// (by anyone the check trusts to own it) cannot slip another library in.
+func TestModuleLoadedIsTheFileChecked(t *testing.T) {
+	base := t.TempDir()
+	dirs := map[string]string{}
+	for _, name := range []string{"checked", "swapped"} {
+		dirs[name] = filepath.Join(base, name)
+		if err := os.Mkdir(dirs[name], 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checked := evilModule(t, dirs["checked"], filepath.Join(base, "checked-ran"))
+	swapped := evilModule(t, dirs["swapped"], filepath.Join(base, "swapped-ran"))
+	link := filepath.Join(base, "module.so")
+	if err := os.Symlink(checked, link); err != nil {
+		t.Fatal(err)
+	}
+	afterModuleCheck = func(string) {
+		tmp := link + ".new"
+		if err := os.Symlink(swapped, tmp); err != nil {
+			t.Error(err)
+		}
+		if err := os.Rename(tmp, link); err != nil {
+			t.Error(err)
+		}
+	}
+	t.Cleanup(func() { afterModuleCheck = func(string) {} })
+
+	// Neither is a PKCS#11 module: what matters is whose constructor ran.
+	if _, err := Open("swap", Config{Module: link, Token: "t", PIN: "p"}, zaptest.NewLogger(t)); err == nil {
+		t.Fatal("Open of a library without C_GetFunctionList succeeded")
+	}
+	if _, err := os.Stat(filepath.Join(base, "swapped-ran")); err == nil {
+		t.Fatal("the library swapped in after the check was loaded")
+	}
+	if _, err := os.Stat(filepath.Join(base, "checked-ran")); err != nil {
+		t.Fatalf("the library checked was not loaded: %v", err)
 	}
 }
