@@ -229,10 +229,10 @@ func TestCaddyfileExampleServesNShield(t *testing.T) {
 	// trusts it from then on.
 	root := filepath.Join(caddy.Storage, "pki", "authorities", "local", "root.crt")
 	url := "https://localhost:" + fmt.Sprint(caddy.HTTPSPort) + uriPath
-	caddy.Ready = func() error {
+	trustingRoot := func() (*http.Client, error) {
 		pem, err := os.ReadFile(root)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		pool := x509.NewCertPool()
 		pool.AppendCertsFromPEM(pem)
@@ -240,12 +240,35 @@ func TestCaddyfileExampleServesNShield(t *testing.T) {
 		transport := caddy.Client.Transport.(*http.Transport).Clone()
 		transport.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 		client.Transport = transport
-		defer transport.CloseIdleConnections()
-		return unsignedHealthAnswers(&client, url)()
+		return &client, nil
+	}
+	caddy.Ready = func() error {
+		client, err := trustingRoot()
+		if err != nil {
+			return err
+		}
+		defer client.CloseIdleConnections()
+		return unsignedHealthAnswers(client, url)()
 	}
 	// Loading is the proof that the start-up self-test passed with iv hsm,
 	// which the example sets.
 	caddy.Load(string(example))
+
+	// The example offers KMS's protocols only: no HTTP/3, whose 0-RTT
+	// requests can be replayed.
+	client, err := trustingRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := client.Post(url+"/health", "application/json", strings.NewReader("{}"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = resp.Body.Close()
+	client.CloseIdleConnections()
+	if alt := resp.Header.Get("Alt-Svc"); alt != "" || resp.ProtoMajor != 2 {
+		t.Errorf("Caddyfile.example answers over %s with Alt-Svc %q; want HTTP/2 and no HTTP/3 offered", resp.Proto, alt)
+	}
 
 	for i, n := range []string{"1", "2"} {
 		out, err := runCommand(t, "check", "--access-key-id", akid[i], "--secret-file", filepath.Join(dir, "sigv4-secret-"+n),

@@ -306,6 +306,52 @@ func TestAdminEndpointOnTCPIsWarnedOf(t *testing.T) {
 	}
 }
 
+// TestHTTP3IsWarnedOf: a key store's server that offers HTTP/3 (Caddy's
+// default), which KMS never uses and whose 0-RTT requests can be replayed,
+// is warned of at every load, and advertised to clients; with protocols h1
+// h2 it is neither.
+func TestHTTP3IsWarnedOf(t *testing.T) {
+	const warning = "offers HTTP/3, which KMS never uses"
+	f := newFixture(t)
+	warnings := func() int {
+		logs, err := os.ReadFile(f.logFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(regexp.MustCompile(`"level":"warn".*`+regexp.QuoteMeta(warning)+`.*"accepts_0rtt_requests":true`).FindAll(logs, -1))
+	}
+	advertised := func() string {
+		req, err := http.NewRequest(http.MethodPost, f.origin+"/ks1/kms/xks/v1/health", strings.NewReader(healthBody))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := f.proxy.Client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = resp.Body.Close()
+		return resp.Header.Get("Alt-Svc")
+	}
+	if n := warnings(); n == 0 {
+		t.Fatal("no warning for a key store's server with Caddy's default protocols h1 h2 h3")
+	}
+	if alt := advertised(); !strings.Contains(alt, "h3") {
+		t.Fatalf("Alt-Svc %q: the server does not offer HTTP/3, so the warning is not about what runs", alt)
+	}
+	n := warnings()
+	cfg := strings.Replace(f.config(2), "\thsm {", "\tservers {\n\t\tprotocols h1 h2\n\t}\n\thsm {", 1)
+	f.proxy.Ready = func() error { return f.reports(2) }
+	f.proxy.Client.CloseIdleConnections()
+	f.proxy.Load(cfg)
+	f.proxy.Client.CloseIdleConnections()
+	if warnings() != n {
+		t.Error("a warning for a server with protocols h1 h2")
+	}
+	if alt := advertised(); alt != "" {
+		t.Errorf("with protocols h1 h2 the server advertises Alt-Svc %q", alt)
+	}
+}
+
 // TestPlainHTTPGetsNoXKSService: KMS always calls over TLS, so a config
 // that serves a key store on a plain-HTTP site does not load, unless the
 // key store opts in for a TLS-terminating load balancer; then it serves.

@@ -101,7 +101,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxConcurrentStreams == 0 {
 		h.MaxConcurrentStreams = defaultMaxConcurrentStreams
 	}
-	limitHTTP2Streams(ctx, h.MaxConcurrentStreams)
+	h.provisionServer(ctx)
 	appIface, err := ctx.AppIfConfigured("hsm")
 	if err != nil {
 		return fmt.Errorf("the xks handler needs HSM backends (the hsm app): %w", err)

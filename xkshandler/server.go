@@ -4,10 +4,12 @@ import (
 	"context"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 )
 
 // defaultMaxConcurrentStreams is the streams an HTTP/2 connection of a
@@ -24,19 +26,27 @@ const defaultMaxConcurrentStreams = 32
 // its HTTP/2 configuration, and every later one only reads it.
 var streamsMu sync.Mutex
 
-// limitHTTP2Streams makes the HTTP/2 connections of the server the handler
-// is provisioned for advertise at most n concurrent streams
-// (SETTINGS_MAX_CONCURRENT_STREAMS); a client that opens more has them
-// reset. Caddy (v2.11) has no setting for it: its HTTP/2 server takes the
-// limit from the http.Server's HTTP2 configuration when a connection
-// starts, and the http.Server exists only once the server starts, so the
-// limit is set there by the first connection, through a ConnContext hook.
-// Several handlers on one server: the smallest limit applies.
-func limitHTTP2Streams(ctx caddy.Context, n int) {
+// provisionServer applies to the server the handler is provisioned for (as
+// Caddy's context says during provisioning) what an XKS site needs of it:
+// the HTTP/2 stream limit, and a warning if it offers HTTP/3.
+func (h *Handler) provisionServer(ctx caddy.Context) {
 	srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
 	if !ok {
 		return
 	}
+	limitHTTP2Streams(srv, h.MaxConcurrentStreams)
+	warnOfHTTP3(srv, h.logger)
+}
+
+// limitHTTP2Streams makes the HTTP/2 connections of srv advertise at most
+// n concurrent streams (SETTINGS_MAX_CONCURRENT_STREAMS); a client that
+// opens more has them reset. Caddy (v2.11) has no setting for it: its
+// HTTP/2 server takes the limit from the http.Server's HTTP2 configuration
+// when a connection starts, and the http.Server exists only once the
+// server starts, so the limit is set there by the first connection, through
+// a ConnContext hook. Several handlers on one server: the smallest limit
+// applies.
+func limitHTTP2Streams(srv *caddyhttp.Server, n int) {
 	srv.RegisterConnContext(func(c context.Context, _ net.Conn) context.Context {
 		if hs, ok := c.Value(http.ServerContextKey).(*http.Server); ok {
 			limitStreams(hs, n)
@@ -61,4 +71,22 @@ func limitStreams(hs *http.Server, n int) {
 	}
 	conf.MaxConcurrentStreams = n
 	hs.HTTP2 = &conf
+}
+
+// warnOfHTTP3 logs a warning when srv offers HTTP/3, as Caddy's servers do
+// unless told otherwise. KMS calls over HTTP/1.1 and HTTP/2 only, and
+// Caddy's HTTP/3 accepts 0-RTT by default: a request sent as early data
+// can be replayed by anyone on the network path, with no signature needed.
+func warnOfHTTP3(srv *caddyhttp.Server, logger *zap.Logger) {
+	offered := srv.Protocols == nil || slices.Contains(srv.Protocols, "h3")
+	for _, p := range srv.ListenProtocols {
+		offered = offered || slices.Contains(p, "h3")
+	}
+	if !offered {
+		return
+	}
+	zeroRTT := srv.Allow0RTT == nil || *srv.Allow0RTT
+	logger.Warn("the server of the XKS key stores offers HTTP/3, which KMS never uses; "+
+		"set protocols h1 h2 in the servers global option, as Caddyfile.example does",
+		zap.String("server", srv.Name()), zap.Bool("accepts_0rtt_requests", zeroRTT))
 }
