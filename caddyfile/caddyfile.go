@@ -47,11 +47,14 @@ func init() {
 //			init_args    <string for C_Initialize's pReserved>
 //			allow_exportable_keys
 //		}
+//		allow_tcp_admin
 //	}
 //
 // Several hsm blocks are merged; a backend name may be defined once.
 // allow_exportable_keys lets the backend use keys whose value can leave the
-// HSM, which it otherwise refuses; it is for tests only.
+// HSM, which it otherwise refuses; it is for tests only. allow_tcp_admin
+// lets the config load with Caddy's admin endpoint on TCP, which otherwise
+// fails it (see hsm.App.AllowTCPAdmin).
 func parseHSM(d *caddyfile.Dispenser, existing any) (any, error) {
 	app := new(hsm.App)
 	if existing != nil {
@@ -67,8 +70,15 @@ func parseHSM(d *caddyfile.Dispenser, existing any) (any, error) {
 		return nil, d.ArgErr()
 	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if d.Val() == "allow_tcp_admin" {
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			app.AllowTCPAdmin = true
+			continue
+		}
 		if d.Val() != "pkcs11" {
-			return nil, d.Errf("unrecognized hsm backend type %q (want pkcs11)", d.Val())
+			return nil, d.Errf("unrecognized hsm option %q (want pkcs11 or allow_tcp_admin)", d.Val())
 		}
 		var name string
 		if !d.Args(&name) {

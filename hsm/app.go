@@ -25,6 +25,14 @@ type App struct {
 	// Backends maps a backend's name to its configuration. Default: none.
 	Backends map[string]*Config `json:"backends,omitempty"`
 
+	// AllowTCPAdmin lets the config load with Caddy's admin endpoint on
+	// TCP, where every local user can change the running config without a
+	// password, and so read the PIN and secret files and load a PKCS#11
+	// module into the logged-in proxy; a warning is logged at every load.
+	// Default: false, and such a config fails to load: put the endpoint on
+	// a unix socket only the proxy's user can open, or turn it off.
+	AllowTCPAdmin bool `json:"allow_tcp_admin,omitempty"`
+
 	backends map[string]*Backend
 	logger   *zap.Logger
 }
@@ -37,12 +45,16 @@ func (*App) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision opens every backend. PINs are resolved from {env.*} and
+// Provision checks where Caddy's admin endpoint listens, then opens every
+// backend. PINs are resolved from {env.*} and
 // {file.*} placeholders here, so the secret never appears in the config
 // JSON. Opening happens here rather than in Start because handlers may serve
 // before apps are started.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
+	if err := checkAdminEndpoint(ctx, a.AllowTCPAdmin, a.logger); err != nil {
+		return err
+	}
 	a.backends = make(map[string]*Backend, len(a.Backends))
 	repl := caddy.NewReplacer()
 	names := make([]string, 0, len(a.Backends))

@@ -283,29 +283,6 @@ func TestCertificatePreflight(t *testing.T) {
 	}
 }
 
-// TestAdminEndpointOnTCPIsWarnedOf: an admin endpoint on TCP lets any local
-// user rewrite the config and reach the HSM's secrets; loading such a config
-// says so, and a unix socket does not.
-func TestAdminEndpointOnTCPIsWarnedOf(t *testing.T) {
-	const warning = "Caddy's admin endpoint listens on TCP"
-	f := newFixture(t)
-	if logs, _ := os.ReadFile(f.logFile); strings.Contains(string(logs), warning) {
-		t.Fatal("a warning for the unix socket admin endpoint")
-	}
-	addr := fmt.Sprintf("localhost:%d", proxytest.FreePort(t))
-	cfg := strings.Replace(f.config(3), "admin unix/"+f.proxy.AdminSocket, "admin "+addr, 1)
-	if err := f.proxy.TryLoad(cfg); err != nil {
-		t.Fatal(err)
-	}
-	logs, err := os.ReadFile(f.logFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !regexp.MustCompile(`"level":"warn".*` + regexp.QuoteMeta(warning) + `.*"admin":"` + regexp.QuoteMeta(addr) + `"`).Match(logs) {
-		t.Fatalf("no warning naming the TCP admin endpoint %s", addr)
-	}
-}
-
 // TestHTTP3IsWarnedOf: a key store's server that offers HTTP/3 (Caddy's
 // default), which KMS never uses and whose 0-RTT requests can be replayed,
 // is warned of at every load, and advertised to clients; with protocols h1

@@ -93,7 +93,6 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // builds each key store's verifier. Caddy calls Validate after it.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
-	warnOfTCPAdmin(ctx, h.logger)
 	h.audit = h.logger.Named("audit")
 	if h.MaxRequestBody == 0 {
 		h.MaxRequestBody = defaultMaxRequestBody

@@ -6,6 +6,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-xks/caddy-xks/internal/caddyctx"
 )
 
 // plainHTTPServers returns, for each key store URI path served by a server
@@ -15,7 +17,7 @@ import (
 // the HTTP port only, or every host the server's routes match is skipped
 // (what an http:// site address adapts to) or none is named.
 func plainHTTPServers(ctx caddy.Context) map[string][]string {
-	cfg := loadingConfig(ctx)
+	cfg := caddyctx.LoadingConfig(ctx)
 	if cfg == nil || cfg.AppsRaw["http"] == nil {
 		return nil
 	}
