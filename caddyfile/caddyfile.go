@@ -37,6 +37,7 @@ func init() {
 //			serial       <token serial>
 //			pin          <{env.VAR} or {file./path}>
 //			no_login
+//			pin_refused_codes <code>...
 //			iv           auto|caller|hsm|hsm_appended
 //			max_sessions <n>
 //			session_wait <duration>
@@ -113,6 +114,13 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 			} else {
 				cfg.AllowExportableKeys = true
 			}
+			continue
+		case "pin_refused_codes":
+			codes := d.RemainingArgs()
+			if len(codes) == 0 {
+				return nil, d.ArgErr()
+			}
+			cfg.PINRefusedCodes = append(cfg.PINRefusedCodes, codes...)
 			continue
 		case "env":
 			var k, v string

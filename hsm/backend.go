@@ -47,6 +47,17 @@ type Config struct {
 	// NoLogin skips C_Login, for tokens whose keys need no login (e.g.
 	// nShield module-protected keys on the accelerator slot). Default: false.
 	NoLogin bool `json:"no_login,omitempty"`
+	// PINRefusedCodes are the codes, beyond PKCS#11's own
+	// (CKR_PIN_INCORRECT, CKR_PIN_LOCKED, ...), with which this HSM's
+	// C_Login says it refused the PIN: vendor-defined codes, as a number
+	// (0x80000001) or as logs name them (CKR_VENDOR_DEFINED+0x1), or
+	// PKCS#11 names (CKR_FUNCTION_FAILED). A login refused so is not tried
+	// again until a configuration load, since HSMs lock the PIN, or zeroize
+	// the partition, after a few wrong ones. Any other failed login is
+	// tried again after a backoff that doubles from 1s to 5m. The setting
+	// belongs to the token: backends sharing it use the one last loaded.
+	// Default: none.
+	PINRefusedCodes []string `json:"pin_refused_codes,omitempty"`
 	// IVMode is how AES-GCM IVs are made: "caller" (random IVs from the
 	// backend; SoftHSM2), "hsm" (the HSM writes its IV back; nShield,
 	// CloudHSM), "hsm_appended" (the HSM appends a 16-byte IV; Luna in FIPS
@@ -96,6 +107,19 @@ type Config struct {
 	InitArgs string `json:"init_args,omitempty"`
 }
 
+// pinRefusedCodes parses PINRefusedCodes.
+func (c *Config) pinRefusedCodes() (map[uint]bool, error) {
+	codes := make(map[uint]bool, len(c.PINRefusedCodes))
+	for _, s := range c.PINRefusedCodes {
+		code, err := parseCKR(s)
+		if err != nil {
+			return nil, fmt.Errorf("pin_refused_codes: %w", err)
+		}
+		codes[code] = true
+	}
+	return codes, nil
+}
+
 func (c *Config) ident() tokenIdent {
 	return tokenIdent{label: c.Token, serial: c.Serial, slotID: c.SlotID}
 }
@@ -112,6 +136,9 @@ func (c *Config) Validate() error {
 		return errors.New("pin is required unless no_login is set")
 	}
 	if _, err := parseIVMode(c.IVMode); err != nil {
+		return err
+	}
+	if _, err := c.pinRefusedCodes(); err != nil {
 		return err
 	}
 	if c.MaxSessions < 0 {
@@ -206,6 +233,8 @@ func Open(name string, cfg Config, logger *zap.Logger) (*Backend, error) {
 	}
 	if loaded {
 		logger.Debug("sharing an open token", zap.String("token", b.tok.ident.String()))
+		codes, _ := cfg.pinRefusedCodes() // validated
+		b.tok.pinRefused.Store(&codes)
 		if !b.tok.retryLogin(logger, name, cfg.PIN) {
 			b.tok.warnUnappliedSettings(logger, name, &cfg)
 		}

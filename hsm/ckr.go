@@ -3,14 +3,17 @@ package hsm
 import (
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 
 	"github.com/miekg/pkcs11"
 )
 
 // The PKCS#11 return values (CKR_*) in one vocabulary: what code an error
 // carries (ckrOf, isCKR), its name for errors, logs and metrics (ckrName,
-// ckrNameOf), what it means for the session, the handle cache and the
-// library (classify), and which error kind a caller sees (kindOf, wrapCKR).
+// ckrNameOf), how an operator writes one (parseCKR), what it means for the
+// session, the handle cache and the library (classify), and which error
+// kind a caller sees (kindOf, wrapCKR).
 
 // ckrOf returns the PKCS#11 return value in err's chain.
 func ckrOf(err error) (uint, bool) {
@@ -220,4 +223,25 @@ func ckrName(code uint) string {
 		return fmt.Sprintf("CKR_VENDOR_DEFINED+0x%X", code-0x80000000)
 	}
 	return fmt.Sprintf("CKR_0x%X", code)
+}
+
+// parseCKR reads a PKCS#11 return value as an operator writes it: a name
+// (CKR_FUNCTION_FAILED), the name logs give a vendor-defined code
+// (CKR_VENDOR_DEFINED+0x1), or a number in decimal or 0x hex.
+func parseCKR(s string) (uint, error) {
+	for code, name := range ckrNames {
+		if name == s {
+			return code, nil
+		}
+	}
+	base := uint64(0)
+	num := s
+	if rest, ok := strings.CutPrefix(s, "CKR_VENDOR_DEFINED+"); ok {
+		base, num = 0x80000000, rest
+	}
+	n, err := strconv.ParseUint(num, 0, 32)
+	if err != nil || base+n == 0 || base+n > 0xFFFFFFFF {
+		return 0, fmt.Errorf("%q is not a PKCS#11 error code: give a number such as 0x80000001 or a name such as CKR_FUNCTION_FAILED", s)
+	}
+	return uint(base + n), nil
 }

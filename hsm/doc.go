@@ -57,7 +57,12 @@
 // (real HSMs lock the PIN, or zeroize the partition, after a few tries):
 // the token stays unavailable, which is logged at ERROR and counted, until
 // a configuration load opens a backend on it, which is one deliberate
-// attempt with the PIN that load brings.
+// attempt with the PIN that load brings. A refusal is PKCS#11's PIN codes,
+// and the codes the backend's pin_refused_codes names: an HSM may report a
+// wrong PIN in a vendor-defined code. Every other failed login is tried
+// again only after a backoff, 1s doubling to 5m: with the fault shim
+// answering C_Login with a vendor's code, 20 requests made 20 logins
+// before, and make one now.
 //
 // Keys. A key is the one CKO_SECRET_KEY token object whose CKA_LABEL is the
 // external key id; two with one label is ErrDuplicateKey, never "first one

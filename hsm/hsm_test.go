@@ -416,6 +416,11 @@ func TestConfigValidate(t *testing.T) {
 		{"negative sessions", Config{Module: "m", Token: "t", PIN: "p", MaxSessions: -1}, false},
 		{"health ttl of a minute", Config{Module: "m", Token: "t", PIN: "p", HealthTTL: caddy.Duration(time.Minute)}, true},
 		{"health ttl over the spec's minute", Config{Module: "m", Token: "t", PIN: "p", HealthTTL: caddy.Duration(61 * time.Second)}, false},
+		{"pin refused codes as numbers and names", Config{Module: "m", Token: "t", PIN: "p",
+			PINRefusedCodes: []string{"0x80000001", "2147483650", "CKR_VENDOR_DEFINED+0x3", "CKR_FUNCTION_FAILED"}}, true},
+		{"a pin refused code that is no code", Config{Module: "m", Token: "t", PIN: "p", PINRefusedCodes: []string{"wrong-pin"}}, false},
+		{"CKR_OK as a pin refused code", Config{Module: "m", Token: "t", PIN: "p", PINRefusedCodes: []string{"0"}}, false},
+		{"a pin refused code past 32 bits", Config{Module: "m", Token: "t", PIN: "p", PINRefusedCodes: []string{"0x100000000"}}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if err := tc.cfg.Validate(); (err == nil) != tc.ok {

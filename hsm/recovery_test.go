@@ -3,6 +3,7 @@ package hsm
 import (
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"testing"
 	"time"
@@ -172,5 +173,69 @@ func TestHealthIsNotCachedAcrossAReconnect(t *testing.T) {
 	waitFor(t, settle, func() bool { return !b.tok.lib.down.Load() })
 	if h := b.Health(bg); h.Status != HealthDegraded || !strings.Contains(h.Reason, "reconnected") {
 		t.Fatalf("first health after the reconnection: %+v", h)
+	}
+}
+
+// TestFailedLoginBacksOff: the token forgets the login
+// (CKR_USER_NOT_LOGGED_IN) and C_Login fails on every try, with a PIN code
+// of PKCS#11, with a vendor's code, or with another error. 20 requests
+// never make 20 C_Login calls: a refused PIN (PKCS#11's codes, and those
+// named in pin_refused_codes) is tried once and never again, any other
+// failure again only after a backoff that doubles from loginBackoffMin,
+// so at most 1+log2(1+elapsed/loginBackoffMin) times in elapsed.
+func TestFailedLoginBacksOff(t *testing.T) {
+	const requests = 20
+	tests := []struct {
+		name    string
+		code    string
+		named   []string // pin_refused_codes
+		refused bool     // a refused PIN: one C_Login, never another
+	}{
+		{"CKR_PIN_INCORRECT: refused", "0xA0", nil, true},
+		{"a vendor's code, named in pin_refused_codes: refused", "0x80000001", []string{"0x80000001"}, true},
+		{"a vendor's code, named as logs name it: refused", "0x80000001", []string{"CKR_VENDOR_DEFINED+0x1"}, true},
+		{"a vendor's code, not named: backs off", "0x80000001", nil, false},
+		{"CKR_FUNCTION_FAILED: backs off", "0x6", []string{"0x80000001"}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b, shim, _ := shimBackend(t, func(c *Config) { c.PINRefusedCodes = tt.named })
+			logins := shim.Calls("C_Login")
+			shim.Set("C_Encrypt=0x101", "C_Login="+tt.code)
+			start := time.Now()
+			for range requests {
+				if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); !errors.Is(err, ErrUnavailable) {
+					t.Fatalf("Encrypt while logins fail: %v", err)
+				}
+			}
+			elapsed := time.Since(start)
+			n := shim.Calls("C_Login") - logins
+			bound := 1
+			if !tt.refused {
+				bound = 1 + int(math.Log2(1+float64(elapsed)/float64(loginBackoffMin)))
+			}
+			t.Logf("%d requests in %s: %d C_Login calls (at most %d)", requests, elapsed.Round(time.Millisecond), n, bound)
+			if n < 1 || n > bound {
+				t.Fatalf("%d requests in %s made %d C_Login calls, want 1 to %d", requests, elapsed, n, bound)
+			}
+			if refused := b.tok.pinFailed.Load() != nil; refused != tt.refused {
+				t.Fatalf("PIN recorded as refused: %v, want %v", refused, tt.refused)
+			}
+			if tt.refused {
+				return
+			}
+			// Once the backoff is over, a request logs in again.
+			b.tok.connectMu.Lock()
+			retry := b.tok.loginRetry
+			b.tok.connectMu.Unlock()
+			waitFor(t, settle, func() bool { return time.Now().After(retry) })
+			before := shim.Calls("C_Login")
+			if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); !errors.Is(err, ErrUnavailable) {
+				t.Fatalf("Encrypt while logins fail: %v", err)
+			}
+			if n := shim.Calls("C_Login") - before; n != 1 {
+				t.Fatalf("%d C_Login calls after the backoff, want 1", n)
+			}
+		})
 	}
 }

@@ -86,6 +86,15 @@ type token struct {
 	// pinFailed is the error of the last login refused for the PIN; while
 	// it is set nothing logs in.
 	pinFailed atomic.Pointer[Error]
+	// pinRefused are the codes besides PKCS#11's PIN codes that mean the
+	// PIN was refused (pin_refused_codes).
+	pinRefused atomic.Pointer[map[uint]bool]
+	// After any other failed login, loginErr is its error, and no login is
+	// tried before loginRetry; loginBackoff doubles with each failure.
+	// Guarded by connectMu.
+	loginErr     *Error
+	loginRetry   time.Time
+	loginBackoff time.Duration
 	// loginFailures counts failed C_Login calls, for metrics.
 	loginFailures atomic.Uint64
 
@@ -124,6 +133,8 @@ func openToken(cfg *Config, logger *zap.Logger) (*token, error) {
 		ivs:         newIVRegistry(ivWindow),
 	}
 	t.pin.Store(&cfg.PIN)
+	codes, _ := cfg.pinRefusedCodes() // validated
+	t.pinRefused.Store(&codes)
 	gen, ok := lib.acquire()
 	if !ok {
 		_, reason, _ := lib.status()
@@ -175,9 +186,13 @@ func (t *token) connect(gen uint64) (*tokenState, error) {
 		return st, st.err
 	}
 	// A caller that waited for the lock behind a refused login must not
-	// try the same PIN again.
+	// try the same PIN again, nor one behind a failed login before its
+	// backoff is over.
 	if pe := t.pinFailed.Load(); pe != nil {
 		return nil, pe
+	}
+	if le := t.loginBackingOff(); le != nil {
+		return nil, le
 	}
 	st := &tokenState{gen: gen}
 	st.err = t.dial(st)
@@ -218,28 +233,68 @@ func (t *token) dial(st *tokenState) error {
 	return nil
 }
 
-// login runs C_Login on sh; CKR_USER_ALREADY_LOGGED_IN is success. A PIN
-// the token refuses is recorded in pinFailed, so that nothing tries it
-// again (HSMs such as Luna lock the PIN, or zeroize the partition, after a
-// few failed logins) until a configuration load asks for one more attempt,
-// and it is logged at ERROR with what the operator must do: every call fails
-// meanwhile, and this line is what says why. The caller holds connectMu.
+// Login backoff: after a failed login that is neither a refused PIN nor a
+// device failure (which the library's reconnection paces), the next C_Login
+// waits loginBackoffMin, then twice as long after each failure, up to
+// loginBackoffMax.
+const (
+	loginBackoffMin = time.Second
+	loginBackoffMax = 5 * time.Minute
+)
+
+// login runs C_Login on sh; CKR_USER_ALREADY_LOGGED_IN is success. The
+// caller holds connectMu.
+//
+// A PIN the token refuses (PKCS#11's PIN codes, and pin_refused_codes) is
+// recorded in pinFailed, so that nothing tries it again (HSMs such as Luna
+// lock the PIN, or zeroize the partition, after a few failed logins) until
+// a configuration load asks for one more attempt, and it is logged at
+// ERROR with what the operator must do: every call fails meanwhile, and
+// this line is what says why. Any other failure backs off: until
+// loginRetry, login answers the last failure without calling C_Login. An
+// HSM that refuses a PIN with a code of its own is then tried at most once
+// per backoff, not once per request.
 func (t *token) login(sh pkcs11.SessionHandle) error {
+	if le := t.loginBackingOff(); le != nil {
+		return le
+	}
 	err := t.lib.ctx.Login(sh, pkcs11.CKU_USER, *t.pin.Load())
 	if err == nil || isCKR(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
+		t.loginErr, t.loginBackoff = nil, 0
 		return nil
 	}
 	t.loginFailures.Add(1)
 	code, ok := ckrOf(err)
-	if !ok || classify(code) != classPIN {
-		return &Error{Kind: ErrUnavailable, Op: "login", CKR: ckrNameOf(err), Err: err}
+	switch {
+	case ok && (classify(code) == classPIN || (*t.pinRefused.Load())[code]):
+		pe := &Error{Kind: ErrUnavailable, Op: "login", CKR: ckrName(code),
+			Err: fmt.Errorf("token %s: %w", t.ident, errPINRefused)}
+		t.pinFailed.Store(pe)
+		t.logger.Error("the token refused the PIN; the proxy will not try it again on its own, and the token is unavailable",
+			zap.String("token", t.ident.String()), zap.String("ckr", pe.CKR), zap.String("action", pinRefusedAction))
+		return pe
+	case ok && classify(code) == classModule:
+		// The library reconnects, with a backoff of its own.
+		return &Error{Kind: ErrUnavailable, Op: "login", CKR: ckrName(code), Err: err}
 	}
-	pe := &Error{Kind: ErrUnavailable, Op: "login", CKR: ckrName(code),
-		Err: fmt.Errorf("token %s: %w", t.ident, errPINRefused)}
-	t.pinFailed.Store(pe)
-	t.logger.Error("the token refused the PIN; the proxy will not try it again on its own, and the token is unavailable",
-		zap.String("token", t.ident.String()), zap.String("ckr", pe.CKR), zap.String("action", pinRefusedAction))
-	return pe
+	t.loginBackoff = min(max(2*t.loginBackoff, loginBackoffMin), loginBackoffMax)
+	t.loginRetry = time.Now().Add(t.loginBackoff)
+	t.loginErr = &Error{Kind: ErrUnavailable, Op: "login", CKR: ckrNameOf(err),
+		Err: fmt.Errorf("token %s: %w; no login is tried for %s", t.ident, err, t.loginBackoff)}
+	t.logger.Error("logging in to the token failed; the next login waits",
+		zap.String("token", t.ident.String()), zap.String("ckr", t.loginErr.CKR), zap.Duration("backoff", t.loginBackoff),
+		zap.String("action", "if the HSM means by this code that it refused the PIN, name the code in the backend's pin_refused_codes, "+
+			"so that a wrong PIN is never tried again on its own"))
+	return t.loginErr
+}
+
+// loginBackingOff returns the last failed login's error while its backoff
+// lasts, else nil. The caller holds connectMu.
+func (t *token) loginBackingOff() *Error {
+	if t.loginErr != nil && !t.noLogin && time.Now().Before(t.loginRetry) {
+		return t.loginErr
+	}
+	return nil
 }
 
 // findSlot returns the one slot whose token matches id. Slots are never
