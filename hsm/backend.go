@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/miekg/pkcs11"
 	"go.uber.org/zap"
 )
 
@@ -242,7 +241,7 @@ func Open(name string, cfg Config, logger *zap.Logger) (*Backend, error) {
 	b.ivMode, err = b.resolveIVMode(context.Background(), mode)
 	if err != nil {
 		_, _ = tokens.Delete(key)
-		if code, _ := ckrOf(err); b.privateKeys && (code == pkcs11.CKR_ATTRIBUTE_VALUE_INVALID || code == pkcs11.CKR_TEMPLATE_INCONSISTENT) {
+		if b.privateKeys && refusesPrivateKeys(err) {
 			// The token refused the template of the self-test's private
 			// session key, as nShield's accelerator slot does.
 			err = fmt.Errorf("%w (private_keys is true, and a token that cannot hold private objects, such as the nShield accelerator slot, needs private_keys false)", err)

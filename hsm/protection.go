@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"strings"
@@ -139,6 +140,36 @@ const softHSMManufacturer = "SoftHSM project"
 // PrivateKeys reports whether keys the backend generates are CKA_PRIVATE
 // (private_keys).
 func (b *Backend) PrivateKeys() bool { return b.privateKeys }
+
+// CanHoldPrivateKeys reports whether the backend's token takes a key with
+// CKA_PRIVATE true, by generating a session key with it, which leaves
+// nothing on the token. Only a token that refuses one, such as nShield's
+// accelerator slot, needs keys that are not private; on any other such a
+// key is visible and usable without a login, and SoftHSM2 writes it to its
+// token directory unencrypted.
+func (b *Backend) CanHoldPrivateKeys(ctx context.Context) (bool, error) {
+	can := false
+	err := b.run(ctx, "private key probe", "", b.adminTimeout, func(cs *callSession) error {
+		key, err := cs.sessionKey(true)
+		if refusesPrivateKeys(err) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		can = true
+		_ = cs.ctx.DestroyObject(cs.h, key)
+		return nil
+	})
+	return can, err
+}
+
+// refusesPrivateKeys reports whether err is a token's refusal of a key
+// template with CKA_PRIVATE true, as nShield's accelerator slot refuses it.
+func refusesPrivateKeys(err error) bool {
+	code, _ := ckrOf(err)
+	return code == pkcs11.CKR_ATTRIBUTE_VALUE_INVALID || code == pkcs11.CKR_TEMPLATE_INCONSISTENT
+}
 
 // NonPrivateKeyMeaning says what a key with CKA_PRIVATE false means on this
 // backend's token, in a sentence for the operator.

@@ -132,6 +132,10 @@ func TestVendorKeygen(t *testing.T) {
 		t.Run(p.Name, func(t *testing.T) {
 			tk, shim := vendorToken(t, p)
 			b := open(t, p.Name, vendorConfig(tk, shim, shim.Path))
+			// The token says whether it needs keys that are not private.
+			if can, err := b.CanHoldPrivateKeys(bg); err != nil || can != p.PrivateKeys {
+				t.Fatalf("CanHoldPrivateKeys = %v, %v; the module needs private_keys %v", can, err, p.PrivateKeys)
+			}
 			meta, err := b.GenerateKey(bg, "generated")
 			if err != nil {
 				t.Fatalf("GenerateKey: %v", err)

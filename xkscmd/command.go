@@ -46,9 +46,11 @@ var subcommands = []subcommand{
 		long: `
 Creates a token AES-256 key labelled with the external key id, with the
 secure template: sensitive, never extractable, not modifiable, usable for
-encrypt and decrypt only (CKA_PRIVATE as the backend's private_keys says;
-with private_keys false it says what a key that is not private means on
-the token it writes to).
+encrypt and decrypt only (CKA_PRIVATE as the backend's private_keys says).
+With private_keys false it makes a key that is not private only on a token
+that cannot hold private keys (nShield's accelerator slot), or with
+--allow-non-private, and says what such a key means on the token: anywhere
+else it is usable without a login, and SoftHSM2 writes it unencrypted.
 It refuses a label that already exists. It then reads the key back (it must
 be AES_256 with ENCRYPT and DECRYPT) and runs an encrypt/decrypt round trip.
 
@@ -59,6 +61,7 @@ make keys for conformance tests and should not be used for production keys.`,
 			fs.StringP("label", "l", "", "External key id: the key's CKA_LABEL and CKA_ID (required)")
 			fs.StringP("backend", "b", "", "HSM backend name from the config (default: the only one)")
 			fs.String("usage", "encrypt,decrypt", "What the key may do: encrypt, decrypt, both, or none")
+			fs.Bool("allow-non-private", false, "With private_keys false, make the key on a token that can hold private keys too")
 		},
 		run: cmdKeygen,
 	},

@@ -77,6 +77,9 @@ func cmdKeygen(fl caddycmd.Flags, out io.Writer) (int, error) {
 	defer b.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	if err := refuseReadableKey(ctx, b, fl.Bool("allow-non-private")); err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
 
 	md, err := b.GenerateKeyWithUsage(ctx, label, usage)
 	if err != nil {
@@ -90,6 +93,26 @@ func cmdKeygen(fl caddycmd.Flags, out io.Writer) (int, error) {
 		fmt.Fprintf(out, "warning: the key is not CKA_PRIVATE (private_keys false): %s\n", b.NonPrivateKeyMeaning())
 	}
 	return caddy.ExitCodeSuccess, nil
+}
+
+// refuseReadableKey refuses to make a key that is not CKA_PRIVATE
+// (private_keys false) on a token that can hold private keys: only one that
+// cannot, such as nShield's accelerator slot, needs it, and on any other
+// the key is visible and usable without a login, or on SoftHSM2 written to
+// disk unencrypted. allow makes it anyway.
+func refuseReadableKey(ctx context.Context, b *hsm.Backend, allow bool) error {
+	if b.PrivateKeys() || allow {
+		return nil
+	}
+	can, err := b.CanHoldPrivateKeys(ctx)
+	if err != nil {
+		return fmt.Errorf("backend %s has private_keys false; checking whether its token needs that: %w", b.Name(), err)
+	}
+	if !can {
+		return nil
+	}
+	return fmt.Errorf("backend %s has private_keys false, but its token holds private keys, so it does not need keys that are not: %s; "+
+		"set private_keys true, or pass --allow-non-private to make such a key anyway", b.Name(), b.NonPrivateKeyMeaning())
 }
 
 // proveKey reads the new key back and uses it: the metadata must be what

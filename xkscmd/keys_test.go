@@ -216,10 +216,12 @@ func TestKeysShowsWhoCanObtainAKey(t *testing.T) {
 	}
 }
 
-// TestKeygenSaysWhatANonPrivateKeyMeans: with private_keys false (which
-// only the nShield accelerator slot needs), keygen on SoftHSM2 writes a key
-// that SoftHSM2 stores unencrypted; keygen and keys say so.
-func TestKeygenSaysWhatANonPrivateKeyMeans(t *testing.T) {
+// TestKeygenRefusesANonPrivateKeyWhereItIsReadable: with private_keys false
+// (which only a token that cannot hold private keys needs, such as the
+// nShield accelerator slot), keygen on SoftHSM2, which stores such a key
+// unencrypted, makes no key and says why; told to with --allow-non-private
+// it makes one, and keygen and keys say what it means.
+func TestKeygenRefusesANonPrivateKeyWhereItIsReadable(t *testing.T) {
 	if !hsmtest.Available() {
 		t.Skip("SoftHSM2 is not installed")
 	}
@@ -228,8 +230,21 @@ func TestKeygenSaysWhatANonPrivateKeyMeans(t *testing.T) {
 	block := proxytest.Backend{Name: "main", Module: tk.Module, Token: tk.Label, PINEnv: "XKSCMD_TEST_PIN_PUBLIC", Extra: "\t\t\tprivate_keys false"}.Block()
 	config := writeFile(t, t.TempDir(), "Caddyfile", "{\n\thsm {\n"+block+"\t}\n}\n")
 	out, err := runCommand(t, "keygen", "--config", config, "--label", "public-key")
+	if err == nil {
+		t.Fatalf("keygen made a key that is not private on SoftHSM2:\n%s", out)
+	}
+	for _, want := range []string{"private_keys false", "holds private keys", "written unencrypted to the token directory", "--allow-non-private"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("keygen's refusal does not say %q: %v", want, err)
+		}
+	}
+	if labels, err := runCommand(t, "keys", "--config", config, "--labels"); err != nil || strings.TrimSpace(labels) != "" {
+		t.Fatalf("the token holds keys after the refusal: %q %v", labels, err)
+	}
+
+	out, err = runCommand(t, "keygen", "--config", config, "--label", "public-key", "--allow-non-private")
 	if err != nil {
-		t.Fatalf("keygen: %v", err)
+		t.Fatalf("keygen --allow-non-private: %v", err)
 	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	if len(lines) != 2 || lines[0] != `created key "public-key" in backend main: AES_256 ENCRYPT,DECRYPT ENABLED` {
