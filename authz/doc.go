@@ -17,6 +17,12 @@
 //	   "expression": "principal.glob(\"arn:aws:sts::111122223333:assumed-role/KeyAdmin/*\") && operation == \"GetKeyMetadata\""}
 //	]
 //
+// The request metadata a rule reads (principal, kms_operation, key_arn,
+// ...) is part of the body KMS signs, so anyone who holds the key store's
+// SigV4 secret can write any value into it: rules on those fields constrain
+// KMS, not a holder of the secret. operation, key_store, key_id and
+// access_key_id come from the request itself.
+//
 // Compile checks a policy once, when the configuration is loaded; Evaluate
 // runs it for each GetKeyMetadata, Encrypt and Decrypt request. GetHealthStatus
 // is never subject to policy. A denied request is answered with
