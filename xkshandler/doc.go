@@ -44,7 +44,9 @@
 //	URI path and key id syntax       route.go (APIPathSuffix, uriPathPattern, validKeyID); CompleteURIPath, keystore.go
 //	the raw path, SigV4              package sigv4auth (RawPath, Verifier)
 //	configuration rules              KeyStore.validate, Handler.Validate; defaults in the Provision methods
+//	reading a body (memory as bytes arrive) readBody, handler.go
 //	request bodies                   request.go
+//	the server of the key stores     server.go (HTTP/2 stream limit, HTTP/3 warning)
 //	secondary authorization          package authz; KeyStore.authorize
 //	the AAD given to the HSM, CDIV   framing.go
 //	the four operations, failover    operations.go

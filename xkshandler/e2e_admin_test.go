@@ -47,17 +47,7 @@ localhost:%d {
 	}
 }
 `, in.HTTPSPort, region, c.akid, keyBoth, proxytest.KeyStoreDefaults(""))
-	config := filepath.Join(in.Dir, "Caddyfile")
-	if err := os.WriteFile(config, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(self)
-	cmd.Env = append(os.Environ(), runAsCaddy+"="+config, "SOFTHSM2_CONF="+tk.Conf,
-		"XKS_ADMIN_PIN="+tk.PIN, "XKS_ADMIN_SECRET="+c.secret, "HOME="+in.Dir, "XDG_DATA_HOME="+in.Dir, "XDG_CONFIG_HOME="+in.Dir)
+	cmd := caddyCommand(t, in, cfg, tk, "XKS_ADMIN_PIN="+tk.PIN, "XKS_ADMIN_SECRET="+c.secret)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -68,7 +58,7 @@ localhost:%d {
 	t.Cleanup(func() {
 		if cmd.ProcessState == nil {
 			_ = cmd.Process.Kill()
-			<-exited
+			t.Logf("the proxy, killed: %v", <-exited)
 		}
 	})
 

@@ -209,7 +209,7 @@ func TestUnsignedHTTP2BodiesHoldNoMemory(t *testing.T) {
 	}
 	after := liveHeap()
 	held := goroutinesIn(waiting)
-	growth := int64(after) - int64(before)
+	growth := int64(after) - int64(before) //nolint:gosec // heap sizes, far below 2^63
 	t.Logf("%d streams declaring %d bytes each: %d handlers waiting, %d streams reset (server's MAX_CONCURRENT_STREAMS %d); heap %d KiB -> %d KiB, growth %d KiB",
 		streams, declared, held, a.reset.Load(), a.maxStreams.Load(), before>>10, after>>10, growth>>10)
 	if growth > maxAttackHeapGrowth {

@@ -59,7 +59,6 @@ func startInstance(t *testing.T, tk hsmtest.Token, storage string, c credential)
 // directory, so that it keeps its instance id across restarts.
 func (in *instance) start(t *testing.T, tk hsmtest.Token, c credential, xksExtra, ksExtra string) {
 	t.Helper()
-	config := filepath.Join(in.Dir, "Caddyfile")
 	hsm := proxytest.Backend{Name: "main", Module: tk.Module, Token: tk.Label, PINEnv: "XKS_FLEET_PIN"}
 	cfg := in.Global("\thsm {\n"+hsm.Block()+"\t}\n") + fmt.Sprintf(`
 localhost:%[1]d {
@@ -75,17 +74,7 @@ localhost:%[1]d {
 	}
 }
 `, in.HTTPSPort, region, c.akid, keyBoth, proxytest.KeyStoreDefaults(""), xksExtra, ksExtra)
-	if err := os.WriteFile(config, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	// Not os.Args[0]: it may be a relative path.
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	in.cmd = exec.Command(self)
-	in.cmd.Env = append(os.Environ(), runAsCaddy+"="+config, "SOFTHSM2_CONF="+tk.Conf,
-		"XKS_FLEET_PIN="+tk.PIN, "XKS_FLEET_SECRET="+c.secret, "HOME="+in.Dir, "XDG_DATA_HOME="+in.Dir, "XDG_CONFIG_HOME="+in.Dir)
+	in.cmd = caddyCommand(t, in.Instance, cfg, tk, "XKS_FLEET_PIN="+tk.PIN, "XKS_FLEET_SECRET="+c.secret)
 	if err := in.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -103,6 +92,28 @@ localhost:%[1]d {
 			_ = cmd.Process.Kill()
 		}
 	})
+}
+
+// caddyCommand writes cfg as the instance's Caddyfile and returns, not
+// started, this test binary run as `caddy run` on it: with tk's SoftHSM2
+// configuration, the instance's directory as its HOME and data directory
+// (so that it keeps its instance id across restarts), and env added to the
+// test's environment.
+func caddyCommand(t *testing.T, in *proxytest.Instance, cfg string, tk hsmtest.Token, env ...string) *exec.Cmd {
+	t.Helper()
+	config := filepath.Join(in.Dir, "Caddyfile")
+	if err := os.WriteFile(config, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Not os.Args[0]: it may be a relative path.
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), runAsCaddy+"="+config, "SOFTHSM2_CONF="+tk.Conf, "HOME="+in.Dir, "XDG_DATA_HOME="+in.Dir, "XDG_CONFIG_HOME="+in.Dir)
+	cmd.Env = append(cmd.Env, env...)
+	return cmd
 }
 
 // stop ends the instance's process with sig (SIGTERM: a clean stop, as
