@@ -199,7 +199,7 @@ func TestFailedLoginBacksOff(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			b, shim, _ := shimBackend(t, func(c *Config) { c.PINRefusedCodes = tt.named })
+			b, shim, tk := shimBackend(t, func(c *Config) { c.PINRefusedCodes = tt.named })
 			logins := shim.Calls("C_Login")
 			shim.Set("C_Encrypt=0x101", "C_Login="+tt.code)
 			start := time.Now()
@@ -224,12 +224,22 @@ func TestFailedLoginBacksOff(t *testing.T) {
 			if tt.refused {
 				return
 			}
+			// A load is one deliberate attempt, whatever the backoff.
+			before := shim.Calls("C_Login")
+			cfg := configFor(tk)
+			cfg.Module = shim.Path
+			if _, err := Open("reloaded", cfg, nil); err == nil {
+				t.Fatal("a load succeeded while logins fail")
+			}
+			if n := shim.Calls("C_Login") - before; n != 1 {
+				t.Fatalf("the load made %d C_Login calls, want 1", n)
+			}
 			// Once the backoff is over, a request logs in again.
 			b.tok.connectMu.Lock()
 			retry := b.tok.loginRetry
 			b.tok.connectMu.Unlock()
 			waitFor(t, settle, func() bool { return time.Now().After(retry) })
-			before := shim.Calls("C_Login")
+			before = shim.Calls("C_Login")
 			if _, err := b.Encrypt(bg, "k1", []byte("x"), nil); !errors.Is(err, ErrUnavailable) {
 				t.Fatalf("Encrypt while logins fail: %v", err)
 			}

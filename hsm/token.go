@@ -395,24 +395,32 @@ func (t *token) sinceRecovery() time.Duration {
 var _ caddy.Destructor = (*token)(nil)
 
 // retryLogin is a configuration load's one attempt to log in to a token
-// whose PIN was refused: the operator fixed the PIN (in the config, or on
-// the HSM) and reloaded. An unchanged config counts too, through `caddy
-// reload --force`; a plain reload of an unchanged config is a no-op in
-// Caddy and never reaches here. The load's PIN replaces the refused one.
-// Nothing else tries a refused PIN again, so each load is one deliberate
-// login. It reports whether the token had refused its PIN; the load's
-// self-test then fails if this login did.
+// whose PIN was refused, or whose last login failed and waits its backoff:
+// the operator fixed the PIN (in the config, or on the HSM) or the HSM, and
+// reloaded. An unchanged config counts too, through `caddy reload --force`;
+// a plain reload of an unchanged config is a no-op in Caddy and never
+// reaches here. The load's PIN replaces the refused one. Nothing else tries
+// a refused PIN again, or a failed login before its backoff is over, so
+// each load is one deliberate login (a failure backs off further). It
+// reports whether there was such a login to try; the load's self-test then
+// fails if this login did.
 func (t *token) retryLogin(logger *zap.Logger, backend, pin string) bool {
 	t.connectMu.Lock()
-	if t.pinFailed.Load() == nil || t.noLogin {
+	refused := t.pinFailed.Load() != nil
+	if (!refused && t.loginBackingOff() == nil) || t.noLogin {
 		t.connectMu.Unlock()
 		return false
 	}
 	changed := pin != *t.pin.Load()
 	t.pin.Store(&pin)
 	t.pinFailed.Store(nil)
+	t.loginRetry = time.Time{}
 	t.connectMu.Unlock()
-	logger.Warn("the token refused its PIN earlier; this configuration load tries to log in once",
+	why := "the token refused its PIN earlier"
+	if !refused {
+		why = "the token's last login failed and waits its backoff"
+	}
+	logger.Warn(why+"; this configuration load tries to log in once",
 		zap.String("backend", backend), zap.String("token", t.ident.String()), zap.Bool("pin_changed", changed))
 	gen, ok := t.lib.acquire()
 	if !ok {

@@ -17,9 +17,10 @@ import (
 // server and the proxy keep for it, about 12 KiB, until its body is read,
 // and the body comes before the signature is checked: with Go's default of
 // 250 streams, one connection of a client that knows only a key store's
-// path held 3 MiB, where 32 streams hold some 400 KiB. KMS has a call
-// answered in 250 ms, and the HSM serves max_sessions (32 by default) calls
-// at once; a connection with more calls waiting gains nothing.
+// path held 3 MiB, where 32 streams hold some 400 KiB. KMS gives a call
+// 250 ms, and the HSM serves max_sessions (32 by default) calls at once: a
+// connection with more calls open than that could not have them all in the
+// HSM anyway.
 const defaultMaxConcurrentStreams = 32
 
 // streamsMu serializes limitStreams: the first connection of a server sets
@@ -75,8 +76,8 @@ func limitStreams(hs *http.Server, n int) {
 
 // warnOfHTTP3 logs a warning when srv offers HTTP/3, as Caddy's servers do
 // unless told otherwise. KMS calls over HTTP/1.1 and HTTP/2 only, and
-// Caddy's HTTP/3 accepts 0-RTT by default: a request sent as early data
-// can be replayed by anyone on the network path, with no signature needed.
+// Caddy's HTTP/3 accepts 0-RTT by default: anyone on the network path can
+// replay a request sent as early data, without breaking TLS.
 func warnOfHTTP3(srv *caddyhttp.Server, logger *zap.Logger) {
 	offered := srv.Protocols == nil || slices.Contains(srv.Protocols, "h3")
 	for _, p := range srv.ListenProtocols {
