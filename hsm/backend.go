@@ -104,6 +104,15 @@ type Config struct {
 	// is first loaded, so changing it needs a restart. Default: none
 	// (pReserved is NULL).
 	InitArgs string `json:"init_args,omitempty"`
+	// KWPMechanism is the PKCS#11 mechanism number of AES key wrap with
+	// padding (RFC 5649, A256KWP), in hex or decimal: 0x210B
+	// (CKM_AES_KEY_WRAP_KWP) on NSS softokn and tokens of PKCS#11 3.x, 0x210A
+	// on SoftHSM2, where NSS and PKCS#11 3.x mean PKCS#7 padding by it. A
+	// known-answer test on RFC 5649's vectors proves it at start-up and a
+	// number that fails it fails the backend, naming the number that
+	// passes. Default: unset, which probes 0x210B then 0x210A and uses the
+	// one that passes (none: A256KWP is refused).
+	KWPMechanism string `json:"kwp_mechanism,omitempty"`
 }
 
 // pinRefusedCodes parses PINRefusedCodes.
@@ -139,6 +148,11 @@ func (c *Config) Validate() error {
 	}
 	if _, err := c.pinRefusedCodes(); err != nil {
 		return err
+	}
+	if c.KWPMechanism != "" {
+		if _, err := ParseMechanism(c.KWPMechanism); err != nil {
+			return fmt.Errorf("kwp_mechanism: %w", err)
+		}
 	}
 	if c.MaxSessions < 0 {
 		return fmt.Errorf("max_sessions must not be negative, got %d", c.MaxSessions)
@@ -187,6 +201,8 @@ type Backend struct {
 	// allowExportable is AllowExportableKeys: backends sharing a token
 	// share its key cache, and each applies its own setting.
 	allowExportable bool
+	// keyWrap is what the known-answer tests of key wrap proved at Open.
+	keyWrap *keyWrapSupport
 
 	inflight  atomic.Int64
 	closeOnce sync.Once
@@ -248,12 +264,21 @@ func Open(name string, cfg Config, logger *zap.Logger) (*Backend, error) {
 		}
 		return nil, fmt.Errorf("hsm backend %q: %w", name, err)
 	}
+	var kwpMech uint
+	if cfg.KWPMechanism != "" {
+		kwpMech, _ = ParseMechanism(cfg.KWPMechanism)
+	}
+	if b.keyWrap, err = b.proveKeyWrap(context.Background(), kwpMech); err != nil {
+		_, _ = tokens.Delete(key)
+		return nil, fmt.Errorf("hsm backend %q: %w", name, err)
+	}
 	if !b.privateKeys && b.describe().Manufacturer == softHSMManufacturer {
 		logger.Warn("private_keys is false on a token that stores keys that are not private in the clear: "+b.NonPrivateKeyMeaning(),
 			zap.String("backend", name))
 	}
 	logger.Info("hsm backend ready", zap.String("backend", name),
-		zap.Stringer("iv_mode", b.ivMode), zap.Bool("iv_mode_detected", mode == ivAuto))
+		zap.Stringer("iv_mode", b.ivMode), zap.Bool("iv_mode_detected", mode == ivAuto),
+		zap.String("key_wrap", b.keyWrap.kw.describe()), zap.String("key_wrap_pad", b.keyWrap.kwp.describe()))
 	return b, nil
 }
 

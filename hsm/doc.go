@@ -1,9 +1,12 @@
-// Package hsm does the AES-256-GCM work of the XKS proxy in an HSM over
-// PKCS#11, and provides the "hsm" Caddy app that owns named backends.
+// Package hsm does the cryptography of the proxy's front ends in an HSM over
+// PKCS#11 (AES-256-GCM for AWS XKS; AES key wrap and RSA-OAEP for Azure
+// Managed HSM's external keys), and provides the "hsm" Caddy app that owns
+// named backends.
 //
 // A Backend is opened from a Config (module path, token, PIN, IV mode, pool
 // limits) by Open or by the app, and offers Encrypt, Decrypt, Metadata,
-// GenerateKey, ListKeys, Health and Stats. Every error it returns is an
+// GenerateKey, ListKeys, WrapKey, UnwrapKey, WrapKeyMetadata,
+// GenerateWrapKey, Health and Stats. Every error it returns is an
 // *Error whose Kind (ErrKeyNotFound, ErrBusy, ErrTimeout, ...) says what the
 // caller should answer; the CKR name is kept for logs.
 //
@@ -95,7 +98,28 @@
 // against zeros and against the recent IVs of the token; a repeat is a hard
 // error, never a silent nonce reuse.
 //
-// Tests use real SoftHSM2 tokens from package hsmtest, and a fault-injection
-// shim module (internal/faultshim) for device errors, dead sessions and
-// hangs.
+// Key wrap. AES key wrap (RFC 3394) and AES key wrap with padding (RFC
+// 5649) run as C_Encrypt/C_Decrypt on a token whose C_GetMechanismInfo
+// flags offer that (NSS softokn), else as C_WrapKey/C_UnwrapKey with the
+// data key in a session object that is destroyed on every path out of the
+// call (SoftHSM2, nShield); never a token object. RFC 5649's mechanism
+// number differs by token (0x210B, CKM_AES_KEY_WRAP_KWP, on NSS and in
+// PKCS#11 3.x; 0x210A on SoftHSM2, where NSS and PKCS#11 3.x mean PKCS#7
+// padding by it), so it is the setting kwp_mechanism, probed when unset.
+// Open runs a known-answer test of every path and number on the RFCs' own
+// vectors: a mechanism that gives other bytes is not used, and a
+// configured one fails the backend with the number that passes. SoftHSM2
+// 2.6.1 pads data keys with zeros to whole 8-byte blocks before it wraps
+// them, silently: RFC 3394 inputs that are not whole blocks are refused
+// before the token sees them, and RFC 5649 lengths the test found wrong.
+// RSA-OAEP unwraps on the private key in the HSM with the algorithm's hash
+// and MGF (never a raw decryption padded on the host); it wraps in software
+// with the public key read from the token, once the key pair is proven to
+// unwrap what it wraps, so that a token that cannot do a hash (SoftHSM2
+// does OAEP with SHA-1 only) or a public key of another pair never yields
+// a wrapped key that cannot be unwrapped (keywrap.go, wrapkeys.go, rsa.go).
+//
+// Tests use real SoftHSM2 tokens and NSS softokn from package hsmtest, and
+// a fault-injection shim module (internal/faultshim) for device errors,
+// dead sessions and hangs.
 package hsm

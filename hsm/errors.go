@@ -20,7 +20,9 @@ var (
 	// keys (allow_exportable_keys). The proxy does not use it at all.
 	ErrKeyExportable = errors.New("key value can leave the hsm")
 	// ErrKeyUsage: the key is not an AES-256 key permitted to encrypt and
-	// decrypt, or the HSM refused the mechanism for it.
+	// decrypt (for key wrap: not an AES-256 key or an RSA key of 2048, 3072
+	// or 4096 bits, permitted to wrap and unwrap), or the HSM refused the
+	// mechanism for it.
 	ErrKeyUsage = errors.New("key usage not permitted")
 	// ErrInvalidCiphertext: authentication of the ciphertext failed (wrong
 	// key, IV, AAD, tag or ciphertext) or the input is malformed.
@@ -36,6 +38,17 @@ var (
 	ErrInternal = errors.New("hsm internal error")
 	// ErrKeyExists: GenerateKey was asked for a label already in use.
 	ErrKeyExists = errors.New("key label already exists")
+	// ErrInvalidInput: a key wrap input has a length the algorithm does
+	// not take, or that the token cannot wrap correctly; the token never
+	// saw it.
+	ErrInvalidInput = errors.New("invalid input")
+	// ErrAlgorithmMismatch: the key wrap algorithm does not fit the key's
+	// type (an RSA algorithm with an AES key, or the reverse).
+	ErrAlgorithmMismatch = errors.New("algorithm does not fit the key")
+	// ErrUnsupportedAlgorithm: the token cannot do the key wrap algorithm:
+	// it does not offer it, refuses its parameters, or failed its
+	// known-answer test.
+	ErrUnsupportedAlgorithm = errors.New("algorithm not supported by the hsm")
 )
 
 // Error is the error type of every Backend operation.

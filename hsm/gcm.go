@@ -131,23 +131,34 @@ func decryptGCM(cs *callSession, key pkcs11.ObjectHandle, op, label string, iv, 
 	}
 	pt, err := cs.t.lib.fns.decrypt(cs.h, in, len(in))
 	if err != nil {
-		switch code, _ := ckrOf(err); code {
-		case pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE:
-			return nil, &Error{Kind: ErrInvalidCiphertext, Op: op, Key: label, CKR: ckrName(code), Err: err}
-		case pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_FUNCTION_FAILED:
-			if cerr := cs.tokenAnswers(); cerr != nil {
-				cs.t.logger.Warn("C_Decrypt failed and the token failed a check right after: an hsm fault, not invalid ciphertext",
-					zap.String("key", label), zap.String("decrypt_ckr", ckrName(code)), zap.String("check_ckr", ckrNameOf(cerr)))
-				return nil, cerr
-			}
-			return nil, &Error{Kind: ErrInvalidCiphertext, Op: op, Key: label, CKR: ckrName(code), Err: err}
-		}
-		return nil, err
+		return nil, cs.decryptFailure(err, op, label)
 	}
 	if len(pt) != len(ct) {
 		return nil, &Error{Kind: ErrInternal, Op: op, Key: label, Err: &outputLenError{got: len(pt), want: len(ct)}}
 	}
 	return pt, nil
+}
+
+// decryptFailure says what a failed C_Decrypt or C_UnwrapKey means. The
+// codes PKCS#11 gives a ciphertext or wrapped key that does not
+// authenticate mean just that (ErrInvalidCiphertext); so do
+// CKR_GENERAL_ERROR (SoftHSM2) and CKR_FUNCTION_FAILED (nShield) if the
+// token answers a cheap check right after (tokenAnswers). Anything else,
+// and the check's own error, is returned as it is, for the pool to handle.
+func (cs *callSession) decryptFailure(err error, op, label string) error {
+	switch code, _ := ckrOf(err); code {
+	case pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE,
+		pkcs11.CKR_WRAPPED_KEY_INVALID, pkcs11.CKR_WRAPPED_KEY_LEN_RANGE:
+		return &Error{Kind: ErrInvalidCiphertext, Op: op, Key: label, CKR: ckrName(code), Err: err}
+	case pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_FUNCTION_FAILED:
+		if cerr := cs.tokenAnswers(); cerr != nil {
+			cs.t.logger.Warn("decryption failed and the token failed a check right after: an hsm fault, not invalid ciphertext",
+				zap.String("key", label), zap.String("decrypt_ckr", ckrName(code)), zap.String("check_ckr", ckrNameOf(cerr)))
+			return cerr
+		}
+		return &Error{Kind: ErrInvalidCiphertext, Op: op, Key: label, CKR: ckrName(code), Err: err}
+	}
+	return err
 }
 
 // tokenAnswers tells a bad ciphertext from a failing token after C_Decrypt

@@ -46,7 +46,7 @@ func TestDuplicateLabelIsFoundWithoutARestart(t *testing.T) {
 		_, err := b.Encrypt(bg, "k", []byte("pt"), nil)
 		return errors.Is(err, ErrDuplicateKey)
 	})
-	if n := logs.FilterMessageSnippet("a second secret key now has the label").FilterLevelExact(zapcore.ErrorLevel).Len(); n != 1 {
+	if n := logs.FilterMessageSnippet("a second key now has the label").FilterLevelExact(zapcore.ErrorLevel).Len(); n != 1 {
 		t.Errorf("%d log lines about the duplicate, want 1:\n%s", n, logText(logs))
 	}
 	// The administrator removes both and makes one again.

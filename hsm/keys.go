@@ -81,6 +81,9 @@ type keyEntry struct {
 	// unfitToEncrypt and unfitToDecrypt are nil when the key is an AES-256
 	// key permitted to do that; else the error the operation reports.
 	unfitToEncrypt, unfitToDecrypt *Error
+	// wrap describes a key-encryption key (the wrapKeys cache); nil for an
+	// AES-GCM key.
+	wrap *wrapKey
 	// missingUntil is set on an entry recording that the label was not found.
 	missingUntil time.Time
 	// checkedAt is when the label was last searched; rechecking is set
@@ -94,10 +97,16 @@ type keyEntry struct {
 }
 
 // keyCache maps labels to handles. Handles are valid in every session of the
-// application on the token, so one cache serves the whole pool.
+// application on the token, so one cache serves the whole pool. A token has
+// one cache per kind of key, each with its own search: the AES-GCM keys of
+// Encrypt and Decrypt, and the key-encryption keys of WrapKey and UnwrapKey
+// (keywrap.go), which may be RSA key pairs.
 type keyCache struct {
 	m        sync.Map // label -> *keyEntry
 	notFound atomic.Int32
+	// load finds the one key labelled label and reads what the entry
+	// keeps of it.
+	load func(cs *callSession, op, label string) (*keyEntry, error)
 }
 
 func (c *keyCache) clear() {
@@ -107,12 +116,17 @@ func (c *keyCache) clear() {
 
 func (c *keyCache) store(label string, e *keyEntry) { c.m.Store(label, e) }
 
-// key returns the cached entry for label, searching the token if needed,
-// and refuses a key this backend may not use. A cached handle older than
-// keyRecheck is searched again first, by one call at a time.
+// key returns the cached entry of the AES-GCM key labelled label.
 func (cs *callSession) key(op, label string) (*keyEntry, error) {
+	return cs.cachedKey(&cs.t.keys, op, label)
+}
+
+// cachedKey returns the entry for label in c, searching the token if
+// needed, and refuses a key this backend may not use. A cached handle older
+// than keyRecheck is searched again first, by one call at a time.
+func (cs *callSession) cachedKey(c *keyCache, op, label string) (*keyEntry, error) {
 	var prev *keyEntry
-	if v, ok := cs.t.keys.m.Load(label); ok {
+	if v, ok := c.m.Load(label); ok {
 		e := v.(*keyEntry)
 		if e.gen == cs.gen {
 			switch {
@@ -130,52 +144,69 @@ func (cs *callSession) key(op, label string) (*keyEntry, error) {
 			}
 		}
 	}
-	e, err := cs.lookup(op, label, prev)
+	e, err := cs.lookup(c, op, label, prev)
 	if err != nil {
 		return nil, err
 	}
 	return cs.admit(op, label, e)
 }
 
-// lookup searches the token for label and caches what it finds, replacing
-// prev (the cached entry, if any): a handle, or a record that the label is
-// missing. A duplicate label is not cached, so every call fails until one of
-// the keys is removed, as it would after a restart. What changed since prev
-// is logged.
-func (cs *callSession) lookup(op, label string, prev *keyEntry) (*keyEntry, error) {
-	h, err := cs.findKey(op, label)
+// lookup searches the token for label and caches what it finds in c,
+// replacing prev (the cached entry, if any): a handle, or a record that the
+// label is missing. A duplicate label is not cached, so every call fails
+// until one of the keys is removed, as it would after a restart. What
+// changed since prev is logged.
+func (cs *callSession) lookup(c *keyCache, op, label string, prev *keyEntry) (*keyEntry, error) {
+	e, err := c.load(cs, op, label)
 	if err != nil {
 		switch {
 		case errors.Is(err, ErrDuplicateKey):
 			if prev != nil {
-				cs.t.keys.m.CompareAndDelete(label, prev)
-				cs.t.logger.Error("a second secret key now has the label of a key in use: every call with it fails until one of them is removed",
+				c.m.CompareAndDelete(label, prev)
+				cs.t.logger.Error("a second key now has the label of a key in use: every call with it fails until one of them is removed",
 					zap.String("token", cs.t.ident.String()), zap.String("key", label))
 			}
 		case errors.Is(err, ErrKeyNotFound):
 			if prev != nil {
 				cs.t.logger.Warn("a key in use is no longer on the token", zap.String("token", cs.t.ident.String()), zap.String("key", label))
 			}
-			if cs.t.keys.notFound.Add(1) <= maxNotFound {
-				cs.t.keys.store(label, &keyEntry{gen: cs.gen, missingUntil: time.Now().Add(notFoundTTL)})
+			if c.notFound.Add(1) <= maxNotFound {
+				c.store(label, &keyEntry{gen: cs.gen, missingUntil: time.Now().Add(notFoundTTL)})
 			} else if prev != nil {
-				cs.t.keys.m.CompareAndDelete(label, prev)
+				c.m.CompareAndDelete(label, prev)
 			}
 		}
 		return nil, err
 	}
-	if prev != nil && prev.handle != h {
+	if prev != nil && !prev.sameKey(e) {
 		cs.t.logger.Warn("the label of a key in use now names another key (deleted and created again?); the new one is used",
 			zap.String("token", cs.t.ident.String()), zap.String("key", label))
 	}
-	e, err := cs.loadKey(op, label, h)
-	if err == nil && prev != nil && prev.handle == h && prev.exportable == e.exportable {
-		// The same key as before: what was logged about it stands.
+	if prev != nil && prev.sameKey(e) {
+		e.inherit(prev)
+	}
+	c.store(label, e)
+	return e, nil
+}
+
+// sameKey reports whether e is the key prev was: the same objects.
+func (prev *keyEntry) sameKey(e *keyEntry) bool {
+	return prev.handle == e.handle && (prev.wrap == nil) == (e.wrap == nil) &&
+		(e.wrap == nil || prev.wrap.public == e.wrap.public)
+}
+
+// inherit carries over what prev, an entry of the same key, found out: what
+// was logged about the key (unless its protection changed) and what was
+// proven of it.
+func (e *keyEntry) inherit(prev *keyEntry) {
+	if prev.exportable == e.exportable {
 		e.logged.everExposed.Store(prev.logged.everExposed.Load())
 		e.logged.refused.Store(prev.logged.refused.Load())
 		e.logged.allowed.Store(prev.logged.allowed.Load())
 	}
-	return e, err
+	if e.wrap != nil {
+		e.wrap.inherit(prev.wrap)
+	}
 }
 
 // admit returns e unless this backend may not use the key: a key whose
@@ -207,9 +238,18 @@ func (cs *callSession) admit(op, label string, e *keyEntry) (*keyEntry, error) {
 	return nil, refusal
 }
 
-// loadKey reads the metadata and protection of handle h and caches them
-// under label.
-func (cs *callSession) loadKey(op, label string, h pkcs11.ObjectHandle) (*keyEntry, error) {
+// loadSecretKey finds the AES-GCM key labelled label and reads it.
+func (cs *callSession) loadSecretKey(op, label string) (*keyEntry, error) {
+	h, err := cs.findKey(op, label)
+	if err != nil {
+		return nil, err
+	}
+	return cs.loadKey(label, h)
+}
+
+// loadKey reads the metadata and protection of handle h, the AES-GCM key
+// labelled label.
+func (cs *callSession) loadKey(label string, h pkcs11.ObjectHandle) (*keyEntry, error) {
 	meta, err := cs.readMetadata(h)
 	if err != nil {
 		return nil, err
@@ -220,7 +260,6 @@ func (cs *callSession) loadKey(op, label string, h pkcs11.ObjectHandle) (*keyEnt
 	}
 	e := &keyEntry{gen: cs.gen, handle: h, meta: meta, protection: prot, exportable: prot.Exportable(), checkedAt: time.Now(),
 		unfitToEncrypt: unfitness(label, meta, "ENCRYPT"), unfitToDecrypt: unfitness(label, meta, "DECRYPT")}
-	cs.t.keys.store(label, e)
 	return e, nil
 }
 
@@ -421,21 +460,8 @@ func (b *Backend) CheckKey(ctx context.Context, keyLabel string) (KeyMetadata, e
 func (b *Backend) metadata(ctx context.Context, keyLabel string, fresh bool) (KeyMetadata, error) {
 	var meta KeyMetadata
 	err := b.run(ctx, "metadata", keyLabel, b.callTimeout, func(cs *callSession) error {
-		var prev *keyEntry
-		if v, ok := cs.t.keys.m.Load(keyLabel); ok {
-			switch e := v.(*keyEntry); {
-			case e.gen != cs.gen:
-			case e.missingUntil.IsZero():
-				prev = e
-			case !fresh && time.Now().Before(e.missingUntil):
-				return &Error{Kind: ErrKeyNotFound, Op: "metadata", Key: keyLabel}
-			}
-		}
-		e, err := cs.lookup("metadata", keyLabel, prev)
+		e, err := cs.freshKey(&cs.t.keys, "metadata", keyLabel, fresh)
 		if err != nil {
-			return err
-		}
-		if e, err = cs.admit("metadata", keyLabel, e); err != nil {
 			return err
 		}
 		meta = e.meta
@@ -445,6 +471,27 @@ func (b *Backend) metadata(ctx context.Context, keyLabel string, fresh bool) (Ke
 		return KeyMetadata{}, err
 	}
 	return meta, nil
+}
+
+// freshKey searches c's token for label afresh, for calls that report a
+// key's metadata, unless the label was found missing less than notFoundTTL
+// ago and fresh is false; then it refuses a key this backend may not use.
+func (cs *callSession) freshKey(c *keyCache, op, label string, fresh bool) (*keyEntry, error) {
+	var prev *keyEntry
+	if v, ok := c.m.Load(label); ok {
+		switch e := v.(*keyEntry); {
+		case e.gen != cs.gen:
+		case e.missingUntil.IsZero():
+			prev = e
+		case !fresh && time.Now().Before(e.missingUntil):
+			return nil, &Error{Kind: ErrKeyNotFound, Op: op, Key: label}
+		}
+	}
+	e, err := cs.lookup(c, op, label, prev)
+	if err != nil {
+		return nil, err
+	}
+	return cs.admit(op, label, e)
 }
 
 // ListKeys returns the label, id, metadata and protection of every secret
@@ -535,10 +582,11 @@ func (b *Backend) GenerateKeyWithUsage(ctx context.Context, label string, usage 
 		if err != nil {
 			return err
 		}
-		e, err := cs.loadKey("generate key", label, h)
+		e, err := cs.loadKey(label, h)
 		if err != nil {
 			return err
 		}
+		cs.t.keys.store(label, e)
 		meta = e.meta
 		return nil
 	})

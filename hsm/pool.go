@@ -115,6 +115,10 @@ type callSession struct {
 	st  *tokenState
 	gen uint64
 	h   pkcs11.SessionHandle
+	// discard is set when the session must not go back to the pool even
+	// though the operation succeeded: it holds an object that could not be
+	// destroyed.
+	discard bool
 }
 
 const (
@@ -240,7 +244,12 @@ func (b *Backend) attempt(c *call, gen uint64, op, key string, body func(*callSe
 			}
 			s = session{h: h, gen: gen}
 		}
-		err := body(&callSession{b: b, t: t, ctx: ctx, st: st, gen: gen, h: s.h})
+		cs := &callSession{b: b, t: t, ctx: ctx, st: st, gen: gen, h: s.h}
+		err := body(cs)
+		if err == nil && cs.discard {
+			_ = ctx.CloseSession(s.h)
+			return nil, nil
+		}
 		if err == nil {
 			return &s, nil
 		}
@@ -265,7 +274,7 @@ func (b *Backend) attempt(c *call, gen uint64, op, key string, body func(*callSe
 			t.lib.fail(gen, err)
 			return nil, wrapCKR(op, key, err)
 		case classHandle:
-			t.keys.clear()
+			t.clearKeys()
 		case classLogin:
 			if lerr := t.relogin(st); lerr != nil {
 				return nil, withOp(lerr, op, key)

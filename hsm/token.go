@@ -103,8 +103,9 @@ type token struct {
 	// destroyed is set when the last backend released it.
 	ops       atomic.Int64
 	destroyed atomic.Bool
-	keys      keyCache
-	ivs       *ivRegistry
+	// keys caches the AES-GCM keys, wrapKeys the key-encryption keys.
+	keys, wrapKeys keyCache
+	ivs            *ivRegistry
 	// generating serializes GenerateKey so two calls cannot both see a label
 	// as free.
 	generating sync.Mutex
@@ -135,6 +136,8 @@ func openToken(cfg *Config, logger *zap.Logger) (*token, error) {
 	t.pin.Store(&cfg.PIN)
 	codes, _ := cfg.pinRefusedCodes() // validated
 	t.pinRefused.Store(&codes)
+	t.keys.load = (*callSession).loadSecretKey
+	t.wrapKeys.load = (*callSession).loadWrapKey
 	gen, ok := lib.acquire()
 	if !ok {
 		_, reason, _ := lib.status()
@@ -393,6 +396,13 @@ func (t *token) sinceRecovery() time.Duration {
 }
 
 var _ caddy.Destructor = (*token)(nil)
+
+// clearKeys forgets every cached key handle, after the token said one is
+// stale.
+func (t *token) clearKeys() {
+	t.keys.clear()
+	t.wrapKeys.clear()
+}
 
 // retryLogin is a configuration load's one attempt to log in to a token
 // whose PIN was refused, or whose last login failed and waits its backoff:

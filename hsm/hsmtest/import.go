@@ -23,7 +23,12 @@ func Protection(sensitive, extractable bool) KeyOption {
 func (tk Token) ImportKey(t testing.TB, label string, value []byte, opts ...KeyOption) {
 	t.Helper()
 	// No CKA_VALUE_LEN: C_CreateObject takes the length from the value.
-	tmpl := append(keyTemplate(label), pkcs11.NewAttribute(pkcs11.CKA_VALUE, value))
+	tk.create(t, "key "+label, append(keyTemplate(label), pkcs11.NewAttribute(pkcs11.CKA_VALUE, value)), opts...)
+}
+
+// create makes an object of tmpl changed by opts (C_CreateObject).
+func (tk Token) create(t testing.TB, what string, tmpl []*pkcs11.Attribute, opts ...KeyOption) {
+	t.Helper()
 	var mech uint // unused: nothing is generated
 	for _, o := range opts {
 		o(&tmpl, &mech)
@@ -31,7 +36,7 @@ func (tk Token) ImportKey(t testing.TB, label string, value []byte, opts ...KeyO
 	p, sh := tk.session(t)
 	defer func() { _ = p.CloseSession(sh) }()
 	if _, err := p.CreateObject(sh, tmpl); err != nil {
-		t.Fatalf("importing key %q: %v", label, err)
+		t.Fatalf("importing %s: %v", what, err)
 	}
 }
 

@@ -39,10 +39,11 @@ typedef struct {
 
 enum {
 	I_Initialize = 0, I_Finalize = 1, I_GetSlotList = 4, I_GetTokenInfo = 6,
-	I_OpenSession = 12, I_GetSessionInfo = 15, I_Login = 18,
+	I_GetMechanismInfo = 8, I_OpenSession = 12, I_GetSessionInfo = 15,
+	I_Login = 18, I_CreateObject = 20, I_DestroyObject = 22,
 	I_GetAttributeValue = 24, I_FindObjectsInit = 26, I_FindObjects = 27,
 	I_EncryptInit = 29, I_Encrypt = 30, I_DecryptInit = 33, I_Decrypt = 34,
-	I_GenerateKey = 58,
+	I_GenerateKey = 58, I_WrapKey = 60, I_UnwrapKey = 61,
 };
 
 static function_list shim, *real;
@@ -171,6 +172,11 @@ WRAP(I_Encrypt, C_Encrypt, (U a, P b, U c, P d, P e), (a, b, c, d, e))
 WRAP(I_DecryptInit, C_DecryptInit, (U a, P b, U c), (a, b, c))
 WRAP(I_Decrypt, C_Decrypt, (U a, P b, U c, P d, P e), (a, b, c, d, e))
 WRAP(I_GenerateKey, C_GenerateKey, (U a, P b, P c, U d, P e), (a, b, c, d, e))
+WRAP(I_GetMechanismInfo, C_GetMechanismInfo, (U a, U b, P c), (a, b, c))
+WRAP(I_CreateObject, C_CreateObject, (U a, P b, U c, P d), (a, b, c, d))
+WRAP(I_DestroyObject, C_DestroyObject, (U a, U b), (a, b))
+WRAP(I_WrapKey, C_WrapKey, (U a, P b, U c, U d, P e, P f), (a, b, c, d, e, f))
+WRAP(I_UnwrapKey, C_UnwrapKey, (U a, P b, U c, P d, U e, P f, U g, P h), (a, b, c, d, e, f, g, h))
 
 CK_RV C_GetFunctionList(function_list **list) {
 	pthread_mutex_lock(&mu);
@@ -203,6 +209,11 @@ CK_RV C_GetFunctionList(function_list **list) {
 		shim.fn[I_DecryptInit] = (P)w_C_DecryptInit;
 		shim.fn[I_Decrypt] = (P)w_C_Decrypt;
 		shim.fn[I_GenerateKey] = (P)w_C_GenerateKey;
+		shim.fn[I_GetMechanismInfo] = (P)w_C_GetMechanismInfo;
+		shim.fn[I_CreateObject] = (P)w_C_CreateObject;
+		shim.fn[I_DestroyObject] = (P)w_C_DestroyObject;
+		shim.fn[I_WrapKey] = (P)w_C_WrapKey;
+		shim.fn[I_UnwrapKey] = (P)w_C_UnwrapKey;
 	}
 	pthread_mutex_unlock(&mu);
 	*list = &shim;
