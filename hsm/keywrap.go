@@ -91,7 +91,8 @@ func ParseMechanism(s string) (uint, error) {
 	return uint(n), nil
 }
 
-// mechanismName names a key wrap mechanism number for logs and errors.
+// mechanismName names a key wrap mechanism number for logs, errors and
+// the keygen command.
 func mechanismName(m uint) string {
 	switch m {
 	case ckmAESKeyWrap:
@@ -100,6 +101,8 @@ func mechanismName(m uint) string {
 		return "0x210A (CKM_AES_KEY_WRAP_PAD)"
 	case CKMAESKeyWrapKWP:
 		return "0x210B (CKM_AES_KEY_WRAP_KWP)"
+	case pkcs11.CKM_RSA_PKCS_OAEP:
+		return "0x9 (CKM_RSA_PKCS_OAEP)"
 	}
 	return fmt.Sprintf("0x%X", m)
 }

@@ -119,9 +119,10 @@ func TestKeyWrapFaults(t *testing.T) {
 	soft.ImportKey(t, "kek", softKEK, hsmtest.KeyWrapping())
 	nssCfg, nss := nssConfig(t)
 	nssKEK := randomBytes(32)
-	nss.ImportKey(t, "fault-kek", nssKEK, hsmtest.KeyWrapping())
+	nssKEKLabel, nssRSALabel := unique("fault-kek"), unique("fault-rsa")
+	nss.ImportKey(t, nssKEKLabel, nssKEK, hsmtest.KeyWrapping())
 	pair := rsaKey(t, 2048)
-	nss.ImportRSAKey(t, "fault-rsa", pair, true)
+	nss.ImportRSAKey(t, nssRSALabel, pair, true)
 	dek := randomBytes(32)
 	oaep, _ := rsa.EncryptOAEP(crypto.SHA1.New(), rand.Reader, &pair.PublicKey, dek, nil)
 
@@ -140,17 +141,17 @@ func TestKeyWrapFaults(t *testing.T) {
 			},
 			"C_WrapKey", "C_UnwrapKey"},
 		{"NSS softokn C_Encrypt", nssCfg, nss.Module,
-			func(b *Backend) error { _, err := b.WrapKey(bg, "fault-kek", AESKeyWrapPad, dek[:20]); return err },
+			func(b *Backend) error { _, err := b.WrapKey(bg, nssKEKLabel, AESKeyWrapPad, dek[:20]); return err },
 			func(b *Backend) error {
-				_, err := b.UnwrapKey(bg, "fault-kek", AESKeyWrap, refKW(nssKEK, dek))
+				_, err := b.UnwrapKey(bg, nssKEKLabel, AESKeyWrap, refKW(nssKEK, dek))
 				return err
 			},
 			"C_Encrypt", "C_Decrypt"},
 		// RSA wraps in software once the key pair is proven: only unwrap
 		// reaches the HSM, so it stands for both.
 		{"NSS softokn RSA-OAEP", nssCfg, nss.Module,
-			func(b *Backend) error { _, err := b.UnwrapKey(bg, "fault-rsa", RSAOAEP, oaep); return err },
-			func(b *Backend) error { _, err := b.UnwrapKey(bg, "fault-rsa", RSAOAEP, oaep); return err },
+			func(b *Backend) error { _, err := b.UnwrapKey(bg, nssRSALabel, RSAOAEP, oaep); return err },
+			func(b *Backend) error { _, err := b.UnwrapKey(bg, nssRSALabel, RSAOAEP, oaep); return err },
 			"C_Decrypt", "C_Decrypt"},
 	}
 	for _, tok := range tokens {

@@ -138,6 +138,11 @@ func wrapTokens(t *testing.T) []struct {
 	}{{"SoftHSM2", stk, configFor(stk)}, {"NSS softokn", ntk, nss}}
 }
 
+// unique makes a label of its own for a key on NSS softokn, whose database
+// the tests of a process share, so that another run (go test -count=N)
+// makes its keys again.
+func unique(prefix string) string { return prefix + "-" + rand.Text()[:8] }
+
 func randomBytes(n int) []byte {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
@@ -156,7 +161,7 @@ func TestAESKeyWrapRoundTrip(t *testing.T) {
 	for _, tok := range wrapTokens(t) {
 		t.Run(tok.name, func(t *testing.T) {
 			kek := randomBytes(32)
-			label := "kek-" + strings.ReplaceAll(tok.name, " ", "-")
+			label := unique("kek")
 			tok.tk.ImportKey(t, label, kek, hsmtest.KeyWrapping())
 			b := open(t, "wrap", tok.cfg)
 			md, err := b.WrapKeyMetadata(bg, label)

@@ -44,7 +44,7 @@ func TestRSAOAEPRoundTrip(t *testing.T) {
 	}{{RSAOAEP, crypto.SHA1.New, crypto.SHA1.Size()}, {RSAOAEP256, sha256.New, sha256.Size}}
 	for _, tok := range wrapTokens(t) {
 		t.Run(tok.name, func(t *testing.T) {
-			label := "rsa-" + tok.name[:3]
+			label := unique("rsa")
 			tok.tk.ImportRSAKey(t, label, priv, true)
 			b := open(t, "rsa", tok.cfg)
 			md, err := b.WrapKeyMetadata(bg, label)
@@ -119,12 +119,13 @@ func TestRSAOAEPRoundTrip(t *testing.T) {
 // takes, on NSS softokn (which does both hashes).
 func TestRSAKeySizes(t *testing.T) {
 	cfg, tk := nssConfig(t)
+	prefix := unique("rsa-size")
 	for _, bits := range rsaBits {
-		tk.ImportRSAKey(t, "rsa-size-"+strconv.Itoa(bits), rsaKey(t, bits), true)
+		tk.ImportRSAKey(t, prefix+strconv.Itoa(bits), rsaKey(t, bits), true)
 	}
 	b := open(t, "rsa-sizes", cfg)
 	for _, bits := range rsaBits {
-		label := "rsa-size-" + strconv.Itoa(bits)
+		label := prefix + strconv.Itoa(bits)
 		md, err := b.WrapKeyMetadata(bg, label)
 		if err != nil || md.Bits != bits || len(md.Modulus) != bits/8 || md.Modulus[0] == 0 {
 			t.Fatalf("RSA-%d metadata: %d bits, %d-byte modulus, %v", bits, md.Bits, len(md.Modulus), err)
@@ -227,7 +228,7 @@ func TestGenerateWrapKey(t *testing.T) {
 	for _, tok := range wrapTokens(t) {
 		t.Run(tok.name, func(t *testing.T) {
 			b := open(t, "keygen", tok.cfg)
-			pre := tok.name[:3] + "-gen-"
+			pre := unique("gen") + "-"
 			aes, err := b.GenerateWrapKey(bg, pre+"aes", WrapKeySpec{Type: WrapKeyAES, Bits: 256})
 			if err != nil {
 				t.Fatal(err)

@@ -66,6 +66,37 @@ make keys for conformance tests and should not be used for production keys.`,
 		run: cmdKeygen,
 	},
 	{
+		name:  "ekm-keygen",
+		use:   "ekm-keygen --name <key name> --type aes|rsa [--bits <n>] [--backend <name>] [--config <file>]",
+		short: "Creates a key-encryption key for Azure Managed HSM external keys and proves it works",
+		long: `
+Creates, for the Azure Managed HSM EKM front end, a key-encryption key that
+never leaves the HSM: an AES-256 key (--type aes; A256KW and A256KWP) or an
+RSA key pair of 2048, 3072 (the default) or 4096 bits with public exponent
+65537 (--type rsa; RSA-OAEP and RSA-OAEP-256). The private or secret key is
+sensitive, never extractable and not modifiable, and may do only what key
+wrap does on this token, by the path its start-up known-answer test proved
+(C_Encrypt or C_WrapKey); where the token takes it, CKA_ALLOWED_MECHANISMS
+restricts it to the key wrap mechanisms. Its label and CKA_ID are --name,
+the key's external key id in Azure: 1 to 64 characters of a-z, A-Z, 0-9
+and -, case-sensitive. It refuses a name any key already has.
+
+It then wraps and unwraps a random data key with each algorithm of the
+key's kind, says which this backend serves and which its HSM cannot do
+(SoftHSM2 has no RSA-OAEP-256), prints an RSA key's n and e as the proxy's
+/metadata gives them, and the az command that makes it an external key of
+the Managed HSM (--hsm-name fills it in).`,
+		flags: func(fs *pflag.FlagSet) {
+			configFlags(fs)
+			fs.StringP("name", "n", "", "Key name: the external key id in Azure, and the key's CKA_LABEL and CKA_ID (required)")
+			fs.String("type", "rsa", "Key type: aes or rsa")
+			fs.Int("bits", 0, "Key size: 256 for aes; 2048, 3072 or 4096 for rsa (default 3072)")
+			fs.StringP("backend", "b", "", "HSM backend name from the config (default: the only one)")
+			fs.String("hsm-name", "<your Managed HSM>", "Name of the Managed HSM, for the az command printed")
+		},
+		run: cmdEKMKeygen,
+	},
+	{
 		name:  "keys",
 		use:   "keys [--backend <name>] [--config <file>] [--labels]",
 		short: "Lists the keys in an HSM backend with their metadata and protection",
