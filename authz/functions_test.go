@@ -155,7 +155,7 @@ func TestGlobInCEL(t *testing.T) {
 func evalString(t *testing.T, expr, s string) string {
 	t.Helper()
 	expr = strings.ReplaceAll(expr, "(s", "(principal")
-	e, err := env()
+	e, err := xks.env()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +167,7 @@ func evalString(t *testing.T, expr, s string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, _, err := prg.Eval(&activation{in: &Input{RequestMetadata: xksapi.RequestMetadata{AWSPrincipalARN: s}}})
+	out, _, err := prg.Eval(&activation[Input]{voc: xks, in: &Input{RequestMetadata: xksapi.RequestMetadata{AWSPrincipalARN: s}}})
 	if err != nil {
 		t.Fatalf("%s with principal %q: %v", expr, s, err)
 	}

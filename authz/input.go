@@ -1,6 +1,8 @@
 package authz
 
 import (
+	"sync"
+
 	"cel.dev/cel-go/cel"
 	"cel.dev/cel-go/common/types"
 	"cel.dev/cel-go/common/types/ref"
@@ -27,13 +29,9 @@ type Input struct {
 	xksapi.RequestMetadata
 }
 
-// variables are the names a rule may use, each with its value for an Input.
-// A variable's index in this list is its index in activation.values.
-var variables = [...]struct {
-	name  string
-	typ   *cel.Type
-	value func(*Input) ref.Val
-}{
+// xksVariables are the names a rule over an XKS request may use, each
+// with its value for an Input.
+var xksVariables = []variable[Input]{
 	{"operation", cel.StringType, func(in *Input) ref.Val { return types.String(in.Operation) }},
 	{"key_store", cel.StringType, func(in *Input) ref.Val { return types.String(in.KeyStore) }},
 	{"key_id", cel.StringType, func(in *Input) ref.Val { return types.String(in.ExternalKeyID) }},
@@ -48,49 +46,79 @@ var variables = [...]struct {
 	{"metadata", cel.MapType(cel.StringType, cel.StringType), metadataMap},
 }
 
-// variableIndex finds a variable by name, or returns -1. A scan of a dozen
-// names is faster than a map: most differ in length or first byte.
-func variableIndex(name string) int {
-	for i := range variables {
-		if variables[i].name == name {
+// xks is the vocabulary of XKS requests.
+var xks = newVocabulary(xksVariables)
+
+// variable is one name a rule may use, with its value for an input.
+type variable[T any] struct {
+	name  string
+	typ   *cel.Type
+	value func(*T) ref.Val
+}
+
+// maxVariables bounds a vocabulary, so that an activation holds its values
+// in an array rather than a slice of its own.
+const maxVariables = 16
+
+// vocabulary is the variables of one API's requests and the CEL
+// environment that declares them with the helper functions. Building the
+// environment is costly and it is safe for concurrent use, so all policies
+// of an API share one.
+type vocabulary[T any] struct {
+	vars []variable[T]
+	env  func() (*cel.Env, error)
+}
+
+func newVocabulary[T any](vars []variable[T]) *vocabulary[T] {
+	if len(vars) > maxVariables {
+		panic("authz: too many variables")
+	}
+	v := &vocabulary[T]{vars: vars}
+	v.env = sync.OnceValues(func() (*cel.Env, error) {
+		opts := make([]cel.EnvOption, 0, len(vars))
+		for _, x := range vars {
+			opts = append(opts, cel.Variable(x.name, x.typ))
+		}
+		return cel.NewEnv(append(opts, helperFunctions()...)...)
+	})
+	return v
+}
+
+// index finds a variable by name, or returns -1. A scan of a dozen names
+// is faster than a map: most differ in length or first byte.
+func (v *vocabulary[T]) index(name string) int {
+	for i := range v.vars {
+		if v.vars[i].name == name {
 			return i
 		}
 	}
 	return -1
 }
 
-// declarations declares every variable to the CEL environment.
-func declarations() []cel.EnvOption {
-	opts := make([]cel.EnvOption, 0, len(variables))
-	for _, v := range variables {
-		opts = append(opts, cel.Variable(v.name, v.typ))
-	}
-	return opts
-}
-
-// activation hands the fields of one Input to the rules of a policy. It is
+// activation hands the fields of one input to the rules of a policy. It is
 // built once per Evaluate and shared by every rule, and it converts each field
 // to a CEL value only when a rule first reads it, so a request costs no map
 // and no conversion of fields that no rule looks at.
-type activation struct {
-	in     *Input
-	values [len(variables)]ref.Val
+type activation[T any] struct {
+	voc    *vocabulary[T]
+	in     *T
+	values [maxVariables]ref.Val
 }
 
 // ResolveName implements interpreter.Activation.
-func (a *activation) ResolveName(name string) (any, bool) {
-	i := variableIndex(name)
+func (a *activation[T]) ResolveName(name string) (any, bool) {
+	i := a.voc.index(name)
 	if i < 0 {
 		return nil, false
 	}
 	if a.values[i] == nil {
-		a.values[i] = variables[i].value(a.in)
+		a.values[i] = a.voc.vars[i].value(a.in)
 	}
 	return a.values[i], true
 }
 
 // Parent implements interpreter.Activation.
-func (a *activation) Parent() interpreter.Activation { return nil }
+func (a *activation[T]) Parent() interpreter.Activation { return nil }
 
 // metadataMap is the requestMetadata under the keys KMS uses. Empty fields,
 // which are the fields the request did not carry, are left out, so that
@@ -107,4 +135,4 @@ func metadataMap(in *Input) ref.Val {
 }
 
 // Interface guards
-var _ interpreter.Activation = (*activation)(nil)
+var _ interpreter.Activation = (*activation[Input])(nil)

@@ -3,11 +3,11 @@ package authz
 import (
 	"errors"
 	"fmt"
-	"sync"
 
 	"cel.dev/cel-go/cel"
 	celast "cel.dev/cel-go/common/ast"
 	"cel.dev/cel-go/common/types"
+	"cel.dev/cel-go/interpreter"
 )
 
 // Rule is one named policy rule.
@@ -47,8 +47,11 @@ type Decision struct {
 // otherwise hold a request for seconds.
 const costLimit = 100_000
 
-// Policy is a compiled list of rules. It is safe for concurrent use.
-type Policy struct {
+// Policy is a compiled list of rules over the requests of one API, whose
+// inputs are T (Input for XKS, EKMInput for Azure EKM). It is safe for
+// concurrent use.
+type Policy[T any] struct {
+	voc         *vocabulary[T]
 	deny, allow []*rule
 }
 
@@ -60,20 +63,20 @@ type rule struct {
 	matched string
 }
 
-// env holds the declarations every policy is compiled against. Building it
-// is costly and it is safe for concurrent use, so all policies share one.
-var env = sync.OnceValues(func() (*cel.Env, error) {
-	return cel.NewEnv(append(declarations(), helperFunctions()...)...)
-})
+// Compile checks and compiles rules over XKS requests, in the order given,
+// into a Policy. Every error names the offending rule (by its position when
+// it has no name).
+func Compile(rules []Rule) (*Policy[Input], error) { return compile(xks, rules) }
 
-// Compile checks and compiles rules, in the order given, into a Policy. Every
-// error names the offending rule (by its position when it has no name).
-func Compile(rules []Rule) (*Policy, error) {
-	e, err := env()
+// CompileEKM is Compile for rules over Azure EKM requests.
+func CompileEKM(rules []Rule) (*Policy[EKMInput], error) { return compile(ekm, rules) }
+
+func compile[T any](voc *vocabulary[T], rules []Rule) (*Policy[T], error) {
+	e, err := voc.env()
 	if err != nil {
 		return nil, fmt.Errorf("building the policy environment: %w", err)
 	}
-	p := new(Policy)
+	p := &Policy[T]{voc: voc}
 	seen := make(map[string]int, len(rules))
 	var errs []error
 	for i, r := range rules {
@@ -146,7 +149,7 @@ func loops(a *cel.Ast) bool {
 
 // eval runs the rule; err is set when the rule failed rather than yielded
 // a bool.
-func (r *rule) eval(a *activation) (bool, error) {
+func (r *rule) eval(a interpreter.Activation) (bool, error) {
 	out, _, err := r.program.Eval(a)
 	if err != nil {
 		return false, err
@@ -170,7 +173,7 @@ func (r *rule) eval(a *activation) (bool, error) {
 // decides, so a rule after it can neither match nor fail.
 //
 // Evaluate never panics. A nil in is denied by any policy that has rules.
-func (p *Policy) Evaluate(in *Input) (d Decision) {
+func (p *Policy[T]) Evaluate(in *T) (d Decision) {
 	if p == nil || len(p.deny)+len(p.allow) == 0 {
 		return Decision{Allowed: true, Reason: "no rules"}
 	}
@@ -184,7 +187,7 @@ func (p *Policy) Evaluate(in *Input) (d Decision) {
 			d = Decision{Reason: fmt.Sprintf("policy evaluation panicked: %v", v)}
 		}
 	}()
-	a := &activation{in: in}
+	a := &activation[T]{voc: p.voc, in: in}
 	for _, r := range p.deny {
 		match, err := r.eval(a)
 		if err != nil {

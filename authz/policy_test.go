@@ -251,7 +251,7 @@ func TestEvaluateCostLimit(t *testing.T) {
 }
 
 func TestEvaluateWithoutPolicyOrInput(t *testing.T) {
-	var none *Policy
+	var none *Policy[Input]
 	if d := none.Evaluate(&encryptByApp); !d.Allowed {
 		t.Errorf("nil policy: %+v, want allowed", d)
 	}

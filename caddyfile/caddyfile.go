@@ -1,6 +1,8 @@
 // Package caddyfile gives caddy-xks its Caddyfile syntax: the global "hsm"
-// option, which defines named PKCS#11 backends (the hsm app), and the "xks"
-// handler directive, which serves external key stores from them.
+// option, which defines named PKCS#11 backends (the hsm app), the "xks"
+// handler directive, which serves AWS KMS external key stores from them,
+// and the "azure_ekm" handler directive, which serves Azure Managed HSM's
+// external keys from them.
 package caddyfile
 
 import (
@@ -21,10 +23,12 @@ import (
 func init() {
 	httpcaddyfile.RegisterGlobalOption("hsm", parseHSM)
 	httpcaddyfile.RegisterHandlerDirective("xks", parseXKS)
-	// xks answers every request it is given, so it goes before respond: a
-	// catch-all "respond" in the same site still works for other paths
-	// when xks is given a matcher.
+	httpcaddyfile.RegisterHandlerDirective("azure_ekm", parseEKM)
+	// xks and azure_ekm answer every request they are given, so they go
+	// before respond: a catch-all "respond" in the same site still works
+	// for other paths when they are given a matcher.
 	httpcaddyfile.RegisterDirectiveOrder("xks", httpcaddyfile.Before, "respond")
+	httpcaddyfile.RegisterDirectiveOrder("azure_ekm", httpcaddyfile.Before, "respond")
 }
 
 // parseHSM sets up the hsm app from the global option. Syntax:
@@ -46,6 +50,7 @@ func init() {
 //			health_ttl   <duration>
 //			env          <NAME> <value>
 //			init_args    <string for C_Initialize's pReserved>
+//			kwp_mechanism <number, e.g. 0x210B>
 //			allow_exportable_keys
 //		}
 //		allow_tcp_admin
@@ -157,6 +162,11 @@ func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 			cfg.IVMode = val
 		case "init_args":
 			cfg.InitArgs = val
+		case "kwp_mechanism":
+			if _, err := hsm.ParseMechanism(val); err != nil {
+				return nil, d.Errf("kwp_mechanism: %v", err)
+			}
+			cfg.KWPMechanism = val
 		case "max_sessions":
 			n, err := intArg(d, opt, val)
 			if err != nil {

@@ -213,6 +213,10 @@ func (m mechanismResult) anyLength() bool {
 // describe says what the test found, for logs and errors.
 func (m mechanismResult) describe() string {
 	var parts []string
+	c, o := m.paths[cryptPath], m.paths[objectPath]
+	if c.offered && o.offered && c.err != nil && o.err != nil && selfTestFailure(c.err) == selfTestFailure(o.err) {
+		return fmt.Sprintf("%s: %s and %s fail: %s", mechanismName(m.mech), cryptPath, objectPath, selfTestFailure(c.err))
+	}
 	for p, r := range m.paths {
 		switch {
 		case !r.offered:

@@ -15,6 +15,7 @@ import (
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/caddy-xks/caddy-xks/internal/faultshim"
+	"github.com/caddy-xks/caddy-xks/internal/kwref"
 )
 
 // TestObjectPathDestroysDataKeys checks the rule of the object path: a
@@ -72,16 +73,16 @@ func TestObjectPathDestroysDataKeys(t *testing.T) {
 		destroys int
 	}{
 		{"A256KW wraps", nil, func() error { _, err := b.WrapKey(bg, "kek", AESKeyWrap, dek); return err }, nil, 1},
-		{"A256KWP unwraps", nil, func() error { _, err := b.UnwrapKey(bg, "kek", AESKeyWrapPad, refKWP(kek, dek)); return err }, nil, 1},
+		{"A256KWP unwraps", nil, func() error { _, err := b.UnwrapKey(bg, "kek", AESKeyWrapPad, kwref.KWP(kek, dek)); return err }, nil, 1},
 		{"a tampered A256KW is refused", nil, func() error {
-			_, err := b.UnwrapKey(bg, "kek", AESKeyWrap, refKW(kek, randomBytes(24))[:24])
+			_, err := b.UnwrapKey(bg, "kek", AESKeyWrap, kwref.KW(kek, randomBytes(24))[:24])
 			return err
 		}, ErrInvalidCiphertext, 0},
 		{"RSA-OAEP unwraps through C_UnwrapKey", nil, func() error { _, err := b.UnwrapKey(bg, "rsa-unwrap", RSAOAEP, oaep); return err }, nil, 1},
 		{"a tampered RSA-OAEP is refused", nil, func() error { _, err := b.UnwrapKey(bg, "rsa-unwrap", RSAOAEP, tampered); return err }, ErrInvalidCiphertext, 0},
 		{"C_WrapKey fails", []string{"C_WrapKey=0x21"}, func() error { _, err := b.WrapKey(bg, "kek", AESKeyWrap, dek); return err }, ErrInternal, 1},
 		{"reading the unwrapped value fails", []string{"C_GetAttributeValue=0x21*1"}, func() error {
-			_, err := b.UnwrapKey(bg, "kek", AESKeyWrap, refKW(kek, dek))
+			_, err := b.UnwrapKey(bg, "kek", AESKeyWrap, kwref.KW(kek, dek))
 			return err
 		}, ErrInternal, 1},
 	}
@@ -136,14 +137,14 @@ func TestKeyWrapFaults(t *testing.T) {
 		{"SoftHSM2 C_WrapKey", configFor(soft), soft.Module,
 			func(b *Backend) error { _, err := b.WrapKey(bg, "kek", AESKeyWrap, dek); return err },
 			func(b *Backend) error {
-				_, err := b.UnwrapKey(bg, "kek", AESKeyWrapPad, refKWP(softKEK, dek))
+				_, err := b.UnwrapKey(bg, "kek", AESKeyWrapPad, kwref.KWP(softKEK, dek))
 				return err
 			},
 			"C_WrapKey", "C_UnwrapKey"},
 		{"NSS softokn C_Encrypt", nssCfg, nss.Module,
 			func(b *Backend) error { _, err := b.WrapKey(bg, nssKEKLabel, AESKeyWrapPad, dek[:20]); return err },
 			func(b *Backend) error {
-				_, err := b.UnwrapKey(bg, nssKEKLabel, AESKeyWrap, refKW(nssKEK, dek))
+				_, err := b.UnwrapKey(bg, nssKEKLabel, AESKeyWrap, kwref.KW(nssKEK, dek))
 				return err
 			},
 			"C_Encrypt", "C_Decrypt"},

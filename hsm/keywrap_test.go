@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/kwref"
 )
 
 // nssConfig is a backend config for NSS softokn's key database token.
@@ -170,9 +171,9 @@ func TestAESKeyWrapRoundTrip(t *testing.T) {
 			}
 			wholeOnly := tok.name == "SoftHSM2"
 			for _, alg := range []WrapAlgorithm{AESKeyWrap, AESKeyWrapPad} {
-				ref, refUn := refKW, refKWUnwrap
+				ref, refUn := kwref.KW, kwref.KWUnwrap
 				if alg == AESKeyWrapPad {
-					ref, refUn = refKWP, refKWPUnwrap
+					ref, refUn = kwref.KWP, kwref.KWPUnwrap
 				}
 				for _, n := range lengths {
 					dek := randomBytes(n)

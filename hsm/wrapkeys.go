@@ -246,12 +246,25 @@ func (cs *callSession) publicParts(h pkcs11.ObjectHandle) (n, e []byte, err erro
 // that may not do one algorithm of its kind both ways on this token, is
 // ErrKeyUsage (ErrUnsupportedAlgorithm when the token does none of them); a
 // key whose value can leave the HSM is ErrKeyExportable (unless the
-// backend allows such keys).
+// backend allows such keys). A label found missing less than a second ago
+// is not searched for again, which bounds the searches a caller can cause
+// with labels that do not exist; CheckWrapKey searches regardless.
 func (b *Backend) WrapKeyMetadata(ctx context.Context, label string) (WrapKeyMetadata, error) {
+	return b.wrapKeyMetadata(ctx, label, false)
+}
+
+// CheckWrapKey is WrapKeyMetadata that searches even for a label found
+// missing a moment ago: for checks that must see a key made just before (a
+// reload after `caddy xks ekm-keygen`).
+func (b *Backend) CheckWrapKey(ctx context.Context, label string) (WrapKeyMetadata, error) {
+	return b.wrapKeyMetadata(ctx, label, true)
+}
+
+func (b *Backend) wrapKeyMetadata(ctx context.Context, label string, fresh bool) (WrapKeyMetadata, error) {
 	const op = "wrap key metadata"
 	var md WrapKeyMetadata
 	err := b.run(ctx, op, label, b.callTimeout, func(cs *callSession) error {
-		e, err := cs.freshKey(&cs.t.wrapKeys, op, label, false)
+		e, err := cs.freshKey(&cs.t.wrapKeys, op, label, fresh)
 		if err != nil {
 			return err
 		}
@@ -265,6 +278,39 @@ func (b *Backend) WrapKeyMetadata(ctx context.Context, label string) (WrapKeyMet
 		return WrapKeyMetadata{}, err
 	}
 	return md, nil
+}
+
+// ListWrapKeys returns the label of every key on the token that may be a
+// key-encryption key, sorted: every secret key and every private key (the
+// public key of a pair is not listed apart). Keys sharing a label are all
+// listed, and so are keys of kinds key wrap refuses.
+func (b *Backend) ListWrapKeys(ctx context.Context) ([]string, error) {
+	var labels []string
+	err := b.run(ctx, "list keys", "", b.adminTimeout, func(cs *callSession) error {
+		labels = labels[:0]
+		for _, class := range []uint{pkcs11.CKO_SECRET_KEY, pkcs11.CKO_PRIVATE_KEY} {
+			hs, err := cs.find([]*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
+				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+			}, 0)
+			if err != nil {
+				return err
+			}
+			for _, h := range hs {
+				attrs, err := cs.ctx.GetAttributeValue(cs.h, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+				if err != nil {
+					return err
+				}
+				labels = append(labels, string(attrs[0].Value))
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	slices.Sort(labels)
+	return labels, nil
 }
 
 // WrapKey wraps plaintext, a data-encryption key, under the key-encryption

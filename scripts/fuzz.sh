@@ -24,6 +24,7 @@ declare -A execs=(
 	[FuzzParseAmzDate]=250000
 	[FuzzVerify]=350000
 	[FuzzDecodeRequest]=50000
+	[FuzzDecodeEKMRequest]=15000
 	[FuzzDecodeStrict]=50000
 	[FuzzMetadataVersion]=25000
 )

@@ -155,7 +155,7 @@ type KeyStore struct {
 	// through their key's id, never as an id of their own.
 	versionLabels map[string]bool
 	disabled      map[string]bool
-	policy        *authz.Policy
+	policy        *authz.Policy[authz.Input]
 	limiter       *rate.Limiter // nil: no quota
 	slots         chan struct{} // nil: no bound on concurrent HSM work
 	framing       aadFraming

@@ -1,13 +1,11 @@
 package xkshandler
 
 import (
-	"bytes"
 	"encoding/json"
-	"errors"
-	"io"
 	"reflect"
 	"testing"
 
+	"github.com/caddy-xks/caddy-xks/internal/jsonref"
 	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
@@ -57,24 +55,15 @@ func dump(b *requestBody) string {
 	return string(out)
 }
 
-// referenceBody reads body without decodeBody's code: encoding/json checks
-// that it is one JSON value and nothing after it; a walk of its tokens into
-// maps refuses a name given twice in the top-level object or in
+// referenceBody reads body without decodeBody's code: package jsonref
+// (encoding/json) checks that it is one JSON value and nothing after it and
+// refuses a name given twice in the top-level object or in
 // requestMetadata; and the fields are looked up by exact name, from lists
 // written here rather than taken from struct tags.
 func referenceBody(body []byte) (*requestBody, bool) {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.UseNumber()
-	var v any
-	if dec.Decode(&v) != nil {
-		return nil, false
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, false
-	}
-	dec = json.NewDecoder(bytes.NewReader(body))
-	dec.UseNumber()
-	v, err := walkUnique(dec, 0, "")
+	v, err := jsonref.Read(body, func(depth int, parent string) bool {
+		return depth == 0 || depth == 1 && parent == "requestMetadata"
+	})
 	if err != nil {
 		return nil, false
 	}
@@ -127,49 +116,4 @@ func referenceBody(body []byte) (*requestBody, bool) {
 		return nil, false
 	}
 	return &b, true
-}
-
-var errNameTwice = errors.New("a name given twice")
-
-// walkUnique reads the next value from dec into maps, slices and scalars.
-// depth is 0 for the top-level value and parent the name of the member
-// whose value this is; names must be unique in the top-level object and in
-// the object that is its requestMetadata.
-func walkUnique(dec *json.Decoder, depth int, parent string) (any, error) {
-	tok, err := dec.Token()
-	if err != nil {
-		return nil, err
-	}
-	switch tok {
-	case json.Delim('{'):
-		unique := depth == 0 || depth == 1 && parent == "requestMetadata"
-		obj := map[string]any{}
-		for dec.More() {
-			k, err := dec.Token()
-			if err != nil {
-				return nil, err
-			}
-			name := k.(string)
-			if _, twice := obj[name]; twice && unique {
-				return nil, errNameTwice
-			}
-			if obj[name], err = walkUnique(dec, depth+1, name); err != nil {
-				return nil, err
-			}
-		}
-		_, err := dec.Token()
-		return obj, err
-	case json.Delim('['):
-		var arr []any
-		for dec.More() {
-			v, err := walkUnique(dec, depth+1, "")
-			if err != nil {
-				return nil, err
-			}
-			arr = append(arr, v)
-		}
-		_, err := dec.Token()
-		return arr, err
-	}
-	return tok, nil
 }

@@ -1,12 +1,13 @@
 // Package testcert writes throw-away certificates for tests that run a real
-// Caddy on loopback: a self-signed server certificate for localhost, and a
-// client CA with a client certificate for mTLS.
+// Caddy on loopback: a self-signed server certificate for localhost, and
+// client CAs with client certificates for mTLS.
 package testcert
 
 import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -14,8 +15,10 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+	"unicode"
 )
 
 // Localhost writes cert.pem and key.pem into dir: a self-signed certificate
@@ -100,4 +103,64 @@ func writePEM(t testing.TB, dir, name, blockType string, der []byte) string {
 		t.Fatal(err)
 	}
 	return path
+}
+
+// CA is a throw-away certificate authority whose certificate is in File.
+type CA struct {
+	File string
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+// NewCA writes a self-signed CA certificate named name into dir, in a file
+// named after it, with any character but a letter or digit written as -.
+func NewCA(t testing.TB, dir, name string) *CA {
+	t.Helper()
+	key := newKey(t)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := strings.Map(func(r rune) rune {
+		if unicode.IsLetter(r) || unicode.IsDigit(r) {
+			return r
+		}
+		return '-'
+	}, name) + ".pem"
+	return &CA{File: writePEM(t, dir, file, "CERTIFICATE", der), cert: cert, key: key}
+}
+
+// Client issues a client certificate with subject CN commonName, as a
+// tls.Certificate with its chain. usage is its extended key usage (client
+// authentication, for a certificate that passes).
+func (ca *CA) Client(t testing.TB, commonName string, usage x509.ExtKeyUsage) tls.Certificate {
+	t.Helper()
+	key := newKey(t)
+	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial, Subject: pkix.Name{CommonName: commonName},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
 }
