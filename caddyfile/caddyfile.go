@@ -248,13 +248,9 @@ func parseXKS(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	for nesting := h.Nesting(); h.NextBlock(nesting); {
 		switch h.Val() {
 		case "max_request_body":
-			var val string
-			if !h.AllArgs(&val) {
-				return nil, h.ArgErr()
-			}
-			n, err := strconv.ParseInt(val, 10, 64)
+			n, err := maxRequestBody(h.Dispenser)
 			if err != nil {
-				return nil, h.Errf("max_request_body %q: %v", val, err)
+				return nil, err
 			}
 			handler.MaxRequestBody = n
 		case "max_concurrent_streams":
@@ -312,30 +308,13 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
 		args := d.RemainingArgs()
-		switch opt {
-		case "authorize":
-			if len(args) != 0 {
-				return nil, d.ArgErr()
-			}
-			rules, err := parseAuthorize(d)
+		if handled, err := parseKeyStoreCommon(d, opt, args, &ks.Limits, &ks.Authorize); handled || err != nil {
 			if err != nil {
 				return nil, err
 			}
-			ks.Authorize = append(ks.Authorize, rules...)
-		case "rate_limit":
-			if len(args) < 1 || len(args) > 2 {
-				return nil, d.Err("rate_limit takes requests per second and an optional burst")
-			}
-			r, err := strconv.ParseFloat(args[0], 64)
-			if err != nil {
-				return nil, d.Errf("rate_limit %q: %v", args[0], err)
-			}
-			ks.RateLimit = r
-			if len(args) == 2 {
-				if ks.RateBurst, err = intArg(d, "rate_limit burst", args[1]); err != nil {
-					return nil, err
-				}
-			}
+			continue
+		}
+		switch opt {
 		case "allow_plain_http":
 			if len(args) != 0 {
 				return nil, d.ArgErr()
@@ -370,15 +349,6 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 				}
 				ks.UsageWarnings = append(ks.UsageWarnings, f)
 			}
-		case "max_concurrent":
-			if len(args) != 1 {
-				return nil, d.ArgErr()
-			}
-			n, err := intArg(d, opt, args[0])
-			if err != nil {
-				return nil, err
-			}
-			ks.MaxConcurrent = n
 		case "hsm":
 			if len(args) == 0 {
 				return nil, d.ArgErr()
@@ -399,7 +369,7 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 				return nil, d.Err("credential takes an access key id and a secret placeholder")
 			}
 			ks.Credentials = append(ks.Credentials, xkshandler.Credential{AccessKeyID: args[0], SecretAccessKey: args[1]})
-		case "region", "ciphertext_metadata", "aad_framing", "fleet_size", "max_clock_skew", "deadline":
+		case "region", "ciphertext_metadata", "aad_framing", "fleet_size", "max_clock_skew":
 			if len(args) != 1 {
 				return nil, d.ArgErr()
 			}
@@ -417,16 +387,12 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 					return nil, err
 				}
 				ks.FleetSize = n
-			case "max_clock_skew", "deadline":
+			case "max_clock_skew":
 				dur, err := durationArg(d, opt, val)
 				if err != nil {
 					return nil, err
 				}
-				if opt == "deadline" {
-					ks.Deadline = dur
-				} else {
-					ks.MaxClockSkew = dur
-				}
+				ks.MaxClockSkew = dur
 			}
 		default:
 			return nil, d.Errf("unrecognized key_store option %q", opt)
@@ -497,6 +463,19 @@ func parseAuthorize(d *caddyfile.Dispenser) ([]authz.Rule, error) {
 		rules = append(rules, authz.Rule{Name: name, Effect: effect, Expression: expr})
 	}
 	return rules, nil
+}
+
+// maxRequestBody reads the value of max_request_body, in bytes.
+func maxRequestBody(d *caddyfile.Dispenser) (int64, error) {
+	var val string
+	if !d.AllArgs(&val) {
+		return 0, d.ArgErr()
+	}
+	n, err := strconv.ParseInt(val, 10, 64)
+	if err != nil {
+		return 0, d.Errf("max_request_body %q: %v", val, err)
+	}
+	return n, nil
 }
 
 // intArg parses the whole-number value of option opt.

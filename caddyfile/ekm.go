@@ -44,13 +44,9 @@ func parseEKM(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	for nesting := h.Nesting(); h.NextBlock(nesting); {
 		switch h.Val() {
 		case "max_request_body":
-			var val string
-			if !h.AllArgs(&val) {
-				return nil, h.ArgErr()
-			}
-			n, err := strconv.ParseInt(val, 10, 64)
+			n, err := maxRequestBody(h.Dispenser)
 			if err != nil {
-				return nil, h.Errf("max_request_body %q: %v", val, err)
+				return nil, err
 			}
 			handler.MaxRequestBody = n
 		case "key_store":

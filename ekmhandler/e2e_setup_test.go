@@ -128,11 +128,11 @@ func (f *fixture) importKeys() {
 	t.Helper()
 	private := hsmtest.Private(!f.keysNotPrivate)
 	f.softKEK, f.nssKEK = randomBytes(32), randomBytes(32)
-	f.pair = rsaKey(t, 2048)
+	f.pair = hsmtest.RSAKey(t, 2048)
 	f.soft.ImportKey(t, kekAES, f.softKEK, hsmtest.KeyWrapping(), private)
 	f.soft.ImportRSAKey(t, kekRSA, f.pair, true, private)
 	f.soft.ImportKey(t, kekAES128, randomBytes(16), hsmtest.KeyWrapping(), private)
-	f.soft.ImportRSAKey(t, kekRSA1024, rsaKey(t, 1024), true, private)
+	f.soft.ImportRSAKey(t, kekRSA1024, hsmtest.RSAKey(t, 1024), true, private)
 	f.soft.ImportKey(t, kekCryptOnly, randomBytes(32), hsmtest.Usage(pkcs11.CKA_WRAP, false), hsmtest.Usage(pkcs11.CKA_UNWRAP, false), private)
 	f.soft.ImportKey(t, kekOff, randomBytes(32), hsmtest.KeyWrapping(), private)
 	f.soft.ImportKey(t, kekExportable, randomBytes(32), hsmtest.KeyWrapping(), hsmtest.Protection(false, true), private)
@@ -369,13 +369,4 @@ func randomBytes(n int) []byte {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return b
-}
-
-func rsaKey(t *testing.T, bits int) *rsa.PrivateKey {
-	t.Helper()
-	k, err := rsa.GenerateKey(rand.Reader, bits)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
 }

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"strconv"
 	"sync"
 	"time"
 
@@ -242,10 +241,7 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
 		x.status = http.StatusInternalServerError
 		out = []byte(`{"code":"` + ekmapi.CodeInternalServerError + `","message":"encoding the response failed"}`)
 	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(out)))
-	w.WriteHeader(x.status)
-	_, _ = w.Write(out)
+	frontend.WriteJSON(w, x.status, out)
 }
 
 // metrics are the handler's request metrics, for the life of the process.

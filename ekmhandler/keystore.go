@@ -155,16 +155,7 @@ func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger) error {
 	if err != nil {
 		return fmt.Errorf("key store %s: %w", ks.name(), err)
 	}
-	if len(ks.Keys) != 1 || ks.Keys[0] != "*" {
-		ks.keys = make(map[string]bool, len(ks.Keys))
-		for _, k := range ks.Keys {
-			ks.keys[k] = true
-		}
-	}
-	ks.disabled = make(map[string]bool, len(ks.DisabledKeys))
-	for _, k := range ks.DisabledKeys {
-		ks.disabled[k] = true
-	}
+	ks.keys, ks.disabled = frontend.AllowList(ks.Keys), frontend.Set(ks.DisabledKeys)
 	if ks.policy, err = authz.CompileEKM(ks.Authorize); err != nil {
 		return fmt.Errorf("key store %s: authorize: %w", ks.name(), err)
 	}

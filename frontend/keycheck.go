@@ -54,9 +54,9 @@ type KeyState struct {
 	Err error
 }
 
-// exists reports whether the backend holds a key under the label, usable
+// Exists reports whether the backend holds a key under the label, usable
 // or not.
-func (s KeyState) exists() bool {
+func (s KeyState) Exists() bool {
 	return s.Err == nil || errors.Is(s.Err, hsm.ErrDuplicateKey) || errors.Is(s.Err, hsm.ErrKeyExportable) ||
 		errors.Is(s.Err, hsm.ErrKeyUsage) || errors.Is(s.Err, hsm.ErrUnsupportedAlgorithm)
 }
@@ -178,7 +178,7 @@ func (c *KeyCheck) check(ctx context.Context) *KeyReport {
 		for label, was := range prev.differs {
 			for i, differed := range was {
 				switch {
-				case !differed || r.differing(label, i):
+				case !differed || r.Differing(label, i):
 				case r.silent[i]:
 					r.markDiffering(label, i, n, "") // its reason came with its problems
 				case !provenSame(same[label], was, i):
@@ -211,9 +211,15 @@ func provenSame(pairs [][2]int, flagged []bool, i int) bool {
 	return false
 }
 
-func (r *KeyReport) differing(label string, i int) bool {
+// Differing reports whether the check found backend i holding another key
+// under label than the others: calls with it never fall over to i.
+func (r *KeyReport) Differing(label string, i int) bool {
 	return i < len(r.differs[label]) && r.differs[label][i]
 }
+
+// Silent reports whether backend i did not answer the check: it keeps what
+// the previous check found.
+func (r *KeyReport) Silent(i int) bool { return r.silent[i] }
 
 // markDiffering records that backend i holds another key under label,
 // with problem as its reason ("" when its problems already say so).
@@ -329,7 +335,7 @@ func (c *KeyCheck) keyStates(ctx context.Context, r *KeyReport) ([]string, map[s
 // and returns the pairs of backends it proved to hold the same key.
 func (c *KeyCheck) compareKey(ctx context.Context, r *KeyReport, label string, s []KeyState) [][2]int {
 	var pairs [][2]int
-	holder := slices.IndexFunc(s, KeyState.exists)
+	holder := slices.IndexFunc(s, KeyState.Exists)
 	for i, st := range s {
 		switch {
 		case errors.Is(st.Err, hsm.ErrDuplicateKey):

@@ -30,7 +30,7 @@ func TestObjectPathDestroysDataKeys(t *testing.T) {
 	tk := hsmtest.NewToken(t)
 	kek := randomBytes(32)
 	tk.ImportKey(t, "kek", kek, hsmtest.KeyWrapping())
-	pair := rsaKey(t, 2048)
+	pair := hsmtest.RSAKey(t, 2048)
 	// Unwrap only: OAEP through C_UnwrapKey, the object path of RSA.
 	tk.ImportRSAKey(t, "rsa-unwrap", pair, true, hsmtest.Usage(pkcs11.CKA_DECRYPT, false))
 	shim := faultshim.New(t, tk.Module)
@@ -122,7 +122,7 @@ func TestKeyWrapFaults(t *testing.T) {
 	nssKEK := randomBytes(32)
 	nssKEKLabel, nssRSALabel := unique("fault-kek"), unique("fault-rsa")
 	nss.ImportKey(t, nssKEKLabel, nssKEK, hsmtest.KeyWrapping())
-	pair := rsaKey(t, 2048)
+	pair := hsmtest.RSAKey(t, 2048)
 	nss.ImportRSAKey(t, nssRSALabel, pair, true)
 	dek := randomBytes(32)
 	oaep, _ := rsa.EncryptOAEP(crypto.SHA1.New(), rand.Reader, &pair.PublicKey, dek, nil)

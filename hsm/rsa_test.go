@@ -18,15 +18,6 @@ import (
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 )
 
-func rsaKey(t *testing.T, bits int) *rsa.PrivateKey {
-	t.Helper()
-	k, err := rsa.GenerateKey(rand.Reader, bits)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
 // TestRSAOAEPRoundTrip wraps and unwraps with RSA-OAEP (SHA-1) and
 // RSA-OAEP-256 on both tokens, with a key pair the test made and imported,
 // and checks each against crypto/rsa both ways: what the proxy wraps
@@ -36,7 +27,7 @@ func rsaKey(t *testing.T, bits int) *rsa.PrivateKey {
 // is refused there both ways, never wrapped into something that cannot be
 // unwrapped.
 func TestRSAOAEPRoundTrip(t *testing.T) {
-	priv := rsaKey(t, 2048)
+	priv := hsmtest.RSAKey(t, 2048)
 	algs := []struct {
 		alg  WrapAlgorithm
 		hash func() hash.Hash
@@ -121,7 +112,7 @@ func TestRSAKeySizes(t *testing.T) {
 	cfg, tk := nssConfig(t)
 	prefix := unique("rsa-size")
 	for _, bits := range rsaBits {
-		tk.ImportRSAKey(t, prefix+strconv.Itoa(bits), rsaKey(t, bits), true)
+		tk.ImportRSAKey(t, prefix+strconv.Itoa(bits), hsmtest.RSAKey(t, bits), true)
 	}
 	b := open(t, "rsa-sizes", cfg)
 	for _, bits := range rsaBits {
@@ -150,8 +141,8 @@ func TestRSAKeySizes(t *testing.T) {
 // SoftHSM2, each with the error kind a caller maps to its answer.
 func TestWrapKeyRefusals(t *testing.T) {
 	tk := hsmtest.NewToken(t)
-	small := rsaKey(t, 1024)
-	pair, other := rsaKey(t, 2048), rsaKey(t, 2048)
+	small := hsmtest.RSAKey(t, 1024)
+	pair, other := hsmtest.RSAKey(t, 2048), hsmtest.RSAKey(t, 2048)
 	tk.ImportKey(t, "aes128", randomBytes(16), hsmtest.KeyWrapping())
 	tk.ImportKey(t, "aes256", randomBytes(32), hsmtest.KeyWrapping())
 	tk.ImportKey(t, "crypt-only", randomBytes(32), hsmtest.Usage(pkcs11.CKA_WRAP, false), hsmtest.Usage(pkcs11.CKA_UNWRAP, false))

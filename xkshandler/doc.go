@@ -33,7 +33,8 @@
 //     and 5.
 //  6. HSM: the operation runs on the first available backend within the
 //     key store's deadline, never on one the key check found holding
-//     another key under the label (operations.go, keycheck.go); hsm errors
+//     another key under the label (operations.go; frontend.KeyCheck with
+//     keycheck.go's proof); hsm errors
 //     map to XKS errors by the spec's table (fromHSM, errors.go).
 //  7. Answer: compact JSON (Handler.respond), one audit line
 //     (exchange.log) and the metrics (exchange.observe, metrics.go).
@@ -44,14 +45,15 @@
 //	URI path and key id syntax       route.go (APIPathSuffix, uriPathPattern, validKeyID); CompleteURIPath, keystore.go
 //	the raw path, SigV4              package sigv4auth (RawPath, Verifier)
 //	configuration rules              KeyStore.validate, Handler.Validate; defaults in the Provision methods
-//	reading a body (memory as bytes arrive) readBody, handler.go
-//	request bodies                   request.go
+//	reading a body (memory as bytes arrive) frontend.ReadBody; readBody, handler.go
+//	request bodies                   request.go (strict decoding: frontend.DecodeObject)
 //	the server of the key stores     server.go (HTTP/2 stream limit, HTTP/3 warning)
 //	secondary authorization          package authz; KeyStore.authorize
 //	the AAD given to the HSM, CDIV   framing.go
 //	the four operations, failover    operations.go
-//	key labels across backends       keycheck.go (duplicates, the same key on every backend)
+//	key labels across backends       keycheck.go (the proof, key versions), frontend/keycheck.go (duplicates, the same key on every backend)
 //	error names and statuses, fromHSM errors.go
-//	per-call state, audit, metrics   exchange.go, metrics.go
-//	xksProxyModel                    version.go
+//	per-call state, audit, metrics   exchange.go, metrics.go (frontend.AuditLine, RequestMetrics)
+//	quota, concurrency, deadline     frontend.Limits
+//	xksProxyModel                    frontend/version.go
 package xkshandler

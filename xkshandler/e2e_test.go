@@ -24,7 +24,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-xks/caddy-xks/xkshandler"
+	"github.com/caddy-xks/caddy-xks/frontend"
 )
 
 func random(t testing.TB, n int) []byte {
@@ -76,7 +76,7 @@ func TestHealth(t *testing.T) {
 	if r.status != http.StatusOK {
 		t.Fatalf("health: %d %s", r.status, r.raw)
 	}
-	if r.body["xksProxyFleetSize"] != float64(1) || r.str("xksProxyVendor") == "" || !strings.HasPrefix(r.str("xksProxyModel"), "caddy-xks "+xkshandler.Version+" (Caddy ") || r.str("ekmVendor") != "SoftHSM project" {
+	if r.body["xksProxyFleetSize"] != float64(1) || r.str("xksProxyVendor") == "" || !strings.HasPrefix(r.str("xksProxyModel"), "caddy-xks "+frontend.Version+" (Caddy ") || r.str("ekmVendor") != "SoftHSM project" {
 		t.Errorf("health: %s", r.raw)
 	}
 	fleet, _ := r.body["ekmFleetDetails"].([]any)

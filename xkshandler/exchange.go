@@ -5,8 +5,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 
+	"github.com/caddy-xks/caddy-xks/frontend"
 	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
@@ -52,63 +52,48 @@ var auditKeys = func() []string {
 // log writes the audit line of the call. It names who asked for what and
 // how it ended; it never carries plaintext, AAD, secrets or signatures.
 func (x *exchange) log(audit *zap.Logger) {
-	outcome := "ok"
-	level := zapcore.InfoLevel
+	line := frontend.AuditLine{
+		Message:   "xks request",
+		Operation: x.op.String(),
+		Outcome:   "ok",
+		Key:       x.keyID,
+		Rule:      x.rule,
+		Reason:    x.healthReason,
+		HSMTime:   x.hsmTime,
+		Total:     x.elapsed,
+	}
+	if x.ks != nil {
+		line.KeyStore = x.ks.URIPath
+	}
 	if x.err != nil {
-		outcome = x.err.name
-		if x.err.httpStatus() >= 500 {
-			level = zapcore.ErrorLevel
+		line.Outcome, line.Failed = x.err.name, x.err.httpStatus() >= 500
+		if x.err.cause != nil {
+			line.Reason = x.err.cause.Error()
 		}
 	}
-	ce := audit.Check(level, "xks request")
-	if ce == nil {
-		return
-	}
-	fields := make([]zap.Field, 0, 16)
-	fields = append(fields, zap.String("operation", x.op.String()), zap.String("outcome", outcome))
-	if x.ks != nil {
-		fields = append(fields, zap.String("key_store", x.ks.URIPath))
-	}
-	if x.keyID != "" {
-		fields = append(fields, zap.String("external_key_id", x.keyID))
-	}
 	if x.akid != "" {
-		fields = append(fields, zap.String("access_key_id", x.akid))
+		line.Fields = append(line.Fields, zap.String("access_key_id", x.akid))
 	}
 	if m := x.requestMetadata; m != nil {
 		for i, f := range m.Fields() {
-			fields = append(fields, zap.String(auditKeys[i], f.Value))
+			line.Fields = append(line.Fields, zap.String(auditKeys[i], f.Value))
 		}
 	}
-	if x.rule != "" {
-		fields = append(fields, zap.String("authz_rule", x.rule))
-	}
-	switch {
-	case x.err != nil && x.err.cause != nil:
-		fields = append(fields, zap.String("reason", x.err.cause.Error()))
-	case x.healthReason != "":
-		fields = append(fields, zap.String("reason", x.healthReason))
-	}
-	fields = append(fields, zap.Duration("hsm_time", x.hsmTime), zap.Duration("total_time", x.elapsed))
-	ce.Write(fields...)
+	line.Write(audit)
 }
 
 // observe counts the call in the handler's metrics.
 func (x *exchange) observe() {
-	ks, op := "", x.op.String()
+	ks, outcome := "", "ok"
 	if x.ks != nil {
 		ks = x.ks.URIPath
 	}
-	outcome := "ok"
+	var deniedBy *string
 	if x.err != nil {
 		outcome = x.err.name
+		if x.err.name == AccessDeniedException {
+			deniedBy = &x.rule
+		}
 	}
-	metrics.requests.WithLabelValues(ks, op, outcome).Inc()
-	metrics.duration.WithLabelValues(ks, op).Observe(x.elapsed.Seconds())
-	if x.hsmTime > 0 {
-		metrics.hsmDuration.WithLabelValues(ks, op).Observe(x.hsmTime.Seconds())
-	}
-	if x.err != nil && x.err.name == AccessDeniedException {
-		metrics.authzDenied.WithLabelValues(ks, x.rule).Inc()
-	}
+	metrics.requests.Observe(ks, x.op.String(), outcome, x.elapsed, x.hsmTime, deniedBy)
 }

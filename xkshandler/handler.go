@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"strconv"
 	"strings"
 	"time"
 
@@ -16,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-xks/caddy-xks/authz"
+	"github.com/caddy-xks/caddy-xks/frontend"
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/sigv4auth"
 	"github.com/caddy-xks/caddy-xks/tlscheck"
@@ -333,62 +333,16 @@ func admitKeyCall(x *exchange) (release func(), xerr *xksError) {
 	return ks.admit()
 }
 
-// firstBodyRead is the buffer a body's first Read gets: every KMS request
-// whose AAD is not unusually long fits, so it is read in one call.
-const firstBodyRead = 2 << 10
-
-// readBody reads at most limit bytes of the request body.
-//
-// Memory grows with the bytes that arrive, never with the length a client
-// declares: the body is read into a buffer of firstBodyRead bytes (less
-// for a shorter body), which doubles each time it fills, up to the declared
-// length or limit. The body comes before the signature is checked, so
-// anyone who knows a key store's path could otherwise make the proxy hold
-// max_request_body bytes per HTTP/2 stream with a HEADERS frame of a few
-// bytes: 240 streams of one connection that declared 64 KiB and sent
-// nothing held 17 MiB (TestUnsignedHTTP2BodiesHoldNoMemory).
-//
-// A body of declared length that fits the first buffer takes one Read call
-// as a rule, and no call is made past its end. Each Read of a request body
-// costs more than the copy on HTTP/2: Caddy's idle read timeout (on by
-// default, a minute) sets the stream's read deadline before the call and
-// puts it back after it, and each of those is a message to the
-// connection's serving goroutine and a timer there. Read to EOF through
-// io.ReadAll, a 700-byte Encrypt took three calls and six such messages;
-// the serving goroutine, one per connection, handles every stream's frames
-// too, and the handlers waiting for it were the largest scheduling delay in
-// the trace of a paced load (scripts/profile.sh). HTTP/1.1 and HTTP/2 both
-// hold a body to its declared length (a shorter one is a read error, a
-// longer one a protocol error), so the bytes read are the whole body.
+// readBody reads at most limit bytes of the request body
+// (frontend.ReadBody), in the XKS vocabulary: a larger body is
+// UnsupportedOperationException, an unreadable one ValidationException.
 func readBody(r *http.Request, limit int64) ([]byte, *xksError) {
-	tooLarge := func() *xksError {
-		return newError(UnsupportedOperationException, fmt.Sprintf("request bodies larger than %d bytes are not supported", limit))
+	body, err := frontend.ReadBody(r, limit)
+	if tooLarge, ok := errors.AsType[*frontend.BodyTooLargeError](err); ok {
+		return nil, newError(UnsupportedOperationException, tooLarge.Error())
 	}
-	if r.ContentLength > limit {
-		return nil, tooLarge()
-	}
-	// Without a declared length, one byte past the limit says the body is
-	// too large.
-	want := r.ContentLength
-	if want < 0 {
-		want = limit + 1
-	}
-	body := make([]byte, 0, min(want, firstBodyRead))
-	for int64(len(body)) < want {
-		if len(body) == cap(body) {
-			body = append(make([]byte, 0, min(want, 2*int64(cap(body)))), body...)
-		}
-		n, err := r.Body.Read(body[len(body):cap(body)])
-		body = body[:len(body)+n]
-		if errors.Is(err, io.EOF) && r.ContentLength < 0 {
-			break
-		}
-		if err != nil && int64(len(body)) < want {
-			return nil, validationError("the request body could not be read")
-		}
-	}
-	if int64(len(body)) > limit {
-		return nil, tooLarge()
+	if err != nil {
+		return nil, validationError(err.Error())
 	}
 	return body, nil
 }
@@ -413,10 +367,7 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
 		status = http.StatusInternalServerError
 		out = []byte(`{"errorName":"InternalException"}`)
 	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(out)))
-	w.WriteHeader(status)
-	_, _ = w.Write(out)
+	frontend.WriteJSON(w, status, out)
 }
 
 // Interface guards

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/caddy-xks/caddy-xks/frontend"
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/caddy-xks/caddy-xks/internal/vendorshim"
@@ -61,13 +62,10 @@ func TestFailoverSkipsABackendHoldingAnotherKey(t *testing.T) {
 	ks := &KeyStore{URIPath: "/t/kms/xks/v1", backends: []*hsm.Backend{a, b, c},
 		keys: map[string]bool{"replaced": true, "kept": true}, logger: zaptest.NewLogger(t)}
 	ctx := context.Background()
-	check := func() *keyReport {
-		r := ks.checkKeys(ctx)
-		ks.keyCheck.current.Store(r)
-		return r
-	}
-	if r := check(); r.mismatchError(ks) != nil || len(r.backendProblems(1)) > 0 || len(r.backendProblems(2)) > 0 {
-		t.Fatalf("backends with the same keys: %v %v", r.mismatchError(ks), r.problems)
+	ks.setupKeyCheck()
+	check := func() *frontend.KeyReport { return ks.check.Run(ctx) }
+	if r := check(); r.Err(ks.URIPath) != nil || len(r.BackendProblems(1)) > 0 || len(r.BackendProblems(2)) > 0 {
+		t.Fatalf("backends with the same keys: %v %v", r.Err(ks.URIPath), r)
 	}
 
 	other := randomKey(t)
@@ -76,24 +74,24 @@ func TestFailoverSkipsABackendHoldingAnotherKey(t *testing.T) {
 		tk.ImportKey(t, "replaced", other)
 	}
 	r := check()
-	err := r.mismatchError(ks)
+	err := r.Err(ks.URIPath)
 	for _, want := range []string{`backends a and b hold different keys labelled "replaced"`, `backends a and c hold different keys labelled "replaced"`} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("mismatch error %v does not say %q", err, want)
 		}
 	}
-	if len(r.backendProblems(0)) != 0 || len(r.backendProblems(1)) != 1 || len(r.backendProblems(2)) != 1 {
-		t.Fatalf("problems: %v", r.problems)
+	if len(r.BackendProblems(0)) != 0 || len(r.BackendProblems(1)) != 1 || len(r.BackendProblems(2)) != 1 {
+		t.Fatalf("report: %v", r)
 	}
 
 	_ = a.Close() // a's token closes: a is unavailable
 	r = check()
-	if !r.differing("replaced", 1) || !r.differing("replaced", 2) || r.differing("kept", 1) {
-		t.Fatalf("with a down, b and c agreeing is taken for proof: %v", r.differs)
+	if !r.Differing("replaced", 1) || !r.Differing("replaced", 2) || r.Differing("kept", 1) {
+		t.Fatalf("with a down, b and c agreeing is taken for proof: %v", r)
 	}
 	used := map[string][]string{}
 	encrypt := func(key string) error {
-		return ks.withBackend(key, func(be *hsm.Backend) error {
+		return ks.check.WithBackend(key, func(be *hsm.Backend) error {
 			used[key] = append(used[key], be.Name())
 			_, err := be.Encrypt(ctx, key, []byte("pt"), nil)
 			return err
@@ -128,8 +126,9 @@ func TestKeyCheckOfAllKeys(t *testing.T) {
 	tkA.CreateKey(t, "twice")
 	a, b := openBackend(t, "a", tkA), openBackend(t, "b", tkB)
 	ks := &KeyStore{URIPath: "/t/kms/xks/v1", backends: []*hsm.Backend{a, b}, logger: zaptest.NewLogger(t)}
-	r := ks.checkKeys(context.Background())
-	err := r.mismatchError(ks)
+	ks.setupKeyCheck()
+	r := ks.check.Run(context.Background())
+	err := r.Err(ks.URIPath)
 	for _, want := range []string{`key "a-only" is on backend a but not on backend b`, `backends a and b hold different keys labelled "differs"`} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("mismatch error %v does not say %q", err, want)
@@ -138,7 +137,7 @@ func TestKeyCheckOfAllKeys(t *testing.T) {
 	if err != nil && strings.Contains(err.Error(), `"both"`) {
 		t.Errorf("the key both backends hold alike is named: %v", err)
 	}
-	if got := strings.Join(r.backendProblems(1), "; "); !strings.Contains(got, `more than one key is labelled "twice"`) {
+	if got := strings.Join(r.BackendProblems(1), "; "); !strings.Contains(got, `more than one key is labelled "twice"`) {
 		t.Errorf("b's problems do not name the duplicate: %s", got)
 	}
 }
@@ -158,19 +157,16 @@ func TestSilentBackendKeepsItsFindings(t *testing.T) {
 	a, b := openBackend(t, "a", tkA), openBackend(t, "b", tkB)
 	core, logs := observer.New(zapcore.InfoLevel)
 	ks := &KeyStore{URIPath: "/t/kms/xks/v1", backends: []*hsm.Backend{a, b}, keys: map[string]bool{"k": true}, logger: zap.New(core)}
-	check := func() *keyReport {
-		r := ks.checkKeys(context.Background())
-		ks.keyCheck.current.Store(r)
-		return r
-	}
+	ks.setupKeyCheck()
+	check := func() *frontend.KeyReport { return ks.check.Run(context.Background()) }
 	duplicate := `more than one key is labelled "k", so calls with it fail`
-	if r := check(); strings.Join(r.backendProblems(1), "; ") != duplicate {
-		t.Fatalf("b's problems: %v", r.problems)
+	if r := check(); strings.Join(r.BackendProblems(1), "; ") != duplicate {
+		t.Fatalf("b's problems: %v", r.BackendProblems(1))
 	}
 	_ = b.Close() // b does not answer
 	r := check()
-	if !r.silent[1] || strings.Join(r.backendProblems(1), "; ") != duplicate {
-		t.Errorf("b, silent, lost its finding: silent %v, problems %v", r.silent, r.problems)
+	if !r.Silent(1) || strings.Join(r.BackendProblems(1), "; ") != duplicate {
+		t.Errorf("b, silent, lost its finding: silent %v, problems %v", r.Silent(1), r.BackendProblems(1))
 	}
 	if n := logs.FilterMessageSnippet("resolved").Len(); n != 0 {
 		t.Errorf("%d lines call the silent backend's finding resolved", n)
@@ -214,7 +210,8 @@ func TestKeyCheckInEveryIVMode(t *testing.T) {
 			b := openBackend(t, "softhsm2", tkB)
 			for _, order := range [][]*hsm.Backend{{a, b}, {b, a}} {
 				ks := &KeyStore{URIPath: "/t/kms/xks/v1", backends: order, keys: map[string]bool{"same": true, "other": true}, logger: zaptest.NewLogger(t)}
-				err := ks.checkKeys(context.Background()).mismatchError(ks)
+				ks.setupKeyCheck()
+				err := ks.check.Run(context.Background()).Err(ks.URIPath)
 				want := fmt.Sprintf("backends %s and %s hold different keys labelled %q", order[0].Name(), order[1].Name(), "other")
 				if err == nil || !strings.Contains(err.Error(), want) || strings.Contains(err.Error(), `"same"`) {
 					t.Errorf("%s first: %v, want only %q", order[0].Name(), err, want)

@@ -12,9 +12,9 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
-	"golang.org/x/time/rate"
 
 	"github.com/caddy-xks/caddy-xks/authz"
+	"github.com/caddy-xks/caddy-xks/frontend"
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/internal/placeholder"
 	"github.com/caddy-xks/caddy-xks/sigv4auth"
@@ -96,21 +96,6 @@ type KeyStore struct {
 	// Default: no rules, every authenticated request is allowed.
 	Authorize []authz.Rule `json:"authorize,omitempty"`
 
-	// RateLimit is the key store's request quota in requests per second,
-	// a token bucket refilled at this rate; past it, requests get
-	// ThrottlingException before the HSM is asked. KMS's own default quota
-	// per external key store is 1800. Default: 0, no quota.
-	RateLimit float64 `json:"rate_limit,omitempty"`
-
-	// RateBurst is the token bucket's size: how many requests may arrive
-	// at once above the rate. Default: one second's worth of rate_limit.
-	RateBurst int `json:"rate_burst,omitempty"`
-
-	// MaxConcurrent bounds the requests of this key store doing HSM work at
-	// once; past it, requests get ThrottlingException at once. Default: 0,
-	// bounded only by the HSM backend's session pool.
-	MaxConcurrent int `json:"max_concurrent,omitempty"`
-
 	// AllowPlainHTTP serves this key store's requests that did not arrive
 	// over TLS. KMS always connects over TLS to the proxy's certificate, so
 	// a plain request reached the proxy some other way; set it only behind
@@ -119,12 +104,11 @@ type KeyStore struct {
 	// AccessDeniedException.
 	AllowPlainHTTP bool `json:"allow_plain_http,omitempty"`
 
-	// Deadline bounds each request, from its arrival to the HSM's answer;
-	// past it the request gets DependencyTimeoutException (HSM work it
-	// started is abandoned, counted, and its session closed when the HSM
-	// returns). KMS waits 250 ms for an answer, network included.
-	// Default: 200ms.
-	Deadline caddy.Duration `json:"deadline,omitempty"`
+	// The key store's request quota, bound on concurrent HSM work and
+	// deadline (rate_limit, rate_burst, max_concurrent, deadline): past the
+	// first two, requests get ThrottlingException before the HSM is asked;
+	// past the deadline, DependencyTimeoutException.
+	frontend.Limits
 
 	// Versions puts several HSM keys behind an external key id, its
 	// versions (versions.go): Encrypt uses the current one and says which
@@ -156,13 +140,11 @@ type KeyStore struct {
 	versionLabels map[string]bool
 	disabled      map[string]bool
 	policy        *authz.Policy[authz.Input]
-	limiter       *rate.Limiter // nil: no quota
-	slots         chan struct{} // nil: no bound on concurrent HSM work
 	framing       aadFraming
 	// ciphertextMetadata is CiphertextMetadata decoded: what Encrypt
 	// returns and binds into the AAD.
 	ciphertextMetadata []byte
-	keyCheck           keyCheck
+	check              frontend.KeyCheck
 	logger             *zap.Logger
 
 	// Key versions and their usage counters.
@@ -282,8 +264,8 @@ func (ks *KeyStore) validate() error {
 	if ks.FleetSize < 0 {
 		return fmt.Errorf("key store %s: fleet_size must be positive", ks.URIPath)
 	}
-	if ks.RateLimit < 0 || ks.RateBurst < 0 || ks.MaxConcurrent < 0 || ks.Deadline < 0 {
-		return fmt.Errorf("key store %s: rate_limit, rate_burst, max_concurrent and deadline must not be negative", ks.URIPath)
+	if err := ks.Limits.Validate(); err != nil {
+		return fmt.Errorf("key store %s: %w", ks.URIPath, err)
 	}
 	return nil
 }
@@ -324,21 +306,11 @@ func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger, usage usageSetti
 		return fmt.Errorf("key store %s: %w", ks.URIPath, err)
 	}
 
-	ks.backends = ks.backends[:0]
-	for _, name := range ks.HSM {
-		b, err := app.Backend(name)
-		if err != nil {
-			return fmt.Errorf("key store %s: %w", ks.URIPath, err)
-		}
-		ks.backends = append(ks.backends, b)
+	if ks.backends, err = frontend.LookupBackends(app, ks.HSM); err != nil {
+		return fmt.Errorf("key store %s: %w", ks.URIPath, err)
 	}
 
-	if len(ks.Keys) != 1 || ks.Keys[0] != "*" {
-		ks.keys = make(map[string]bool, len(ks.Keys))
-		for _, k := range ks.Keys {
-			ks.keys[k] = true
-		}
-	}
+	ks.keys, ks.disabled = frontend.AllowList(ks.Keys), frontend.Set(ks.DisabledKeys)
 	ks.versionLabels = make(map[string]bool)
 	for _, kv := range ks.Versions {
 		for _, v := range kv.Versions {
@@ -346,10 +318,6 @@ func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger, usage usageSetti
 				ks.versionLabels[v.Label] = true
 			}
 		}
-	}
-	ks.disabled = make(map[string]bool, len(ks.DisabledKeys))
-	for _, k := range ks.DisabledKeys {
-		ks.disabled[k] = true
 	}
 	// Both are checked by validate, which Caddy runs after provisioning.
 	ks.ciphertextMetadata, _ = parseCiphertextMetadata(ks.CiphertextMetadata)
@@ -360,32 +328,16 @@ func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger, usage usageSetti
 	if ks.policy, err = authz.Compile(ks.Authorize); err != nil {
 		return fmt.Errorf("key store %s: authorize: %w", ks.URIPath, err)
 	}
-	if ks.RateLimit > 0 {
-		burst := ks.RateBurst
-		if burst == 0 {
-			burst = max(int(ks.RateLimit), 1)
-		}
-		ks.limiter = rate.NewLimiter(rate.Limit(ks.RateLimit), burst)
-	}
-	if ks.MaxConcurrent > 0 {
-		ks.slots = make(chan struct{}, ks.MaxConcurrent)
-	}
-	if ks.Deadline == 0 {
-		ks.Deadline = caddy.Duration(defaultDeadline)
-	}
+	ks.Limits.Provision()
 	for _, b := range ks.backends {
 		ks.callerIVs = ks.callerIVs || b.IVMode() == "caller"
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), keyCheckTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), frontend.KeyCheckTimeout)
 	defer cancel()
 	ks.provisionVersions(ctx)
-	r := ks.checkKeys(ctx)
-	ks.keyCheck.current.Store(r)
-	return r.mismatchError(ks)
+	ks.setupKeyCheck()
+	return ks.check.Run(ctx).Err(ks.URIPath)
 }
-
-// defaultDeadline leaves KMS's 250 ms for the network and TLS.
-const defaultDeadline = 200 * time.Millisecond
 
 // parseCiphertextMetadata decodes the configured ciphertext_metadata; an
 // empty one is none (nil).
@@ -404,21 +356,14 @@ func parseCiphertextMetadata(s string) ([]byte, error) {
 }
 
 // admit takes a place for one request's HSM work, or says why not: the
-// quota or the bound on concurrent work. release must be called when the
-// work is done.
+// quota or the bound on concurrent work (ThrottlingException). release
+// must be called when the work is done.
 func (ks *KeyStore) admit() (release func(), xerr *xksError) {
-	if ks.limiter != nil && !ks.limiter.Allow() {
-		return nil, newError(ThrottlingException, "the key store's request quota is exceeded")
+	release, err := ks.Admit()
+	if err != nil {
+		return nil, newError(ThrottlingException, err.Error())
 	}
-	if ks.slots == nil {
-		return func() {}, nil
-	}
-	select {
-	case ks.slots <- struct{}{}:
-		return func() { <-ks.slots }, nil
-	default:
-		return nil, newError(ThrottlingException, "too many requests of this key store are in the HSM")
-	}
+	return release, nil
 }
 
 // authorize runs the key store's secondary authorization policy on one

@@ -1,50 +1,30 @@
 package xkshandler
 
 import (
-	"errors"
 	"math"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/caddy-xks/caddy-xks/frontend"
 )
 
 // The handler's metrics live for the process, so that counters go on across
 // config reloads, and are registered in each config's registry (Caddy makes a
 // new one per config and serves it on the admin endpoint's /metrics).
 var metrics = struct {
-	requests      *prometheus.CounterVec
-	duration      *prometheus.HistogramVec
-	hsmDuration   *prometheus.HistogramVec
+	requests      *frontend.RequestMetrics
 	certExpiry    *prometheus.GaugeVec
 	certDays      *certificateDays
-	authzDenied   *prometheus.CounterVec
 	usage         *usageMetrics
 	collectorList []prometheus.Collector
 }{}
 
-// latencyBuckets span what matters against KMS's 250 ms budget.
-var latencyBuckets = []float64{.0005, .001, .002, .005, .01, .02, .05, .1, .2, .25, .5, 1}
-
 var initMetrics = sync.OnceFunc(func() {
 	const ns, sub = "caddy", "xks"
-	metrics.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: ns, Subsystem: sub, Name: "requests_total",
-		Help: "XKS API requests by key store, operation and outcome (ok or the XKS errorName).",
-	}, []string{"key_store", "operation", "outcome"})
-	metrics.duration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Namespace: ns, Subsystem: sub, Name: "request_duration_seconds",
-		Help: "Time from a request's arrival to its answer.", Buckets: latencyBuckets,
-	}, []string{"key_store", "operation"})
-	metrics.hsmDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Namespace: ns, Subsystem: sub, Name: "hsm_duration_seconds",
-		Help: "Time a request spent on HSM work (session wait and PKCS#11 calls).", Buckets: latencyBuckets,
-	}, []string{"key_store", "operation"})
-	metrics.authzDenied = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: ns, Subsystem: sub, Name: "authorization_denied_total",
-		Help: "Requests denied by secondary authorization, by key store and deciding rule.",
-	}, []string{"key_store", "rule"})
+	metrics.requests = frontend.NewRequestMetrics(sub, "XKS API", "the XKS errorName")
 	metrics.certExpiry = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: ns, Subsystem: sub, Name: "certificate_expiry_timestamp_seconds",
 		Help: "When the server certificate served for a hostname expires (Unix time).",
@@ -63,7 +43,7 @@ var initMetrics = sync.OnceFunc(func() {
 			"The key version Encrypt uses for an external key id.",
 			[]string{"key_store", "key"}, nil),
 	}
-	metrics.collectorList = []prometheus.Collector{metrics.requests, metrics.duration, metrics.hsmDuration, metrics.authzDenied, metrics.certExpiry, metrics.certDays, metrics.usage}
+	metrics.collectorList = append(metrics.requests.Collectors(), metrics.certExpiry, metrics.certDays, metrics.usage)
 })
 
 // certificateDays is a gauge of the days left on each hostname's served
@@ -106,14 +86,7 @@ func (c *certificateDays) Collect(ch chan<- prometheus.Metric) {
 // handlers of one config register them once.
 func registerMetrics(reg prometheus.Registerer) error {
 	initMetrics()
-	for _, c := range metrics.collectorList {
-		if err := reg.Register(c); err != nil {
-			if _, ok := errors.AsType[prometheus.AlreadyRegisteredError](err); !ok {
-				return err
-			}
-		}
-	}
-	return nil
+	return frontend.Register(reg, metrics.collectorList...)
 }
 
 // liveStores are the key stores of the configs running, for usageMetrics.

@@ -6,39 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"time"
 
+	"github.com/caddy-xks/caddy-xks/frontend"
 	"github.com/caddy-xks/caddy-xks/hsm"
 	"github.com/caddy-xks/caddy-xks/xksapi"
 )
-
-// withBackend runs fn on the first backend that can serve the HSM key
-// label, falling over to the next one only when a backend reports the HSM
-// unavailable. A backend that the key check found holding another key under
-// the label is never used for it: its ciphertexts would not decrypt on the
-// others.
-func (ks *KeyStore) withBackend(label string, fn func(*hsm.Backend) error) error {
-	var err error
-	var skipped []string
-	differs := ks.keyCheck.differing(label)
-	for i, b := range ks.backends {
-		if i < len(differs) && differs[i] {
-			skipped = append(skipped, b.Name())
-			continue
-		}
-		if err = fn(b); !errors.Is(err, hsm.ErrUnavailable) {
-			return err
-		}
-	}
-	if len(skipped) > 0 {
-		reason := fmt.Errorf("backends %s hold another key labelled %q and are not used for it", strings.Join(skipped, ", "), label)
-		if err == nil {
-			return &hsm.Error{Kind: hsm.ErrUnavailable, Key: label, Err: reason}
-		}
-		return fmt.Errorf("%w; %w", err, reason)
-	}
-	return err
-}
 
 // keyMetadata answers GetKeyMetadata: the spec, usage and status of the
 // key's current version.
@@ -48,7 +20,7 @@ func (ks *KeyStore) keyMetadata(ctx context.Context, keyID string) (any, error) 
 		label = vk.current.Load().label
 	}
 	var md hsm.KeyMetadata
-	err := ks.withBackend(label, func(b *hsm.Backend) (err error) {
+	err := ks.check.WithBackend(label, func(b *hsm.Backend) (err error) {
 		md, err = b.Metadata(ctx, label)
 		return err
 	})
@@ -77,7 +49,7 @@ func (ks *KeyStore) encrypt(ctx context.Context, keyID string, req *xksRequest) 
 	md := ks.metadataFor(v)
 	aad := ks.framing.hsmAAD(req.aad, md)
 	var resp xksapi.EncryptResponse
-	err = ks.withBackend(v.label, func(b *hsm.Backend) error {
+	err = ks.check.WithBackend(v.label, func(b *hsm.Backend) error {
 		res, err := b.Encrypt(ctx, v.label, req.plaintext, aad)
 		if err != nil {
 			return err
@@ -130,7 +102,7 @@ func (ks *KeyStore) decrypt(ctx context.Context, keyID string, req *xksRequest) 
 	}
 	aad := ks.framing.hsmAAD(req.aad, req.ciphertextMetadata)
 	var pt []byte
-	err = ks.withBackend(v.label, func(b *hsm.Backend) (err error) {
+	err = ks.check.WithBackend(v.label, func(b *hsm.Backend) (err error) {
 		pt, err = b.Decrypt(ctx, v.label, req.iv, req.ciphertext, req.tag, aad)
 		return err
 	})
@@ -149,28 +121,12 @@ func (ks *KeyStore) decrypt(ctx context.Context, keyID string, req *xksRequest) 
 func (ks *KeyStore) health(ctx context.Context) (resp xksapi.HealthResponse, reason string) {
 	resp = xksapi.HealthResponse{
 		XKSProxyFleetSize: ks.FleetSize,
-		XKSProxyVendor:    "caddy-xks",
-		XKSProxyModel:     proxyModel(),
+		XKSProxyVendor:    frontend.ProxyVendor,
+		XKSProxyModel:     frontend.ProxyModel(),
 	}
 	var reasons []string
-	ttl := time.Duration(0)
-	for _, b := range ks.backends {
-		if ttl == 0 || b.HealthTTL() < ttl {
-			ttl = b.HealthTTL()
-		}
-	}
-	keys := ks.latestKeyReport(ctx, ttl)
-	for i, b := range ks.backends {
-		h := b.Health(ctx)
-		if problems := keys.backendProblems(i); len(problems) > 0 {
-			if h.Status == hsm.HealthActive {
-				h.Status = hsm.HealthDegraded
-			}
-			if h.Reason != "" {
-				problems = append([]string{h.Reason}, problems...)
-			}
-			h.Reason = strings.Join(problems, "; ")
-		}
+	for i, h := range ks.check.Health(ctx) {
+		b := ks.backends[i]
 		if h.Status != hsm.HealthActive {
 			reasons = append(reasons, fmt.Sprintf("backend %s %s: %s", b.Name(), h.Status, h.Reason))
 		}

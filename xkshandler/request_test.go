@@ -3,6 +3,8 @@ package xkshandler
 import (
 	"encoding/base64"
 	"encoding/json"
+	"io"
+	"net/http"
 	"strings"
 	"testing"
 
@@ -272,6 +274,25 @@ func BenchmarkDecodeRequest(b *testing.B) {
 	for b.Loop() {
 		if _, xerr := decodeRequest(opEncrypt, body); xerr != nil {
 			b.Fatal(xerr)
+		}
+	}
+}
+
+// TestReadBodyErrors: the errors of reading a body (frontend.ReadBody, whose
+// own tests are frontend's) in the XKS vocabulary.
+func TestReadBodyErrors(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		declared int64
+		sent     string
+		want     string
+	}{
+		{"a body over the limit", 11, "", UnsupportedOperationException},
+		{"a body shorter than declared", 5, "xy", ValidationException},
+	} {
+		r := &http.Request{Method: http.MethodPost, ContentLength: tt.declared, Body: io.NopCloser(strings.NewReader(tt.sent))}
+		if _, xerr := readBody(r, 10); xerr == nil || xerr.name != tt.want {
+			t.Errorf("%s: %v, want %s", tt.name, xerr, tt.want)
 		}
 	}
 }

@@ -353,7 +353,7 @@ func (ks *KeyStore) keyVersions(ctx context.Context, key string) (*versionedKey,
 	if vk != nil {
 		return vk, nil
 	}
-	if err := ks.withBackend(key, func(b *hsm.Backend) error {
+	if err := ks.check.WithBackend(key, func(b *hsm.Backend) error {
 		_, err := b.Metadata(ctx, key)
 		return err
 	}); err != nil {

@@ -1,6 +1,7 @@
 package hsmtest
 
 import (
+	"crypto/rand"
 	"crypto/rsa"
 	"math/big"
 	"testing"
@@ -103,4 +104,15 @@ func (tk Token) genericSecrets(t testing.TB, onToken bool) int {
 		t.Fatalf("searching generic secrets: %v", err)
 	}
 	return len(hs)
+}
+
+// RSAKey makes an RSA key pair of bits with crypto/rsa, for a test to
+// import (ImportRSAKey) and check the HSM's answers with.
+func RSAKey(t testing.TB, bits int) *rsa.PrivateKey {
+	t.Helper()
+	k, err := rsa.GenerateKey(rand.Reader, bits)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
 }

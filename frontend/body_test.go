@@ -1,6 +1,7 @@
-package xkshandler
+package frontend
 
 import (
+	"errors"
 	"io"
 	"net/http"
 	"strings"
@@ -34,6 +35,22 @@ func (b *countingBody) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// The errors of ReadBody, by kind.
+const (
+	unreadable = "unreadable"
+	tooLarge   = "too large"
+)
+
+func errorKind(err error) string {
+	if _, ok := errors.AsType[*BodyTooLargeError](err); ok {
+		return tooLarge
+	}
+	if errors.Is(err, ErrBodyUnreadable) {
+		return unreadable
+	}
+	return ""
+}
+
 func TestReadBody(t *testing.T) {
 	const limit = 10000
 	body := strings.Repeat("x", 700)
@@ -50,20 +67,20 @@ func TestReadBody(t *testing.T) {
 	}{
 		{"declared length: one call, none past the end", 700, body, 4096, 1, ""},
 		{"declared length in two pieces: two calls, none past the end", 700, body, 400, 2, ""},
-		{"declared length at the limit, one byte sent: a small buffer", limit, "x", 4096, 0, ValidationException},
+		{"declared length at the limit, one byte sent: a small buffer", limit, "x", 4096, 0, unreadable},
 		{"declared length past the first buffer: it doubles as the bytes come", 5000, long, 1 << 16, 3, ""},
 		{"empty declared body: no call", 0, "", 4096, 0, ""},
-		{"declared length longer than what came", 800, body, 4096, 0, ValidationException},
-		{"declared length over the limit: refused before any call", limit + 1, "", 4096, 0, UnsupportedOperationException},
+		{"declared length longer than what came", 800, body, 4096, 0, unreadable},
+		{"declared length over the limit: refused before any call", limit + 1, "", 4096, 0, tooLarge},
 		{"no declared length, within the limit", -1, body, 300, 0, ""},
 		{"no declared length, past the first buffer", -1, long, 1 << 16, 0, ""},
-		{"no declared length, over the limit", -1, strings.Repeat("x", limit+1), 4096, 0, UnsupportedOperationException},
+		{"no declared length, over the limit", -1, strings.Repeat("x", limit+1), 4096, 0, tooLarge},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			rb := &countingBody{data: tt.sent, chunk: tt.chunk}
 			r := &http.Request{Method: http.MethodPost, ContentLength: tt.declared, Body: io.NopCloser(rb)}
-			got, xerr := readBody(r, limit)
+			got, err := ReadBody(r, limit)
 			// The buffer grows with what arrives, never with what is
 			// declared: a client that declares a large body and sends
 			// nothing makes the proxy hold firstBodyRead bytes at most.
@@ -71,19 +88,19 @@ func TestReadBody(t *testing.T) {
 				t.Errorf("the first Read was given %d bytes before any had arrived, want at most %d", rb.firstLen, firstBodyRead)
 			}
 			if tt.wantErr != "" {
-				if xerr == nil || xerr.name != tt.wantErr {
-					t.Fatalf("readBody = %q, %v; want %s", got, xerr, tt.wantErr)
+				if errorKind(err) != tt.wantErr {
+					t.Fatalf("ReadBody = %q, %v; want %s", got, err, tt.wantErr)
 				}
 				if tt.declared > limit && rb.calls != 0 {
 					t.Errorf("%d Read calls before refusing a body declared over the limit", rb.calls)
 				}
 				return
 			}
-			if xerr != nil {
-				t.Fatalf("readBody: %v", xerr)
+			if err != nil {
+				t.Fatalf("ReadBody: %v", err)
 			}
 			if string(got) != tt.sent {
-				t.Errorf("readBody returned %d bytes, want the %d sent", len(got), len(tt.sent))
+				t.Errorf("ReadBody returned %d bytes, want the %d sent", len(got), len(tt.sent))
 			}
 			if tt.declared >= 0 {
 				if tt.calls != rb.calls {
