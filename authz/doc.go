@@ -1,6 +1,7 @@
-// Package authz is the XKS proxy's secondary authorization: a second layer of
-// access control, after AWS KMS's own key policies and after SigV4, that lets
-// a key store decide which AWS callers may use its external keys and how.
+// Package authz is the proxy's secondary authorization: a second layer of
+// access control, after AWS KMS's own key policies and after SigV4 (or after
+// mutual TLS, for Azure Managed HSM's EKM calls), that lets a key store
+// decide which callers may use its external keys and how.
 //
 // The XKS specification makes this optional but recommends it (it SHOULD be
 // possible to make an external key usable only by specific AWS callers), and
@@ -73,6 +74,26 @@
 // the fields that are not empty, so has(metadata.awsSourceVpce) asks whether
 // the request came through a VPC endpoint, and reading an absent field is a
 // run-time error that denies.
+//
+// # Azure Managed HSM EKM
+//
+// The same rules, with the same semantics and functions, authorize the calls
+// of the Azure EKM front end (CompileEKM, EKMInput), over this API's fields;
+// info is never subject to policy:
+//
+//	operation       the EKM operation: "metadata", "wrapkey" or "unwrapkey"
+//	key_store       the key store's path prefix, e.g. "/contoso/prod"
+//	key_id          the key name (external key id) in the request path
+//	alg             the wrap algorithm: "A256KW", "A256KWP", "RSA-OAEP" or
+//	                "RSA-OAEP-256" ("" for metadata)
+//	client          the subject common name of the client certificate
+//	request_id      request_context.request_id
+//	correlation_id  request_context.correlation_id
+//	pool_name       request_context.pool_name
+//
+// For example, only RSA-OAEP-256 for the pool "contoso":
+//
+//	allow  pool_name == "contoso" && (operation == "metadata" || alg == "RSA-OAEP-256")
 //
 // # Functions
 //

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs `make demo` in the background as a new user would, waits until the key
 # store answers GetHealthStatus, does an Encrypt/Decrypt round trip with the
-# credentials from $XKS_DEMO_DIR/proxy-config.json (signed by curl --aws-sigv4), and
-# stops the demo. Exits non-zero if any step fails.
+# credentials from $XKS_DEMO_DIR/proxy-config.json (signed by curl --aws-sigv4),
+# then calls the Azure EKM front end of the same proxy over mutual TLS (info,
+# metadata, RSA-OAEP and A256KWP round trips, a call without a client
+# certificate), and stops the demo. Exits non-zero if any step fails.
 #
 # It must hold on a busy machine and beside a running demo: the demo's
 # directory is a temporary one, its ports are ones the kernel picked (Caddy
@@ -89,6 +91,35 @@ out=$(xks keys/demo-key/decrypt "{$meta,\"ciphertext\":\"$ciphertext\",\"ciphert
 out=$(xks keys/demo-encrypt-only/decrypt "{$meta,\"ciphertext\":\"$ciphertext\",\"initializationVector\":\"$iv\",\"authenticationTag\":\"$tag\",\"encryptionAlgorithm\":\"AES_GCM\"}")
 grep -q InvalidKeyUsageException <<<"$out" || fail "decrypt with demo-encrypt-only was not InvalidKeyUsageException: $out"
 
+# The Azure EKM front end of the same proxy, with the demo's client
+# certificate, as Managed HSM calls it.
+ekm_base=https://ekm.localhost:$port/demo-ekm
+ekm() { # ekm PATH BODY [curl options]: one EKM call; prints the body, then the status.
+	local path=$1 body=$2
+	shift 2
+	curl -sS --max-time 60 --cacert "$ca" --resolve "ekm.localhost:$port:127.0.0.1" \
+		-H 'Content-Type: application/json' -d "$body" -w '\n%{http_code}' "$@" "$ekm_base/$path?api-version=0.1-preview"
+}
+client=(--cert "$XKS_DEMO_DIR/mhsm-client.pem" --key "$XKS_DEMO_DIR/mhsm-client.key")
+context='"request_context":{"request_id":"demo-test-3","correlation_id":"demo-test-4","pool_name":"demo"}'
+b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
+out=$(ekm info "{$context}" "${client[@]}")
+[ "$(tail -n 1 <<<"$out")" = 200 ] && grep -q '"api_version":"0.1-preview"' <<<"$out" || fail "EKM info failed: $out"
+out=$(ekm demo-kek-rsa/metadata "{$context}" "${client[@]}")
+grep -q '"key_type":"RSA","key_size":2048' <<<"$out" && grep -q '"e":"AQAB"' <<<"$out" || fail "EKM metadata failed: $out"
+dek=$(head -c 32 /dev/urandom | b64url)
+for spec in demo-kek-rsa:RSA-OAEP demo-kek-aes:A256KWP; do
+	key=${spec%%:*} alg=${spec#*:}
+	out=$(ekm "$key/wrapkey" "{$context,\"alg\":\"$alg\",\"value\":\"$dek\"}" "${client[@]}")
+	[ "$(tail -n 1 <<<"$out")" = 200 ] || fail "EKM wrapkey with $key failed: $out"
+	wrapped=$(field value "$(head -n 1 <<<"$out")")
+	out=$(ekm "$key/unwrapkey" "{$context,\"alg\":\"$alg\",\"value\":\"$wrapped\"}" "${client[@]}")
+	[ "$(tail -n 1 <<<"$out")" = 200 ] || fail "EKM unwrapkey with $key failed: $out"
+	[ "$(field value "$(head -n 1 <<<"$out")")" = "$dek" ] || fail "EKM unwrapkey with $key returned another key"
+done
+out=$(ekm info "{$context}")
+[ "$(tail -n 1 <<<"$out")" = 401 ] || fail "EKM info without a client certificate was not 401: $out"
+
 # The operator's own check and a short load, as the README shows them.
 bin/caddy xks check "https://localhost:$port" --proxy-config "$XKS_DEMO_DIR/proxy-config.json" --cacert "$ca" \
 	--key demo-key --encrypt-only-key demo-encrypt-only --max-p99 1m || fail "caddy xks check failed against the demo"
@@ -97,7 +128,7 @@ bin/caddy xks bench "https://localhost:$port" --proxy-config "$XKS_DEMO_DIR/prox
 
 # The binary built from xcaddy.json carries every module of the plugin.
 modules=$(bin/caddy list-modules)
-for m in hsm http.handlers.xks tls.client_auth.verifier.xks_subject; do
+for m in hsm http.handlers.xks http.handlers.azure_ekm tls.client_auth.verifier.xks_subject; do
 	grep -qx "$m" <<<"$modules" || fail "caddy list-modules does not show $m"
 done
 
@@ -108,6 +139,8 @@ tokens=$(SOFTHSM2_CONF=$XKS_DEMO_DIR/softhsm2.conf softhsm2-util --show-slots | 
 [ "$tokens" = 1 ] || fail "a second run left $tokens tokens labelled xks-demo"
 keys=$(SOFTHSM2_CONF=$XKS_DEMO_DIR/softhsm2.conf pkcs11-tool --module "${XKS_HSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}" --token-label xks-demo \
 	--login --pin "$(cat "$XKS_DEMO_DIR/pin")" --list-objects --type secrkey 2>/dev/null | grep -c 'label:' || true)
-[ "$keys" = 4 ] || fail "a second run left $keys keys on the demo token, want 4"
+# The four XKS keys and the EKM front end's AES key (its RSA key pair is
+# no secret key).
+[ "$keys" = 5 ] || fail "a second run left $keys secret keys on the demo token, want 5"
 
-echo "demo test: health ACTIVE, Encrypt/Decrypt round trip, key usage check and re-run passed"
+echo "demo test: health ACTIVE, Encrypt/Decrypt round trip, key usage check, EKM over mutual TLS and re-run passed"

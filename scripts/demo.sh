@@ -3,7 +3,11 @@
 # keys, fresh SigV4 credentials, the KMS console's proxy configuration file,
 # and Caddy in the foreground serving the external key store at
 # https://localhost:${XKS_DEMO_PORT:-8443}/demo/kms/xks/v1 (region us-east-1)
-# with a certificate from Caddy's local CA.
+# with a certificate from Caddy's local CA; and beside it, on the same port,
+# the Azure Managed HSM EKM front end at
+# https://ekm.localhost:${XKS_DEMO_PORT:-8443}/demo-ekm/ with two
+# key-encryption keys (RSA-2048 and AES-256), over mutual TLS with a client
+# certificate made here in the place of Managed HSM's.
 #
 # It runs Caddyfile.example itself; the variables below are the only
 # differences from production. Running it again reuses the token and keys.
@@ -69,6 +73,28 @@ export XKS_AKID_1=$akid1 XKS_SECRET_FILE_1=$demo/sigv4-secret-1
 export XKS_AKID_2=$akid2 XKS_SECRET_FILE_2=$demo/sigv4-secret-2
 export XKS_KEYS="demo-key demo-encrypt-only demo-decrypt-only demo-no-usage"
 export XKS_FLEET_SIZE=1
+
+# The EKM front end. Managed HSM's client certificate and its root are
+# Microsoft's; the demo makes a root and a client certificate of its own
+# with the same shape (a CN of the pool, client authentication).
+ekm_subject=demo.managedhsmclient.azure.net
+if [ ! -s "$demo/mhsm-client.pem" ]; then
+	openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+		-keyout "$demo/mhsm-client-root.key" -out "$demo/mhsm-client-root.pem" \
+		-subj "/CN=caddy-xks demo Managed HSM client root" \
+		-addext basicConstraints=critical,CA:true -addext keyUsage=critical,keyCertSign 2>/dev/null
+	openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+		-keyout "$demo/mhsm-client.key" -out "$demo/mhsm-client.csr" -subj "/CN=$ekm_subject" 2>/dev/null
+	openssl x509 -req -in "$demo/mhsm-client.csr" -CA "$demo/mhsm-client-root.pem" -CAkey "$demo/mhsm-client-root.key" \
+		-set_serial 2 -days 825 -out "$demo/mhsm-client.pem" \
+		-extfile <(printf 'extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n') 2>/dev/null
+	rm -f "$demo/mhsm-client.csr"
+fi
+export EKM_FQDN=ekm.localhost
+export EKM_PATH_PREFIX=/demo-ekm
+export EKM_CLIENT_SUBJECT=$ekm_subject
+export EKM_CLIENT_ROOTS=$demo/mhsm-client-root.pem
+export EKM_KEYS="demo-kek-rsa demo-kek-aes"
 config=(--config "$root/Caddyfile.example" --adapter caddyfile)
 
 # The four demo keys: one for normal use, and three whose usage is limited,
@@ -78,6 +104,14 @@ for spec in demo-key:encrypt,decrypt demo-encrypt-only:encrypt demo-decrypt-only
 	label=${spec%%:*}
 	if ! grep -qx "$label" <<<"$existing"; then
 		"$caddy" xks keygen "${config[@]}" --backend primary --label "$label" --usage "${spec#*:}"
+	fi
+done
+
+# The EKM front end's keys; ekm-keygen refuses a name in use, which on a
+# second run is the key made on the first.
+for spec in demo-kek-rsa:rsa demo-kek-aes:aes; do
+	if ! out=$("$caddy" xks ekm-keygen "${config[@]}" --backend primary --name "${spec%%:*}" --type "${spec#*:}" --bits "$([ "${spec#*:}" = rsa ] && echo 2048 || echo 256)" 2>&1); then
+		grep -q "key label already exists" <<<"$out" || { echo "$out" >&2; exit 1; }
 	fi
 done
 
@@ -104,6 +138,15 @@ Try it from another terminal:
     -H 'Content-Type: application/json' \\
     -d '{"requestMetadata":{"kmsRequestId":"demo-1","kmsOperation":"KmsHealthCheck"}}' \\
     https://localhost:$port$uri_path/health
+
+The Azure Managed HSM EKM front end, over mutual TLS (the demo's client
+certificate stands in for Managed HSM's):
+
+  curl --cacert $ca --resolve ekm.localhost:$port:127.0.0.1 \
+    --cert $demo/mhsm-client.pem --key $demo/mhsm-client.key \
+    -H 'Content-Type: application/json' \
+    -d '{"request_context":{"correlation_id":"demo-1","pool_name":"demo"}}' \
+    'https://ekm.localhost:$port/demo-ekm/demo-kek-rsa/metadata?api-version=0.1-preview'
 
 EOF
 

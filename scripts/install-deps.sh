@@ -3,13 +3,14 @@
 # on Debian: SoftHSM2 (the development HSM), OpenSC's pkcs11-tool, NSS softokn and
 # opencryptoki (independent PKCS#11 implementations the tests run; the tests
 # start opencryptoki's pkcsslotd themselves), a C compiler
-# for cgo, curl (its --aws-sigv4 signer is one of the test clients), and the
-# pinned golangci-lint.
+# for cgo, curl (its --aws-sigv4 signer is one of the test clients), openssl
+# (the demo makes a stand-in for Managed HSM's client certificate with it),
+# and the pinned golangci-lint.
 # Go itself (1.26 or later) must already be on PATH.
 set -euo pipefail
 
 need=()
-for pkg in softhsm2 opensc libnss3 opencryptoki gcc libc6-dev curl ca-certificates make; do
+for pkg in softhsm2 opensc libnss3 opencryptoki gcc libc6-dev curl openssl ca-certificates make; do
 	dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done
 

@@ -3,6 +3,7 @@ package xkscmd
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddy-xks/caddy-xks/ekmapi"
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
 	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 	"github.com/caddy-xks/caddy-xks/internal/testcert"
@@ -164,8 +166,10 @@ func readFile(t *testing.T, path string) string {
 // values the demo sets (scripts/demo.sh), never the production values of
 // the token ("loadshared accelerator"), the iv mode (hsm) or private_keys
 // (false). Its pin line logs in through CKNFAST_FAKE_ACCELERATOR_LOGIN, as
-// its comment says. The key is made by `caddy xks keygen` with the same
-// file, and the whole conformance check passes over the site's TLS.
+// its comment says. The keys are made by `caddy xks keygen` and `caddy xks
+// ekm-keygen` with the same file; the whole XKS conformance check passes
+// over the site's TLS, and the EKM site of the same proxy wraps and unwraps
+// over mutual TLS with the example's client subject.
 func TestCaddyfileExampleServesNShield(t *testing.T) {
 	if !hsmtest.Available() {
 		t.Skip("SoftHSM2 is not installed")
@@ -191,6 +195,7 @@ func TestCaddyfileExampleServesNShield(t *testing.T) {
 		t.Setenv(fmt.Sprintf("XKS_SECRET_FILE_%d", i+1), file)
 	}
 	const uriPath = "/nshield/kms/xks/v1"
+	clientCA := testcert.NewCA(t, dir, "Managed HSM client root (test)")
 	for k, v := range map[string]string{
 		"XKS_HSM_MODULE":       shim.Path,
 		"XKS_ADMIN":            "unix/" + caddy.AdminSocket,
@@ -206,10 +211,12 @@ func TestCaddyfileExampleServesNShield(t *testing.T) {
 		"XKS_HSM_CALL_TIMEOUT": proxytest.CallTimeout,
 		"XKS_HSM_SESSION_WAIT": proxytest.SessionWait,
 		"XKS_DEADLINE":         proxytest.Deadline,
+		"EKM_FQDN":             "ekm.localhost",
+		"EKM_CLIENT_ROOTS":     clientCA.File,
 	} {
 		t.Setenv(k, v)
 	}
-	for _, k := range []string{"XKS_HSM_TOKEN", "XKS_HSM_IV", "XKS_HSM_PRIVATE_KEYS", "XKS_KEYS"} {
+	for _, k := range []string{"XKS_HSM_TOKEN", "XKS_HSM_IV", "XKS_HSM_PRIVATE_KEYS", "XKS_KEYS", "EKM_PATH_PREFIX", "EKM_CLIENT_SUBJECT", "EKM_KEYS"} {
 		if _, set := os.LookupEnv(k); set {
 			t.Setenv(k, "")
 			if err := os.Unsetenv(k); err != nil {
@@ -223,6 +230,10 @@ func TestCaddyfileExampleServesNShield(t *testing.T) {
 	}
 	if got := boolAttribute(t, tk, "xks-key-1", 0x2 /* CKA_PRIVATE */); got {
 		t.Fatal("keygen made a private key on the accelerator slot")
+	}
+	if out, err := runCommand(t, "ekm-keygen", "--config", exampleFile, "--adapter", "caddyfile", "--backend", "primary",
+		"--name", "ekm-kek-1", "--type", "aes"); err != nil {
+		t.Fatalf("ekm-keygen with Caddyfile.example: %v\n%s", err, out)
 	}
 
 	// Caddy's local CA writes its root when the config starts; the probe
@@ -270,6 +281,8 @@ func TestCaddyfileExampleServesNShield(t *testing.T) {
 		t.Errorf("Caddyfile.example answers over %s with Alt-Svc %q; want HTTP/2 and no HTTP/3 offered", resp.Proto, alt)
 	}
 
+	ekmRoundTrip(t, caddy, root, clientCA.Client(t, "contoso.managedhsmclient.azure.net", x509.ExtKeyUsageClientAuth))
+
 	for i, n := range []string{"1", "2"} {
 		out, err := runCommand(t, "check", "--access-key-id", akid[i], "--secret-file", filepath.Join(dir, "sigv4-secret-"+n),
 			"--cacert", root, "--region", region, "--key", "xks-key-1", "--max-p99", "1m", "--samples", "10", "https://localhost:"+fmt.Sprint(caddy.HTTPSPort)+uriPath)
@@ -285,5 +298,45 @@ func TestCaddyfileExampleServesNShield(t *testing.T) {
 				t.Errorf("credential %s, row %q: %+v, want PASS", n, name, rows[name])
 			}
 		}
+	}
+}
+
+// ekmRoundTrip wraps and unwraps a data key with Caddyfile.example's EKM key
+// store, /contoso on ekm.localhost, over mutual TLS 1.3 with cert.
+func ekmRoundTrip(t *testing.T, caddy *proxytest.Proxy, root string, cert tls.Certificate) {
+	t.Helper()
+	pem, err := os.ReadFile(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	client := *caddy.Client
+	transport := caddy.Client.Transport.(*http.Transport).Clone()
+	transport.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}}
+	client.Transport = transport
+	defer transport.CloseIdleConnections()
+	call := func(op, body string) string {
+		url := fmt.Sprintf("https://ekm.localhost:%d/contoso/ekm-kek-1/%s?api-version=%s", caddy.HTTPSPort, op, ekmapi.APIVersion)
+		resp, err := client.Post(url, "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatalf("EKM %s: %v", op, err)
+		}
+		defer resp.Body.Close()
+		out, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("EKM %s: %d %s", op, resp.StatusCode, out)
+		}
+		var res ekmapi.WrapResult
+		if err := json.Unmarshal(out, &res); err != nil {
+			t.Fatalf("EKM %s: %s", op, out)
+		}
+		return ekmapi.EncodeValue(res.Value)
+	}
+	dek := ekmapi.EncodeValue([]byte("a 32-byte data key, for the test"))
+	ctx := `"request_context":{"correlation_id":"example-1","pool_name":"contoso"}`
+	wrapped := call("wrapkey", `{`+ctx+`,"alg":"A256KW","value":"`+dek+`"}`)
+	if back := call("unwrapkey", `{`+ctx+`,"alg":"A256KW","value":"`+wrapped+`"}`); back != dek {
+		t.Fatal("the example's EKM key store unwrapped another key")
 	}
 }
