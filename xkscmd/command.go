@@ -79,7 +79,9 @@ wrap does on this token, by the path its start-up known-answer test proved
 (C_Encrypt or C_WrapKey); where the token takes it, CKA_ALLOWED_MECHANISMS
 restricts it to the key wrap mechanisms. Its label and CKA_ID are --name,
 the key's external key id in Azure: 1 to 64 characters of a-z, A-Z, 0-9
-and -, case-sensitive. It refuses a name any key already has.
+and -, case-sensitive. It refuses a name any key already has, and with
+private_keys false a token that can hold private keys, as keygen does,
+unless --allow-non-private.
 
 It then wraps and unwraps a random data key with each algorithm of the
 key's kind, says which this backend serves and which its HSM cannot do
@@ -93,6 +95,7 @@ the Managed HSM (--hsm-name fills it in).`,
 			fs.Int("bits", 0, "Key size: 256 for aes; 2048, 3072 or 4096 for rsa (default 3072)")
 			fs.StringP("backend", "b", "", "HSM backend name from the config (default: the only one)")
 			fs.String("hsm-name", "<your Managed HSM>", "Name of the Managed HSM, for the az command printed")
+			fs.Bool("allow-non-private", false, "With private_keys false, make the key on a token that can hold private keys too")
 		},
 		run: cmdEKMKeygen,
 	},

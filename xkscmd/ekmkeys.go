@@ -66,6 +66,9 @@ func cmdEKMKeygen(fl caddycmd.Flags, out io.Writer) (int, error) {
 	defer b.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	if err := refuseReadableKey(ctx, b, fl.Bool("allow-non-private")); err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
 	key, err := b.GenerateWrapKey(ctx, name, spec)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err

@@ -104,7 +104,10 @@ func TestEKMKeygenMakesKeysThatStayInTheHSM(t *testing.T) {
 }
 
 func TestEKMKeygenRefusals(t *testing.T) {
-	_, config := keygenConfig(t)
+	tk, config := keygenConfig(t)
+	t.Setenv("XKSCMD_TEST_PIN_PUBLIC", tk.PIN)
+	publicConfig := writeFile(t, t.TempDir(), "Caddyfile", "{\n\thsm {\n"+
+		proxytest.Backend{Name: "main", Module: tk.Module, Token: tk.Label, PINEnv: "XKSCMD_TEST_PIN_PUBLIC", Extra: "\t\t\tprivate_keys false"}.Block()+"\t}\n}\n")
 	if out, err := runCommand(t, "ekm-keygen", "--config", config, "--name", "taken", "--type", "aes"); err != nil {
 		t.Fatalf("ekm-keygen: %v\n%s", err, out)
 	}
@@ -120,6 +123,8 @@ func TestEKMKeygenRefusals(t *testing.T) {
 		{"an RSA size Azure does not take", []string{"--name", "k", "--bits", "1024"}, "2048, 3072 or 4096 bits"},
 		{"an AES size other than 256", []string{"--name", "k", "--type", "aes", "--bits", "128"}, "256 bits"},
 		{"a name a key has", []string{"--name", "taken", "--type", "rsa"}, "key label already exists"},
+		{"a key that is not private on a token that holds private keys", []string{"--name", "k", "--config", publicConfig},
+			"private_keys false, but its token holds private keys"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			out, err := runCommand(t, "ekm-keygen", append([]string{"--config", config}, tt.args...)...)
