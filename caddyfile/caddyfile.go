@@ -247,22 +247,10 @@ func parseXKS(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	}
 	for nesting := h.Nesting(); h.NextBlock(nesting); {
 		switch h.Val() {
-		case "max_request_body":
-			n, err := maxRequestBody(h.Dispenser)
-			if err != nil {
+		case "max_request_body", "max_concurrent_streams":
+			if err := parseHandlerLimit(h.Dispenser, &handler.MaxRequestBody, &handler.MaxConcurrentStreams); err != nil {
 				return nil, err
 			}
-			handler.MaxRequestBody = n
-		case "max_concurrent_streams":
-			var val string
-			if !h.AllArgs(&val) {
-				return nil, h.ArgErr()
-			}
-			n, err := intArg(h.Dispenser, "max_concurrent_streams", val)
-			if err != nil {
-				return nil, err
-			}
-			handler.MaxConcurrentStreams = n
 		case "ready_path":
 			if !h.AllArgs(&handler.ReadyPath) {
 				return nil, h.ArgErr()
@@ -465,17 +453,26 @@ func parseAuthorize(d *caddyfile.Dispenser) ([]authz.Rule, error) {
 	return rules, nil
 }
 
-// maxRequestBody reads the value of max_request_body, in bytes.
-func maxRequestBody(d *caddyfile.Dispenser) (int64, error) {
+// parseHandlerLimit reads the value of the option the dispenser is on,
+// which both directives have: max_request_body (bytes) or
+// max_concurrent_streams.
+func parseHandlerLimit(d *caddyfile.Dispenser, maxBody *int64, streams *int) error {
+	opt := d.Val()
 	var val string
 	if !d.AllArgs(&val) {
-		return 0, d.ArgErr()
+		return d.ArgErr()
+	}
+	if opt == "max_concurrent_streams" {
+		n, err := intArg(d, opt, val)
+		*streams = n
+		return err
 	}
 	n, err := strconv.ParseInt(val, 10, 64)
 	if err != nil {
-		return 0, d.Errf("max_request_body %q: %v", val, err)
+		return d.Errf("max_request_body %q: %v", val, err)
 	}
-	return n, nil
+	*maxBody = n
+	return nil
 }
 
 // intArg parses the whole-number value of option opt.

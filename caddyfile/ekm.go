@@ -16,6 +16,7 @@ import (
 //
 //	azure_ekm [<matcher>] {
 //		max_request_body <bytes>
+//		max_concurrent_streams <n>
 //		key_store [<path prefix>] {
 //			hsm             <backend> [<backend>...]
 //			client_subjects <subject common name>...
@@ -43,12 +44,10 @@ func parseEKM(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	}
 	for nesting := h.Nesting(); h.NextBlock(nesting); {
 		switch h.Val() {
-		case "max_request_body":
-			n, err := maxRequestBody(h.Dispenser)
-			if err != nil {
+		case "max_request_body", "max_concurrent_streams":
+			if err := parseHandlerLimit(h.Dispenser, &handler.MaxRequestBody, &handler.MaxConcurrentStreams); err != nil {
 				return nil, err
 			}
-			handler.MaxRequestBody = n
 		case "key_store":
 			ks, err := parseEKMKeyStore(h.Dispenser)
 			if err != nil {

@@ -202,3 +202,17 @@ func TestAuditLine(t *testing.T) {
 		t.Errorf("the refused call's audit line: %v", refused)
 	}
 }
+
+// TestHTTP3IsWarnedOf: the test proxy's server offers HTTP/3 (Caddy's
+// default, which the fixture keeps), which Managed HSM never uses and
+// whose 0-RTT requests can be replayed: the load warns of it.
+func TestHTTP3IsWarnedOf(t *testing.T) {
+	f := newFixture(t)
+	data, err := os.ReadFile(f.proxy.LogFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(data, []byte("the server of the Azure EKM key stores offers HTTP/3, which Managed HSM never uses")) {
+		t.Fatal("no warning of HTTP/3 in the log")
+	}
+}

@@ -43,6 +43,13 @@ type Handler struct {
 	// larger one gets 400 InvalidRequest unread. Default: 8192.
 	MaxRequestBody int64 `json:"max_request_body,omitempty"`
 
+	// MaxConcurrentStreams is how many requests each HTTP/2 connection of
+	// the server may have open at once (HTTP/2's
+	// SETTINGS_MAX_CONCURRENT_STREAMS), for every site of the server; with
+	// several handlers on one server (an xks site beside), the smallest
+	// value applies. Managed HSM calls over HTTP/1.1. Default: 32.
+	MaxConcurrentStreams int `json:"max_concurrent_streams,omitempty"`
+
 	stores map[string]*KeyStore // by path prefix
 	logger *zap.Logger
 	audit  *zap.Logger
@@ -64,6 +71,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxRequestBody == 0 {
 		h.MaxRequestBody = defaultMaxRequestBody
 	}
+	if h.MaxConcurrentStreams == 0 {
+		h.MaxConcurrentStreams = frontend.DefaultMaxConcurrentStreams
+	}
+	frontend.ProvisionServer(ctx, h.MaxConcurrentStreams, "Azure EKM", "Managed HSM", h.logger)
 	appIface, err := ctx.AppIfConfigured("hsm")
 	if err != nil {
 		return fmt.Errorf("the azure_ekm handler needs HSM backends (the hsm app): %w", err)
@@ -97,8 +108,8 @@ func (h *Handler) Validate() error {
 		}
 		seen[ks.PathPrefix] = true
 	}
-	if h.MaxRequestBody < 0 {
-		return errors.New("azure_ekm: max_request_body must be positive")
+	if h.MaxRequestBody < 0 || h.MaxConcurrentStreams < 0 {
+		return errors.New("azure_ekm: max_request_body and max_concurrent_streams must be positive")
 	}
 	return nil
 }

@@ -9,7 +9,9 @@
 //   - a request quota, a bound on concurrent HSM work and a deadline
 //     (Limits, limits.go);
 //
-// and each front end reads a bounded body (ReadBody, body.go), decodes it
+// and each front end sets up its server (an HTTP/2 stream limit, a warning
+// of HTTP/3: ProvisionServer, server.go), reads a bounded body (ReadBody,
+// body.go), decodes it
 // strictly (DecodeObject, decode.go), writes one audit line per call
 // (AuditLine, audit.go), counts calls in its metrics (RequestMetrics,
 // metrics.go) and names the proxy (Version, ProxyModel, version.go).

@@ -47,7 +47,7 @@
 //	configuration rules              KeyStore.validate, Handler.Validate; defaults in the Provision methods
 //	reading a body (memory as bytes arrive) frontend.ReadBody; readBody, handler.go
 //	request bodies                   request.go (strict decoding: frontend.DecodeObject)
-//	the server of the key stores     server.go (HTTP/2 stream limit, HTTP/3 warning)
+//	the server of the key stores     frontend/server.go (HTTP/2 stream limit, HTTP/3 warning)
 //	secondary authorization          package authz; KeyStore.authorize
 //	the AAD given to the HSM, CDIV   framing.go
 //	the four operations, failover    operations.go

@@ -98,9 +98,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.MaxRequestBody = defaultMaxRequestBody
 	}
 	if h.MaxConcurrentStreams == 0 {
-		h.MaxConcurrentStreams = defaultMaxConcurrentStreams
+		h.MaxConcurrentStreams = frontend.DefaultMaxConcurrentStreams
 	}
-	h.provisionServer(ctx)
+	frontend.ProvisionServer(ctx, h.MaxConcurrentStreams, "XKS", "KMS", h.logger)
 	appIface, err := ctx.AppIfConfigured("hsm")
 	if err != nil {
 		return fmt.Errorf("the xks handler needs HSM backends (the hsm app): %w", err)

@@ -1,4 +1,4 @@
-package xkshandler
+package frontend
 
 import (
 	"context"
@@ -12,31 +12,33 @@ import (
 	"go.uber.org/zap"
 )
 
-// defaultMaxConcurrentStreams is the streams an HTTP/2 connection of a
+// DefaultMaxConcurrentStreams is the streams an HTTP/2 connection of a
 // server with a key store may have open at once. A request holds what the
 // server and the proxy keep for it, about 12 KiB, until its body is read,
-// and the body comes before the signature is checked: with Go's default of
-// 250 streams, one connection of a client that knows only a key store's
-// path held 3 MiB, where 32 streams hold some 400 KiB. KMS gives a call
-// 250 ms, and the HSM serves max_sessions (32 by default) calls at once: a
-// connection with more calls open than that could not have them all in the
-// HSM anyway.
-const defaultMaxConcurrentStreams = 32
+// and for XKS the body comes before the signature is checked: with Go's
+// default of 250 streams, one connection of a client that knows only a key
+// store's path held 3 MiB, where 32 streams hold some 400 KiB. The clouds
+// give a call 250 ms, and the HSM serves max_sessions (32 by default) calls
+// at once: a connection with more calls open than that could not have them
+// all in the HSM anyway.
+const DefaultMaxConcurrentStreams = 32
 
 // streamsMu serializes limitStreams: the first connection of a server sets
 // its HTTP/2 configuration, and every later one only reads it.
 var streamsMu sync.Mutex
 
-// provisionServer applies to the server the handler is provisioned for (as
-// Caddy's context says during provisioning) what an XKS site needs of it:
-// the HTTP/2 stream limit, and a warning if it offers HTTP/3.
-func (h *Handler) provisionServer(ctx caddy.Context) {
+// ProvisionServer applies to the server a front end's handler is
+// provisioned for (as Caddy's context says during provisioning) what a key
+// store's site needs of it: at most streams concurrent HTTP/2 streams per
+// connection, and a warning if it offers HTTP/3, which client (the cloud
+// service calling frontEnd's key stores, e.g. "KMS" for "XKS") never uses.
+func ProvisionServer(ctx caddy.Context, streams int, frontEnd, client string, logger *zap.Logger) {
 	srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
 	if !ok {
 		return
 	}
-	limitHTTP2Streams(srv, h.MaxConcurrentStreams)
-	warnOfHTTP3(srv, h.logger)
+	limitHTTP2Streams(srv, streams)
+	warnOfHTTP3(srv, frontEnd, client, logger)
 }
 
 // limitHTTP2Streams makes the HTTP/2 connections of srv advertise at most
@@ -75,10 +77,11 @@ func limitStreams(hs *http.Server, n int) {
 }
 
 // warnOfHTTP3 logs a warning when srv offers HTTP/3, as Caddy's servers do
-// unless told otherwise. KMS calls over HTTP/1.1 and HTTP/2 only, and
-// Caddy's HTTP/3 accepts 0-RTT by default: anyone on the network path can
-// replay a request sent as early data, without breaking TLS.
-func warnOfHTTP3(srv *caddyhttp.Server, logger *zap.Logger) {
+// unless told otherwise. KMS calls over HTTP/1.1 and HTTP/2 only, Managed
+// HSM over HTTP/1.1, and Caddy's HTTP/3 accepts 0-RTT by default: anyone on
+// the network path can replay a request sent as early data, without
+// breaking TLS.
+func warnOfHTTP3(srv *caddyhttp.Server, frontEnd, client string, logger *zap.Logger) {
 	offered := srv.Protocols == nil || slices.Contains(srv.Protocols, "h3")
 	for _, p := range srv.ListenProtocols {
 		offered = offered || slices.Contains(p, "h3")
@@ -87,7 +90,7 @@ func warnOfHTTP3(srv *caddyhttp.Server, logger *zap.Logger) {
 		return
 	}
 	zeroRTT := srv.Allow0RTT == nil || *srv.Allow0RTT
-	logger.Warn("the server of the XKS key stores offers HTTP/3, which KMS never uses; "+
+	logger.Warn("the server of the "+frontEnd+" key stores offers HTTP/3, which "+client+" never uses; "+
 		"set protocols h1 h2 in the servers global option, as Caddyfile.example does",
 		zap.String("server", srv.Name()), zap.Bool("accepts_0rtt_requests", zeroRTT))
 }
