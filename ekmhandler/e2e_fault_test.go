@@ -186,3 +186,67 @@ func TestVendorShims(t *testing.T) {
 		})
 	}
 }
+
+// TestUnwrapFaultOfAFailingTokenIsADeviceError: C_UnwrapKey (AES key wrap
+// on SoftHSM2) and C_Decrypt (RSA-OAEP) answering CKR_GENERAL_ERROR, which
+// is what SoftHSM2 answers a tampered wrapped key with, is 400
+// InvalidCiphertext while the token is healthy; while the token fails its
+// other calls too, it is a device error, 502 BadGateway, and the proxy
+// reconnects.
+func TestUnwrapFaultOfAFailingTokenIsADeviceError(t *testing.T) {
+	f, shim := newFaultFixture(t, func(*fixture) {})
+	dek := randomBytes(32)
+	kw := kwref.KW(f.softKEK, dek)
+	oaep, _ := rsa.EncryptOAEP(crypto.SHA1.New(), rand.Reader, &f.pair.PublicKey, dek, nil)
+	for _, tt := range []struct {
+		name, key, alg, fn string
+		wrapped            []byte
+	}{
+		{"A256KW through C_UnwrapKey", kekAES, ekmapi.AlgA256KW, "C_UnwrapKey", kw},
+		{"RSA-OAEP through C_Decrypt", kekRSA, ekmapi.AlgRSAOAEP, "C_Decrypt", oaep},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			shim.Set(tt.fn + "=0x5")
+			expectError(t, f.unwrap("/soft", tt.key, tt.alg, tt.wrapped), http.StatusBadRequest, ekmapi.CodeInvalidCiphertext)
+			shim.Set(tt.fn+"=0x5", "C_GetSessionInfo=0x30", "C_GetTokenInfo=0x30", "C_EncryptInit=0x30")
+			expectError(t, f.unwrap("/soft", tt.key, tt.alg, tt.wrapped), http.StatusBadGateway, ekmapi.CodeBadGateway)
+			shim.Set()
+			waitFor(t, "unwrap after the HSM came back", func() bool {
+				return f.unwrap("/soft", tt.key, tt.alg, tt.wrapped).status == http.StatusOK
+			})
+		})
+	}
+}
+
+// TestRefusedPINRecoversAfterAForcedReload: the HSM fails with a device
+// error and, when the proxy reconnects, refuses the PIN once. The proxy
+// never tries the PIN again on its own (real HSMs lock it): info and key
+// wrap answer 502 BadGateway, until a forced reload makes one login, which
+// succeeds, and the proxy serves again.
+func TestRefusedPINRecoversAfterAForcedReload(t *testing.T) {
+	f, shim := newFaultFixture(t, func(*fixture) {})
+	dek := randomBytes(32)
+	wrapped := f.value(f.wrap("/soft", kekAES, ekmapi.AlgA256KW, dek), false)
+	shim.Set("C_UnwrapKey=0x30", "C_Login=0xA0*1") // CKR_DEVICE_ERROR; CKR_PIN_INCORRECT, once
+	expectError(t, f.unwrap("/soft", kekAES, ekmapi.AlgA256KW, wrapped), http.StatusBadGateway, ekmapi.CodeBadGateway)
+	waitFor(t, "the refused login", func() bool { return shim.Calls("C_Login") > 1 })
+	shim.Set()
+	logins := shim.Calls("C_Login")
+	for range 3 {
+		expectError(t, f.unwrap("/soft", kekAES, ekmapi.AlgA256KW, wrapped), http.StatusBadGateway, ekmapi.CodeBadGateway)
+		expectError(t, f.call(&f.good, "/soft/info", query, contextBody), http.StatusBadGateway, ekmapi.CodeBadGateway)
+	}
+	if n := shim.Calls("C_Login") - logins; n != 0 {
+		t.Fatalf("%d C_Login calls without a reload, want none", n)
+	}
+	if err := f.proxy.ForceReload(f.config()); err != nil {
+		t.Fatalf("forced reload: %v", err)
+	}
+	f.closeIdle()
+	if n := shim.Calls("C_Login") - logins; n != 1 {
+		t.Fatalf("%d C_Login calls after the forced reload, want 1", n)
+	}
+	if got := f.value(f.unwrap("/soft", kekAES, ekmapi.AlgA256KW, wrapped), true); !bytes.Equal(got, dek) {
+		t.Fatal("after the forced reload the proxy unwrapped another key")
+	}
+}
