@@ -14,7 +14,7 @@ import (
 )
 
 // nssConfig is a backend config for NSS softokn's key database token.
-func nssConfig(t *testing.T) (Config, hsmtest.Token) {
+func nssConfig(t testing.TB) (Config, hsmtest.Token) {
 	t.Helper()
 	tk := hsmtest.NSS(t)
 	cfg := configFor(tk)
