@@ -59,16 +59,11 @@ func cmdEKMKeygen(fl caddycmd.Flags, out io.Writer) (int, error) {
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	b, _, err := openBackend(fl)
+	b, ctx, done, err := openForKeygen(fl, 2*time.Minute)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	defer b.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	if err := refuseReadableKey(ctx, b, fl.Bool("allow-non-private")); err != nil {
-		return caddy.ExitCodeFailedStartup, err
-	}
+	defer done()
 	key, err := b.GenerateWrapKey(ctx, name, spec)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err

@@ -78,11 +78,7 @@ func TestEKMKeygenMakesKeysThatStayInTheHSM(t *testing.T) {
 	}
 	// What it made on SoftHSM2: an AES key that only wraps, on the path
 	// the token wraps by, and only with the key wrap mechanisms.
-	for _, a := range []struct {
-		name string
-		typ  uint
-		want bool
-	}{
+	checkAttributes(t, soft, "kek-aes", []boolAttr{
 		{"CKA_TOKEN", pkcs11.CKA_TOKEN, true},
 		{"CKA_SENSITIVE", pkcs11.CKA_SENSITIVE, true},
 		{"CKA_EXTRACTABLE", pkcs11.CKA_EXTRACTABLE, false},
@@ -92,11 +88,7 @@ func TestEKMKeygenMakesKeysThatStayInTheHSM(t *testing.T) {
 		{"CKA_UNWRAP", pkcs11.CKA_UNWRAP, true},
 		{"CKA_ENCRYPT", pkcs11.CKA_ENCRYPT, false},
 		{"CKA_DECRYPT", pkcs11.CKA_DECRYPT, false},
-	} {
-		if got := boolAttribute(t, soft, "kek-aes", a.typ); got != a.want {
-			t.Errorf("CKA %s of kek-aes is %v, want %v", a.name, got, a.want)
-		}
-	}
+	})
 	mechs := soft.Attribute(t, "kek-aes", pkcs11.CKA_ALLOWED_MECHANISMS)
 	if len(mechs) != 16 || binary.NativeEndian.Uint64(mechs) != 0x2109 || binary.NativeEndian.Uint64(mechs[8:]) != 0x210A {
 		t.Errorf("CKA_ALLOWED_MECHANISMS of kek-aes is %x", mechs)

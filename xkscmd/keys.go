@@ -70,16 +70,11 @@ func cmdKeygen(fl caddycmd.Flags, out io.Writer) (int, error) {
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	b, _, err := openBackend(fl)
+	b, ctx, done, err := openForKeygen(fl, time.Minute)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	defer b.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if err := refuseReadableKey(ctx, b, fl.Bool("allow-non-private")); err != nil {
-		return caddy.ExitCodeFailedStartup, err
-	}
+	defer done()
 
 	md, err := b.GenerateKeyWithUsage(ctx, label, usage)
 	if err != nil {
@@ -93,6 +88,26 @@ func cmdKeygen(fl caddycmd.Flags, out io.Writer) (int, error) {
 		fmt.Fprintf(out, "warning: the key is not CKA_PRIVATE (private_keys false): %s\n", b.NonPrivateKeyMeaning())
 	}
 	return caddy.ExitCodeSuccess, nil
+}
+
+// openForKeygen opens the backend a key is made on, with a context of
+// timeout, and refuses a backend that would make a key that is not private
+// where one could be (refuseReadableKey). done closes both.
+func openForKeygen(fl caddycmd.Flags, timeout time.Duration) (*hsm.Backend, context.Context, func(), error) {
+	b, _, err := openBackend(fl)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	done := func() {
+		cancel()
+		_ = b.Close()
+	}
+	if err := refuseReadableKey(ctx, b, fl.Bool("allow-non-private")); err != nil {
+		done()
+		return nil, nil, nil, err
+	}
+	return b, ctx, done, nil
 }
 
 // refuseReadableKey refuses to make a key that is not CKA_PRIVATE

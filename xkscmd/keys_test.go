@@ -63,6 +63,23 @@ func boolAttribute(t *testing.T, tk hsmtest.Token, label string, typ uint) bool 
 	return bytes.Equal(tk.Attribute(t, label, typ), []byte{1})
 }
 
+// boolAttr is a boolean attribute a key must have, and its value.
+type boolAttr struct {
+	name string
+	typ  uint
+	want bool
+}
+
+// checkAttributes checks the boolean attributes of the key labelled label.
+func checkAttributes(t *testing.T, tk hsmtest.Token, label string, attrs []boolAttr) {
+	t.Helper()
+	for _, a := range attrs {
+		if got := boolAttribute(t, tk, label, a.typ); got != a.want {
+			t.Errorf("%s of %s is %v, want %v", a.name, label, got, a.want)
+		}
+	}
+}
+
 func TestKeygenCreatesASecureKey(t *testing.T) {
 	tk, config := keygenConfig(t)
 	out, err := runCommand(t, "keygen", "--config", config, "--label", "xks-key-1")
@@ -75,11 +92,7 @@ func TestKeygenCreatesASecureKey(t *testing.T) {
 	if got, want := keyRow(t, config, "xks-key-1"), "xks-key-1 AES_256 ENCRYPT,DECRYPT ENABLED "+generated; got != want {
 		t.Errorf("keys: %q, want %q", got, want)
 	}
-	for _, a := range []struct {
-		name string
-		typ  uint
-		want bool
-	}{
+	checkAttributes(t, tk, "xks-key-1", []boolAttr{
 		{"CKA_TOKEN", pkcs11.CKA_TOKEN, true},
 		{"CKA_SENSITIVE", pkcs11.CKA_SENSITIVE, true},
 		{"CKA_EXTRACTABLE", pkcs11.CKA_EXTRACTABLE, false},
@@ -89,11 +102,7 @@ func TestKeygenCreatesASecureKey(t *testing.T) {
 		{"CKA_DECRYPT", pkcs11.CKA_DECRYPT, true},
 		{"CKA_WRAP", pkcs11.CKA_WRAP, false},
 		{"CKA_UNWRAP", pkcs11.CKA_UNWRAP, false},
-	} {
-		if got := boolAttribute(t, tk, "xks-key-1", a.typ); got != a.want {
-			t.Errorf("%s is %v, want %v", a.name, got, a.want)
-		}
-	}
+	})
 	if n := binary.NativeEndian.Uint64(tk.Attribute(t, "xks-key-1", pkcs11.CKA_VALUE_LEN)); n != 32 {
 		t.Errorf("CKA_VALUE_LEN is %d, want 32", n)
 	}
