@@ -81,6 +81,9 @@ func TestObjectPathDestroysDataKeys(t *testing.T) {
 		{"RSA-OAEP unwraps through C_UnwrapKey", nil, func() error { _, err := b.UnwrapKey(bg, "rsa-unwrap", RSAOAEP, oaep); return err }, nil, 1},
 		{"a tampered RSA-OAEP is refused", nil, func() error { _, err := b.UnwrapKey(bg, "rsa-unwrap", RSAOAEP, tampered); return err }, ErrInvalidCiphertext, 0},
 		{"C_WrapKey fails", []string{"C_WrapKey=0x21"}, func() error { _, err := b.WrapKey(bg, "kek", AESKeyWrap, dek); return err }, ErrInternal, 1},
+		// The wrap succeeded but its data key stays: the session goes, and
+		// the object with it.
+		{"destroying the data key fails", []string{"C_DestroyObject=0x5*1"}, func() error { _, err := b.WrapKey(bg, "kek", AESKeyWrap, dek); return err }, nil, 1},
 		{"reading the unwrapped value fails", []string{"C_GetAttributeValue=0x21*1"}, func() error {
 			_, err := b.UnwrapKey(bg, "kek", AESKeyWrap, kwref.KW(kek, dek))
 			return err

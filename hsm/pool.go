@@ -246,27 +246,32 @@ func (b *Backend) attempt(c *call, gen uint64, op, key string, body func(*callSe
 		}
 		cs := &callSession{b: b, t: t, ctx: ctx, st: st, gen: gen, h: s.h}
 		err := body(cs)
-		if err == nil && cs.discard {
+		// reusable is the session to put back, nil when it holds an object
+		// that could not be destroyed, which is closed with it.
+		reusable := &s
+		if cs.discard {
 			_ = ctx.CloseSession(s.h)
-			return nil, nil
+			reusable = nil
 		}
 		if err == nil {
-			return &s, nil
+			return reusable, nil
 		}
 		if final, ok := errors.AsType[*Error](err); ok {
-			if final.CKR != "" {
+			if final.CKR != "" && reusable != nil {
 				// The session saw an error in the middle of an operation;
 				// not every vendor ends the operation, so it is not reused.
 				_ = ctx.CloseSession(s.h)
-				return nil, final
+				reusable = nil
 			}
-			return &s, final
+			return reusable, final
 		}
 		code, ok := ckrOf(err)
 		if !ok {
-			return &s, &Error{Kind: ErrInternal, Op: op, Key: key, Err: err}
+			return reusable, &Error{Kind: ErrInternal, Op: op, Key: key, Err: err}
 		}
-		_ = ctx.CloseSession(s.h)
+		if reusable != nil {
+			_ = ctx.CloseSession(s.h)
+		}
 		retry := try == 0 && c.state.Load() == callRunning
 		switch classify(code) {
 		case classModule:
