@@ -269,3 +269,32 @@ func TestGenerateWrapKey(t *testing.T) {
 		})
 	}
 }
+
+// TestRSAPublicKeyWithoutLeadingZeros: n and e are reported unsigned
+// big-endian without leading zero bytes, whatever the token stores: a
+// private key imported with its exponent as 00 01 00 01 (and no public key
+// object, so the private key's own attributes serve) reports 01 00 01, as
+// the API's AQAB.
+func TestRSAPublicKeyWithoutLeadingZeros(t *testing.T) {
+	tk := hsmtest.NewToken(t)
+	pair := hsmtest.RSAKey(t, 2048)
+	tk.ImportRSAKey(t, "padded", pair, false,
+		hsmtest.Attribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{0, 1, 0, 1}),
+		hsmtest.Attribute(pkcs11.CKA_MODULUS, append([]byte{0}, pair.N.Bytes()...)))
+	b := open(t, "padded", configFor(tk))
+	md, err := b.WrapKeyMetadata(bg, "padded")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(md.PublicExponent, []byte{1, 0, 1}) || !bytes.Equal(md.Modulus, pair.N.Bytes()) || md.Bits != 2048 {
+		t.Fatalf("e %x, n of %d bytes starting %x, %d bits", md.PublicExponent, len(md.Modulus), md.Modulus[:2], md.Bits)
+	}
+	dek := randomBytes(32)
+	w, err := b.WrapKey(bg, "padded", RSAOAEP, dek)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back, err := rsa.DecryptOAEP(crypto.SHA1.New(), nil, pair, w, nil); err != nil || !bytes.Equal(back, dek) {
+		t.Fatalf("crypto/rsa does not unwrap the proxy's: %v", err)
+	}
+}

@@ -116,3 +116,7 @@ func RSAKey(t testing.TB, bits int) *rsa.PrivateKey {
 	}
 	return k
 }
+
+// Attribute sets one attribute of a key to v, e.g.
+// Attribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{0, 1, 0, 1}).
+func Attribute(typ uint, v any) KeyOption { return set(typ, v) }
