@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"bytes"
+	"context"
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
@@ -134,28 +135,40 @@ func TestKeyWrapFaults(t *testing.T) {
 		name           string
 		cfg            Config
 		module         string
-		wrap, unwrap   func(b *Backend) error
+		wrap, unwrap   func(ctx context.Context, b *Backend) error
 		wrapFn, unwrFn string
 	}{
 		{"SoftHSM2 C_WrapKey", configFor(soft), soft.Module,
-			func(b *Backend) error { _, err := b.WrapKey(bg, "kek", AESKeyWrap, dek); return err },
-			func(b *Backend) error {
-				_, err := b.UnwrapKey(bg, "kek", AESKeyWrapPad, kwref.KWP(softKEK, dek))
+			func(ctx context.Context, b *Backend) error {
+				_, err := b.WrapKey(ctx, "kek", AESKeyWrap, dek)
+				return err
+			},
+			func(ctx context.Context, b *Backend) error {
+				_, err := b.UnwrapKey(ctx, "kek", AESKeyWrapPad, kwref.KWP(softKEK, dek))
 				return err
 			},
 			"C_WrapKey", "C_UnwrapKey"},
 		{"NSS softokn C_Encrypt", nssCfg, nss.Module,
-			func(b *Backend) error { _, err := b.WrapKey(bg, nssKEKLabel, AESKeyWrapPad, dek[:20]); return err },
-			func(b *Backend) error {
-				_, err := b.UnwrapKey(bg, nssKEKLabel, AESKeyWrap, kwref.KW(nssKEK, dek))
+			func(ctx context.Context, b *Backend) error {
+				_, err := b.WrapKey(ctx, nssKEKLabel, AESKeyWrapPad, dek[:20])
+				return err
+			},
+			func(ctx context.Context, b *Backend) error {
+				_, err := b.UnwrapKey(ctx, nssKEKLabel, AESKeyWrap, kwref.KW(nssKEK, dek))
 				return err
 			},
 			"C_Encrypt", "C_Decrypt"},
 		// RSA wraps in software once the key pair is proven: only unwrap
 		// reaches the HSM, so it stands for both.
 		{"NSS softokn RSA-OAEP", nssCfg, nss.Module,
-			func(b *Backend) error { _, err := b.UnwrapKey(bg, nssRSALabel, RSAOAEP, oaep); return err },
-			func(b *Backend) error { _, err := b.UnwrapKey(bg, nssRSALabel, RSAOAEP, oaep); return err },
+			func(ctx context.Context, b *Backend) error {
+				_, err := b.UnwrapKey(ctx, nssRSALabel, RSAOAEP, oaep)
+				return err
+			},
+			func(ctx context.Context, b *Backend) error {
+				_, err := b.UnwrapKey(ctx, nssRSALabel, RSAOAEP, oaep)
+				return err
+			},
 			"C_Decrypt", "C_Decrypt"},
 	}
 	for _, tok := range tokens {
@@ -165,14 +178,23 @@ func TestKeyWrapFaults(t *testing.T) {
 			cfg.Module = shim.Path
 			cfg.MaxSessions = 2
 			cfg.SessionWait = caddy.Duration(20 * time.Millisecond)
-			cfg.CallTimeout = caddy.Duration(300 * time.Millisecond)
+			// The calls that are not meant to hang keep a deadline no
+			// loaded machine reaches (NSS's RSA unwrap is slow under the
+			// race detector); the hung ones carry a short one of their
+			// own, which the pool honours as it would a request's.
+			cfg.CallTimeout = caddy.Duration(30 * time.Second)
+			hung := func() context.Context {
+				ctx, cancel := context.WithTimeout(bg, 300*time.Millisecond)
+				t.Cleanup(cancel)
+				return ctx
+			}
 			b := open(t, "faults", cfg)
 			t.Cleanup(func() {
 				shim.Set()
 				waitFor(t, settle, func() bool { return !b.tok.lib.down.Load() && b.Stats().StuckCalls == 0 })
 			})
-			for _, op := range []func(*Backend) error{tok.wrap, tok.unwrap} {
-				if err := op(b); err != nil {
+			for _, op := range []func(context.Context, *Backend) error{tok.wrap, tok.unwrap} {
+				if err := op(bg, b); err != nil {
 					t.Fatalf("before the faults: %v", err)
 				}
 			}
@@ -181,23 +203,23 @@ func TestKeyWrapFaults(t *testing.T) {
 			// sessions held, busy.
 			shim.Set(tok.unwrFn + "=hang")
 			for range 2 {
-				if err := tok.unwrap(b); !errors.Is(err, ErrTimeout) {
+				if err := tok.unwrap(hung(), b); !errors.Is(err, ErrTimeout) {
 					t.Fatalf("on a hung HSM: %v, want ErrTimeout", err)
 				}
 			}
-			if err := tok.unwrap(b); !errors.Is(err, ErrBusy) {
+			if err := tok.unwrap(hung(), b); !errors.Is(err, ErrBusy) {
 				t.Fatalf("with every session stuck: %v, want ErrBusy", err)
 			}
 			shim.Set()
 			waitFor(t, settle, func() bool { return b.Stats().StuckCalls == 0 })
-			if err := tok.unwrap(b); err != nil {
+			if err := tok.unwrap(bg, b); err != nil {
 				t.Fatalf("after the HSM came back: %v", err)
 			}
 
 			// A session dying once is retried on a new one.
 			before := shim.Calls(tok.wrapFn)
 			shim.Set(tok.wrapFn + "=0xB3*1")
-			if err := tok.wrap(b); err != nil {
+			if err := tok.wrap(bg, b); err != nil {
 				t.Fatalf("with a session dying once: %v", err)
 			}
 			if shim.Calls(tok.wrapFn)-before < 2 {
@@ -206,11 +228,11 @@ func TestKeyWrapFaults(t *testing.T) {
 
 			// A device error reconnects; the backend serves again after.
 			shim.Set(tok.wrapFn+"=0x30", tok.unwrFn+"=0x30")
-			if err := tok.wrap(b); !errors.Is(err, ErrUnavailable) {
+			if err := tok.wrap(bg, b); !errors.Is(err, ErrUnavailable) {
 				t.Fatalf("on a failing device: %v, want ErrUnavailable", err)
 			}
 			shim.Set()
-			waitFor(t, settle, func() bool { return tok.wrap(b) == nil && tok.unwrap(b) == nil })
+			waitFor(t, settle, func() bool { return tok.wrap(bg, b) == nil && tok.unwrap(bg, b) == nil })
 		})
 	}
 }
