@@ -10,16 +10,14 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/testenv"
 )
 
 // evilModule builds a shared library whose constructor writes marker: what
 // a local user could put where the proxy loads its PKCS#11 module from.
 func evilModule(t *testing.T, dir, marker string) string {
 	t.Helper()
-	cc, err := exec.LookPath("cc")
-	if err != nil {
-		t.Skip("no C compiler")
-	}
+	cc := testenv.CC(t)
 	src := filepath.Join(t.TempDir(), "evil.c")
 	code := `#include <stdio.h>
 __attribute__((constructor)) static void run(void) { FILE *f = fopen("` + marker + `", "w"); if (f) fclose(f); }
@@ -128,9 +126,8 @@ func TestCheckModulePath(t *testing.T) {
 		}
 		tests = append(tests, struct{ name, path, wantErr string }{"a file of another user", theirs, "owned by uid 65534"})
 	}
-	if hsmtest.Module != "" {
-		tests = append(tests, struct{ name, path, wantErr string }{"SoftHSM2 as Debian installs it", hsmtest.Module, ""})
-	}
+	hsmtest.Require(t)
+	tests = append(tests, struct{ name, path, wantErr string }{"SoftHSM2 as Debian installs it", hsmtest.Module, ""})
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			resolved, err := checkModulePath(tt.path)

@@ -5,45 +5,16 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os/exec"
-	"regexp"
-	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/caddy-xks/caddy-xks/internal/testenv"
 )
-
-// curlWithSigV4 returns the path of a curl that supports --aws-sigv4
-// (7.75 or later) or skips the test.
-func curlWithSigV4(t *testing.T) string {
-	t.Helper()
-	path, err := exec.LookPath("curl")
-	if err != nil {
-		t.Skip("curl is not installed; the curl --aws-sigv4 interoperability test needs curl 7.75 or later")
-	}
-	out, err := exec.Command(path, "--version").Output()
-	if err != nil {
-		t.Skipf("curl --version failed: %v", err)
-	}
-	m := regexp.MustCompile(`^curl (\d+)\.(\d+)`).FindSubmatch(out)
-	if m == nil {
-		t.Skipf("cannot read the curl version from %q", firstLine(out))
-	}
-	major, _ := strconv.Atoi(string(m[1]))
-	minor, _ := strconv.Atoi(string(m[2]))
-	if major < 7 || major == 7 && minor < 75 {
-		t.Skipf("curl %d.%d has no --aws-sigv4; 7.75 or later is needed", major, minor)
-	}
-	return path
-}
-
-func firstLine(b []byte) string {
-	line, _, _ := bytes.Cut(b, []byte("\n"))
-	return string(line)
-}
 
 // TestVerifyAcceptsCurlSignatures has curl --aws-sigv4 sign requests to a
 // loopback server that verifies them with the real clock.
 func TestVerifyAcceptsCurlSignatures(t *testing.T) {
-	curl := curlWithSigV4(t)
+	curl := testenv.CurlWithSigV4(t)
 	v, err := NewVerifier(Config{Region: "us-east-1", Credentials: []Credential{testCredential, rotatedCredential}})
 	if err != nil {
 		t.Fatal(err)

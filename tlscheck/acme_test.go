@@ -122,9 +122,6 @@ func (a *acmeProxy) config() string {
 // SigV4 credential.
 func acmeKeyStore(t *testing.T) (hsmtest.Token, sigv4auth.Credential) {
 	t.Helper()
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	token := hsmtest.NewToken(t)
 	token.CreateKey(t, acmeKey)
 	cred, err := sigv4auth.NewCredential()

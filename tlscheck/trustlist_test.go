@@ -1,11 +1,16 @@
 package tlscheck
 
 import (
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/caddy-xks/caddy-xks/internal/testenv"
 )
 
 // Fingerprints checked against the upstream file by hand.
@@ -71,35 +76,65 @@ func TestParseKeytoolListing(t *testing.T) {
 	}
 }
 
-// TestKMSTrustedRootsAgainstSystemBundle fingerprints real root
-// certificates from the Debian CA bundle, when there is one: ISRG Root X1
-// must be found in the list and ISRG Root X2 must not.
+// TestKMSTrustedRootsAgainstSystemBundle fingerprints the real root
+// certificates of the Debian CA bundle (package ca-certificates): the list
+// must recognise exactly the bundle's certificates whose SHA-256, computed
+// here and compared as text with the listing's own lines, the listing
+// names; ISRG Root X1 must be among them and ISRG Root X2 must not.
 func TestKMSTrustedRootsAgainstSystemBundle(t *testing.T) {
-	bundle, err := os.ReadFile("/etc/ssl/certs/ca-certificates.crt")
+	const bundleFile = "/etc/ssl/certs/ca-certificates.crt"
+	bundle, err := os.ReadFile(bundleFile)
 	if err != nil {
-		t.Skip("no Debian CA bundle:", err)
+		testenv.Missing(t, "the Debian CA bundle (ca-certificates)", err)
+	}
+	// The listing's fingerprints as keytool printed them, without the
+	// parser under test.
+	listed := map[string]bool{}
+	for _, m := range regexp.MustCompile(`SHA256: ([0-9A-F:]{95})`).FindAllStringSubmatch(kmsTrustedCAListing, -1) {
+		listed[m[1]] = true
 	}
 	roots := KMSTrustedRoots()
-	found := map[string]bool{}
-	listed := 0
+	var certs, want, found int
+	names := map[string]bool{}
 	for block, rest := pem.Decode(bundle); block != nil; block, rest = pem.Decode(rest) {
 		cert, err := x509.ParseCertificate(block.Bytes)
 		if err != nil {
-			continue
+			t.Fatalf("%s: %v", bundleFile, err)
 		}
-		_, ok := roots[FingerprintOf(cert.Raw)]
-		found[cert.Subject.CommonName] = ok
-		if ok {
-			listed++
+		certs++
+		sum := sha256.Sum256(block.Bytes)
+		inListing := listed[strings.ToUpper(strings.Join(splitHex(hex.EncodeToString(sum[:])), ":"))]
+		_, inList := roots[FingerprintOf(cert.Raw)]
+		if inListing != inList {
+			t.Errorf("%s: in the listing %v, found by KMSTrustedRoots %v", cert.Subject, inListing, inList)
+		}
+		if inListing {
+			want++
+		}
+		if inList {
+			found++
+			names[cert.Subject.CommonName] = true
 		}
 	}
-	if ok, present := found["ISRG Root X1"]; present && !ok {
-		t.Error("ISRG Root X1 from the system bundle is not in the list")
+	if want == 0 || found != want {
+		t.Errorf("%d of the bundle's %d certificates found in KMS's list, want the %d the listing names", found, certs, want)
 	}
-	if ok, present := found["ISRG Root X2"]; present && ok {
-		t.Error("ISRG Root X2 from the system bundle is in the list")
+	if !names["ISRG Root X1"] {
+		t.Error("ISRG Root X1 from the system bundle is not found in the list")
 	}
-	t.Logf("%d of the system bundle's %d roots are in KMS's list", listed, len(found))
+	if names["ISRG Root X2"] {
+		t.Error("ISRG Root X2 from the system bundle is found in the 2022 list")
+	}
+	t.Logf("%d of the bundle's %d certificates are in KMS's list", found, certs)
+}
+
+// splitHex cuts a hex string into its bytes' pairs of digits.
+func splitHex(s string) []string {
+	pairs := make([]string, 0, len(s)/2)
+	for i := 0; i+1 < len(s); i += 2 {
+		pairs = append(pairs, s[i:i+2])
+	}
+	return pairs
 }
 
 // TestKMSRoots checks the carried lists: the 2022 membership is exactly

@@ -20,9 +20,6 @@ import (
 // main, on a new token.
 func keygenConfig(t *testing.T) (hsmtest.Token, string) {
 	t.Helper()
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	tk := hsmtest.NewToken(t)
 	config := writeFile(t, t.TempDir(), "Caddyfile", "{\n\thsm {\n"+backendBlock(t, "main", tk)+"\t}\n}\n")
 	return tk, config
@@ -231,9 +228,6 @@ func TestKeysShowsWhoCanObtainAKey(t *testing.T) {
 // unencrypted, makes no key and says why; told to with --allow-non-private
 // it makes one, and keygen and keys say what it means.
 func TestKeygenRefusesANonPrivateKeyWhereItIsReadable(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	tk := hsmtest.NewToken(t)
 	t.Setenv("XKSCMD_TEST_PIN_PUBLIC", tk.PIN)
 	block := proxytest.Backend{Name: "main", Module: tk.Module, Token: tk.Label, PINEnv: "XKSCMD_TEST_PIN_PUBLIC", Extra: "\t\t\tprivate_keys false"}.Block()
@@ -277,9 +271,6 @@ func TestKeygenRefusesANonPrivateKeyWhereItIsReadable(t *testing.T) {
 // slot, which needs private_keys false, keygen says what such a key is
 // there: module-protected, usable by any process of the Security World.
 func TestKeygenOnNShieldSaysWhatANonPrivateKeyMeans(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	tk := hsmtest.NewToken(t)
 	shim := vendorshim.New(t, vendorshim.NShield, tk.Module, tk.Label)
 	t.Setenv("XKSCMD_TEST_PIN_NSHIELD", tk.PIN)

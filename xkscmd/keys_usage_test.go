@@ -24,9 +24,6 @@ import (
 // xks keys` with the same config shows each version of the key, its state,
 // and the count the proxy wrote to the config's storage.
 func TestKeysShowsVersionUsage(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	tk := hsmtest.NewToken(t)
 	tk.CreateKey(t, "uk")
 	tk.CreateKey(t, "uk-v2")

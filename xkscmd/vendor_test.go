@@ -46,9 +46,7 @@ func vendorColumn(t *testing.T, p vendorshim.Personality) matrixModule {
 }
 
 func TestVendorMatrixThroughCaddy(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
+	hsmtest.Require(t)
 	for _, p := range vendorshim.All {
 		t.Run(p.Name, func(t *testing.T) { runMatrix(t, vendorColumn(t, p)) })
 	}
@@ -171,9 +169,7 @@ func readFile(t *testing.T, path string) string {
 // over the site's TLS, and the EKM site of the same proxy wraps and unwraps
 // over mutual TLS with the example's client subject.
 func TestCaddyfileExampleServesNShield(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
+	hsmtest.Require(t)
 	exampleFile := filepath.Join("..", "Caddyfile.example")
 	example, err := os.ReadFile(exampleFile)
 	if err != nil {

@@ -98,9 +98,6 @@ func newFixture(t *testing.T) *fixture {
 // such as another module or pool settings.
 func newFixtureWith(t *testing.T, change func(*fixture)) *fixture {
 	t.Helper()
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	f := &fixture{t: t, token: hsmtest.NewToken(t), dir: t.TempDir(), exportable: true}
 	f.module = f.token.Module
 	f.token.CreateKey(t, keyBoth)

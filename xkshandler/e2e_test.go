@@ -16,7 +16,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,6 +24,7 @@ import (
 	"time"
 
 	"github.com/caddy-xks/caddy-xks/frontend"
+	"github.com/caddy-xks/caddy-xks/internal/testenv"
 )
 
 func random(t testing.TB, n int) []byte {
@@ -460,23 +460,7 @@ func (f *fixture) roundTrip(c credential) error {
 // TestCurlSigV4 signs with curl's own SigV4 implementation (curl 7.75+),
 // which signs content-type as well and keeps the port in the host header.
 func TestCurlSigV4(t *testing.T) {
-	curl, err := exec.LookPath("curl")
-	if err != nil {
-		t.Skip("curl is not installed")
-	}
-	out, err := exec.Command(curl, "--version").Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := regexp.MustCompile(`^curl (\d+)\.(\d+)`).FindSubmatch(out)
-	if m == nil {
-		t.Fatalf("unrecognised curl version: %s", out)
-	}
-	major, _ := strconv.Atoi(string(m[1]))
-	minor, _ := strconv.Atoi(string(m[2]))
-	if major < 7 || major == 7 && minor < 75 {
-		t.Skipf("curl %s.%s has no --aws-sigv4 (7.75 or later needed)", m[1], m[2])
-	}
+	curl := testenv.CurlWithSigV4(t)
 	f := newFixture(t)
 	c := f.ks1[0]
 	run := func(path, body string) (int, string) {

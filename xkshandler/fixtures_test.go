@@ -93,9 +93,6 @@ func newFixtureProxy(t *testing.T, more func(s fixtureSetting) string) *fixtureP
 // load.
 func newFixtureProxyWith(t *testing.T, change func(*fixtureProxy)) *fixtureProxy {
 	t.Helper()
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	f := &fixture{t: t, token: hsmtest.NewToken(t), dir: t.TempDir()}
 	f.token.ImportKey(t, fixtureKeyLabel, fixtureKeyValue())
 	f.newProxy()

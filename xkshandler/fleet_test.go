@@ -132,9 +132,6 @@ func (in *instance) stop(t *testing.T, sig syscall.Signal) {
 // HSM token, serve the same certificate and decrypt each other's
 // ciphertexts.
 func TestFleetSharesCertificateStorage(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	tk := hsmtest.NewToken(t)
 	tk.CreateKey(t, keyBoth)
 	storage := t.TempDir()
@@ -236,9 +233,6 @@ func fleetTry(in *instance, rootFile string, c credential, path, body string) (r
 // reports the fleet's sum; the counts survive a clean restart of each, and
 // a crash is counted as a whole flush interval at KMS's quota.
 func TestFleetSumsKeyUsage(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	tk := hsmtest.NewToken(t)
 	tk.CreateKey(t, keyBoth)
 	storage := t.TempDir()

@@ -49,9 +49,6 @@ func randomKey(t *testing.T) []byte {
 // ciphertexts would not decrypt on a. That stays so while a cannot answer,
 // although b and c agree with each other. Other keys still fall over.
 func TestFailoverSkipsABackendHoldingAnotherKey(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	tokens := []hsmtest.Token{hsmtest.NewToken(t), hsmtest.NewToken(t), hsmtest.NewToken(t)}
 	same := randomKey(t)
 	for _, tk := range tokens {
@@ -111,9 +108,6 @@ func TestFailoverSkipsABackendHoldingAnotherKey(t *testing.T) {
 // TestKeyCheckOfAllKeys: a key store with keys * compares every key the
 // backends list.
 func TestKeyCheckOfAllKeys(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	tkA, tkB := hsmtest.NewToken(t), hsmtest.NewToken(t)
 	v := randomKey(t)
 	tkA.ImportKey(t, "both", v)
@@ -146,9 +140,6 @@ func TestKeyCheckOfAllKeys(t *testing.T) {
 // check keeps what the previous one found, rather than being reported
 // resolved.
 func TestSilentBackendKeepsItsFindings(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
 	tkA, tkB := hsmtest.NewToken(t), hsmtest.NewToken(t)
 	v := randomKey(t)
 	tkA.ImportKey(t, "k", v)
@@ -182,9 +173,7 @@ func TestSilentBackendKeepsItsFindings(t *testing.T) {
 // is paired with a plain SoftHSM2 backend (IVs from the caller): the same
 // imported key is proven the same, another one is refused.
 func TestKeyCheckInEveryIVMode(t *testing.T) {
-	if !hsmtest.Available() {
-		t.Skip("SoftHSM2 is not installed")
-	}
+	hsmtest.Require(t)
 	for _, p := range vendorshim.All {
 		t.Run(p.Name, func(t *testing.T) {
 			tkA, tkB := hsmtest.NewToken(t), hsmtest.NewToken(t)

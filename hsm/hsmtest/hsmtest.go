@@ -23,25 +23,20 @@ import (
 	"testing"
 
 	"github.com/miekg/pkcs11"
+
+	"github.com/caddy-xks/caddy-xks/internal/testenv"
 )
 
-// Module is the SoftHSM2 library found on this machine, or "".
-var Module = findModule()
-
-func findModule() string {
-	for _, p := range []string{
-		"/usr/lib/softhsm/libsofthsm2.so",
-		"/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-		"/usr/lib64/pkcs11/libsofthsm2.so",
-		"/usr/local/lib/softhsm/libsofthsm2.so",
-		"/opt/homebrew/lib/softhsm/libsofthsm2.so",
-	} {
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	return ""
-}
+// Module is the SoftHSM2 library found on this machine, or "" (then
+// moduleErr says why): where Debian's package puts it on any architecture,
+// or where other systems do.
+var Module, moduleErr = testenv.Library(
+	"/usr/lib/softhsm/libsofthsm2.so",
+	"/usr/lib/*/softhsm/libsofthsm2.so",
+	"/usr/lib64/pkcs11/libsofthsm2.so",
+	"/usr/local/lib/softhsm/libsofthsm2.so",
+	"/opt/homebrew/lib/softhsm/libsofthsm2.so",
+)
 
 // Test PINs; SoftHSM2 holds only throw-away test keys under them.
 const (
@@ -76,8 +71,8 @@ var softhsm struct {
 }
 
 func setup() {
-	if Module == "" {
-		softhsm.err = fmt.Errorf("softhsm2 is not installed")
+	if moduleErr != nil {
+		softhsm.err = moduleErr
 		return
 	}
 	dir, err := os.MkdirTemp("", "hsmtest-softhsm-")
@@ -110,10 +105,14 @@ func setup() {
 	}
 }
 
-// Available reports whether SoftHSM2 tokens can be made here.
-func Available() bool {
+// Require ends the test, as testenv.Missing does, unless SoftHSM2 tokens
+// can be made here.
+func Require(t testing.TB) {
+	t.Helper()
 	softhsm.once.Do(setup)
-	return softhsm.err == nil
+	if softhsm.err != nil {
+		testenv.Missing(t, "SoftHSM2", softhsm.err)
+	}
 }
 
 // Main runs the tests of a package and removes the token directory after.
@@ -135,9 +134,7 @@ func Main(m *testing.M) int {
 // is per process, so initialize again when needed.
 func ctx(t testing.TB) *pkcs11.Ctx {
 	t.Helper()
-	if !Available() {
-		t.Skipf("no SoftHSM2: %v", softhsm.err)
-	}
+	Require(t)
 	if err := softhsm.ctx.Initialize(); err != nil && err != pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 		t.Fatalf("initializing softhsm2: %v", err)
 	}
@@ -145,7 +142,7 @@ func ctx(t testing.TB) *pkcs11.Ctx {
 }
 
 // NewToken creates a token with a unique label and the user PIN UserPIN.
-// It skips the test when SoftHSM2 is not installed.
+// Without SoftHSM2 it ends the test (Require).
 func NewToken(t testing.TB) Token {
 	t.Helper()
 	p := ctx(t)

@@ -11,12 +11,15 @@ import (
 	"unsafe"
 
 	"github.com/miekg/pkcs11"
+
+	"github.com/caddy-xks/caddy-xks/internal/testenv"
 )
 
 // NSSModule is NSS softokn (libsoftokn3.so, from libnss3) on this machine,
-// or "".
-var NSSModule = findFile(
-	"/usr/lib/x86_64-linux-gnu/libsoftokn3.so",
+// or "" (then nssModuleErr says why): in Debian's multiarch directory on
+// any architecture, or where other systems put it.
+var NSSModule, nssModuleErr = testenv.Library(
+	"/usr/lib/*/libsoftokn3.so",
 	"/usr/lib64/libsoftokn3.so",
 	"/usr/lib/libsoftokn3.so",
 )
@@ -24,15 +27,6 @@ var NSSModule = findFile(
 // NSSTokenLabel is the label of softokn's key database token, the one that
 // holds token keys and needs a login.
 const NSSTokenLabel = "NSS Certificate DB"
-
-func findFile(paths ...string) string {
-	for _, p := range paths {
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	return ""
-}
 
 var nss struct {
 	once     sync.Once
@@ -50,8 +44,8 @@ func NSSInitArgs(dir string) string {
 }
 
 func setupNSS() {
-	if NSSModule == "" {
-		nss.err = fmt.Errorf("NSS softokn (libnss3) is not installed")
+	if nssModuleErr != nil {
+		nss.err = nssModuleErr
 		return
 	}
 	dir, err := os.MkdirTemp("", "hsmtest-nss-")
@@ -69,7 +63,7 @@ func setupNSS() {
 	}
 	p := nss.ctx
 	if err := p.Initialize(pkcs11.InitializeWithReserved(nss.reserved)); err != nil {
-		nss.err = fmt.Errorf("initializing NSS softokn: %w", err)
+		nss.err = fmt.Errorf("initializing NSS softokn (%s): %w", nss.initArgs, err)
 		return
 	}
 	// A new database has an empty security officer PIN and no user PIN.
@@ -110,13 +104,13 @@ func slotLabelled(p *pkcs11.Ctx, label string) (uint, error) {
 
 // NSS returns NSS softokn's key database token, with the user PIN UserPIN,
 // in a database made for this process; Token.InitArgs is what a backend
-// passes C_Initialize. Tests share it: give keys labels of their own. It
-// skips the test when NSS softokn is not installed.
+// passes C_Initialize. Tests share it: give keys labels of their own.
+// Without a working NSS softokn it ends the test, as testenv.Missing does.
 func NSS(t testing.TB) Token {
 	t.Helper()
 	nss.once.Do(setupNSS)
 	if nss.err != nil {
-		t.Skipf("no NSS softokn: %v", nss.err)
+		testenv.Missing(t, "NSS softokn", nss.err)
 	}
 	return Token{Module: NSSModule, Label: NSSTokenLabel, PIN: UserPIN, InitArgs: nss.initArgs}
 }

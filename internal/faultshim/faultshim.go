@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-xks/caddy-xks/internal/testenv"
 )
 
 //go:embed csrc/faultshim.c
@@ -31,10 +33,7 @@ type Shim struct {
 // loaded: open the shim only after New.
 func New(t testing.TB, target string) *Shim {
 	t.Helper()
-	cc, err := exec.LookPath("cc")
-	if err != nil {
-		t.Skip("no C compiler to build the fault shim")
-	}
+	cc := testenv.CC(t)
 	dir := t.TempDir()
 	src := filepath.Join(dir, "faultshim.c")
 	if err := os.WriteFile(src, source, 0o600); err != nil {

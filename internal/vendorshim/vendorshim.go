@@ -17,6 +17,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/caddy-xks/caddy-xks/internal/testenv"
 )
 
 //go:embed csrc/vendorshim.c
@@ -93,10 +95,7 @@ func LatencyLog(path string) Option {
 // Build compiles the module into dir with cc and returns its path.
 func Build(t testing.TB, dir string) string {
 	t.Helper()
-	cc, err := exec.LookPath("cc")
-	if err != nil {
-		t.Skip("no C compiler to build the vendor shim")
-	}
+	cc := testenv.CC(t)
 	src := filepath.Join(dir, "vendorshim.c")
 	if err := os.WriteFile(src, source, 0o600); err != nil {
 		t.Fatal(err)

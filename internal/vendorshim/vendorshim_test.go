@@ -15,6 +15,7 @@ import (
 	"github.com/miekg/pkcs11"
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/testenv"
 )
 
 func TestMain(m *testing.M) { os.Exit(hsmtest.Main(m)) }
@@ -24,10 +25,7 @@ func TestMain(m *testing.M) { os.Exit(hsmtest.Main(m)) }
 // CK_TOKEN_INFO and CK_FUNCTION_LIST the shim's own declarations must match
 // field for field (static assertions in the source).
 func TestABIMatchesMiekgHeader(t *testing.T) {
-	cc, err := exec.LookPath("cc")
-	if err != nil {
-		t.Skip("no C compiler")
-	}
+	cc := testenv.CC(t)
 	dir, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/miekg/pkcs11").Output()
 	if err != nil {
 		t.Fatalf("finding miekg/pkcs11: %v", err)
