@@ -2,6 +2,7 @@ package frontend
 
 import (
 	"errors"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -77,11 +78,37 @@ func (l *Limits) Provision() {
 	}
 }
 
+// quotaClock is the clock the request quotas read: nil for time.Now, or a
+// test's (SetQuotaClock). Atomic, because a test sets it while the
+// server's goroutines read it.
+var quotaClock atomic.Pointer[func() time.Time]
+
+// SetQuotaClock makes every key store's request quota read the time from
+// clock, or from time.Now again with nil. It is for tests, which must
+// decide when time passes for a quota rather than leave it to the
+// machine's speed (caddy-ratelimit's injectable clock); a server never
+// calls it.
+func SetQuotaClock(clock func() time.Time) {
+	if clock == nil {
+		quotaClock.Store(nil)
+		return
+	}
+	quotaClock.Store(&clock)
+}
+
+// quotaNow is the time a quota counts from.
+func quotaNow() time.Time {
+	if c := quotaClock.Load(); c != nil {
+		return (*c)()
+	}
+	return time.Now()
+}
+
 // Admit takes a place for one request's HSM work, or says why not
 // (ErrQuota, ErrTooManyInFlight). release must be called when the work is
 // done.
 func (l *Limits) Admit() (release func(), err error) {
-	if l.limiter != nil && !l.limiter.Allow() {
+	if l.limiter != nil && !l.limiter.AllowN(quotaNow(), 1) {
 		return nil, ErrQuota
 	}
 	if l.slots == nil {

@@ -8,9 +8,11 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/caddy-xks/caddy-xks/frontend"
 	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 )
 
@@ -113,28 +115,59 @@ type loadError struct{ msg string }
 
 func (e *loadError) Error() string { return e.msg }
 
+// TestRateLimitIsThrottlingWithoutTheHSM: a key store's quota of 1
+// request/s with a burst of 5 serves the burst, then refuses with
+// ThrottlingException until time gives it a new token, one a second; a
+// refused request never reaches the HSM, and health is not counted. The
+// quota reads a clock the test moves, so that how fast the machine sends
+// the requests cannot refill the bucket.
 func TestRateLimitIsThrottlingWithoutTheHSM(t *testing.T) {
 	f, shim := newFaultFixture(t, "")
+	var elapsed atomic.Int64 // nanoseconds since start, moved by the test only
+	start := time.Now()
+	frontend.SetQuotaClock(func() time.Time { return start.Add(time.Duration(elapsed.Load())) })
+	t.Cleanup(func() { frontend.SetQuotaClock(nil) })
 	f.ks1Extra = "\t\t\trate_limit 1 5\n"
 	f.load(2)
 	before := shim.Calls("C_EncryptInit")
-	var throttled, ok int
-	for range 8 {
-		r := f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encryptBody([]byte("x"), nil, false))
-		switch {
-		case r.status == http.StatusOK:
-			ok++
-		case r.str("errorName") == "ThrottlingException" && r.status == http.StatusTooManyRequests:
-			throttled++
-		default:
-			t.Fatalf("unexpected answer %d %s", r.status, r.raw)
+	served := 0
+	send := func(n int) (ok, throttled int) {
+		t.Helper()
+		for range n {
+			r := f.call(f.ks1[0], "/ks1/kms/xks/v1/keys/"+keyBoth+"/encrypt", encryptBody([]byte("x"), nil, false))
+			switch {
+			case r.status == http.StatusOK:
+				ok++
+			case r.str("errorName") == "ThrottlingException" && r.status == http.StatusTooManyRequests:
+				throttled++
+			default:
+				t.Fatalf("unexpected answer %d %s", r.status, r.raw)
+			}
+		}
+		served += ok
+		return ok, throttled
+	}
+	tests := []struct {
+		name          string
+		advance       time.Duration
+		send          int
+		ok, throttled int
+	}{
+		{"the burst is served, then every request is refused", 0, 8, 5, 3},
+		{"no time, no new token", 0, 2, 0, 2},
+		{"a second gives one token", time.Second, 2, 1, 1},
+		{"half a second gives none", 500 * time.Millisecond, 1, 0, 1},
+		{"the other half gives one", 500 * time.Millisecond, 2, 1, 1},
+		{"an idle minute refills the burst and no more", time.Minute, 7, 5, 2},
+	}
+	for _, tt := range tests {
+		elapsed.Add(int64(tt.advance))
+		if ok, throttled := send(tt.send); ok != tt.ok || throttled != tt.throttled {
+			t.Errorf("%s: %d served and %d throttled of %d, want %d and %d", tt.name, ok, throttled, tt.send, tt.ok, tt.throttled)
 		}
 	}
-	if ok > 6 || throttled < 2 {
-		t.Fatalf("%d served, %d throttled with a burst of 5 at 1/s", ok, throttled)
-	}
-	if got := shim.Calls("C_EncryptInit") - before; got != ok {
-		t.Fatalf("the HSM saw %d encryptions for %d served requests: throttled ones reached it", got, ok)
+	if got := shim.Calls("C_EncryptInit") - before; got != served {
+		t.Fatalf("the HSM saw %d encryptions for %d served requests: throttled ones reached it", got, served)
 	}
 	// Health is not counted against the quota.
 	if r := f.call(f.ks1[0], "/ks1/kms/xks/v1/health", healthBody); r.status != http.StatusOK {
