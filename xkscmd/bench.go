@@ -122,8 +122,11 @@ type benchStats struct {
 	// due each call was sent, part of every latency: the client's own
 	// delay, and the server's once every worker is waiting for an answer.
 	paced    bool
-	late     []time.Duration
-	errors   map[string]int
+	late   []time.Duration
+	errors map[string]int
+	// due is the number of calls a paced load was to send in its
+	// duration; each is sent, or not sent because the run ended first.
+	due      int64
 	ok, sent atomic.Int64
 }
 
@@ -205,6 +208,8 @@ func runLoad(ctx context.Context, c *xksClient, ops []benchOp, rate float64, con
 	}()
 	if rate > 0 {
 		interval := time.Duration(float64(time.Second) / rate)
+		// The calls due before the end: n*interval < duration.
+		stats.due = int64((duration + interval - 1) / interval)
 		for n := 0; ; n++ {
 			at := start.Add(time.Duration(n) * interval)
 			// A call due at the end itself is not part of the run: without
@@ -318,6 +323,13 @@ func printBench(w io.Writer, s *benchStats, duration time.Duration) {
 	slices.Sort(s.latencies)
 	slices.Sort(s.late)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	// Every call is accounted for: a paced one due is sent or not sent, a
+	// sent one answered ok or failed.
+	if s.paced {
+		fmt.Fprintf(tw, "calls\t%d due, %d sent, %d not sent before the end\n", s.due, s.sent.Load(), s.due-s.sent.Load())
+	} else {
+		fmt.Fprintf(tw, "calls\t%d sent\n", s.sent.Load())
+	}
 	fmt.Fprintf(tw, "requests\t%d ok, %d failed\n", s.ok.Load(), s.failed())
 	fmt.Fprintf(tw, "throughput\t%.0f req/s\n", float64(s.ok.Load())/duration.Seconds())
 	// p99.9 and max are what a paced run is judged by: KMS gives a call

@@ -169,9 +169,11 @@ sent shown apart: the client's own delay, or the server's once every
 request in flight waits for an answer) or as fast as
 --concurrency allows (--rate 0), for --duration, with a mix of operations
 (--mix encrypt=3,decrypt=1,metadata=0,health=0) on one key (--key). It shows
-progress every second, then prints throughput, p50/p90/p99/p99.9/max latency of
-the successful calls, the failures by errorName and the HTTP version the
-proxy answered with, and exits non-zero if any call failed. It speaks
+progress every second, then prints the calls sent (paced: how many were due,
+and how many the end of the run left unsent), how many were answered ok and
+how many failed, throughput, p50/p90/p99/p99.9/max latency of the
+successful calls, the failures by errorName and the HTTP version the proxy
+answered with, and exits non-zero if any call failed. It speaks
 HTTP/2 over one connection, or with --http1 HTTP/1.1 over a keep-alive
 connection per request in flight. With --server-pid (a server on the same
 Linux machine) it also prints the server process's CPU time per request,
