@@ -208,12 +208,40 @@ func TestRoute(t *testing.T) {
 	}
 }
 
-func TestErrorBodiesAreSpecShaped(t *testing.T) {
-	for name, status := range statusOf {
-		x := &xksError{name: name, message: strings.Repeat("\x00é", 400)}
-		if x.httpStatus() != status {
-			t.Errorf("%s: status %d", name, x.httpStatus())
+// TestErrorStatusesAreTheSpecs: each error name has the status of the
+// spec's error table (xks-spec.md, "Error Codes"), written out here as the
+// table gives it, and there is no other name.
+func TestErrorStatusesAreTheSpecs(t *testing.T) {
+	spec := []struct {
+		name   string
+		status int
+	}{
+		{"ValidationException", 400},
+		{"InvalidStateException", 400},
+		{"InvalidCiphertextException", 400},
+		{"InvalidKeyUsageException", 400},
+		{"AuthenticationFailedException", 401},
+		{"AccessDeniedException", 403},
+		{"KeyNotFoundException", 404},
+		{"InvalidUriPathException", 404},
+		{"ThrottlingException", 429},
+		{"UnsupportedOperationException", 501},
+		{"DependencyTimeoutException", 503},
+		{"InternalException", 500},
+	}
+	for _, row := range spec {
+		if got := newError(row.name, "m").httpStatus(); got != row.status {
+			t.Errorf("%s: status %d, the spec's is %d", row.name, got, row.status)
 		}
+	}
+	if len(statusOf) != len(spec) {
+		t.Errorf("%d error names, the spec has %d", len(statusOf), len(spec))
+	}
+}
+
+func TestErrorBodiesAreSpecShaped(t *testing.T) {
+	for name := range statusOf {
+		x := &xksError{name: name, message: strings.Repeat("\x00é", 400)}
 		msg := xksapi.ErrorMessage(x.message)
 		if len(msg) >= 512 {
 			t.Errorf("%s: message of %d characters", name, len(msg))
