@@ -257,11 +257,6 @@ func Open(name string, cfg Config, logger *zap.Logger) (*Backend, error) {
 	b.ivMode, err = b.resolveIVMode(context.Background(), mode)
 	if err != nil {
 		_, _ = tokens.Delete(key)
-		if b.privateKeys && refusesPrivateKeys(err) {
-			// The token refused the template of the self-test's private
-			// session key, as nShield's accelerator slot does.
-			err = fmt.Errorf("%w (private_keys is true, and a token that cannot hold private objects, such as the nShield accelerator slot, needs private_keys false)", err)
-		}
 		return nil, fmt.Errorf("hsm backend %q: %w", name, err)
 	}
 	var kwpMech uint

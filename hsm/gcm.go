@@ -291,13 +291,28 @@ func verifyMode(cs *callSession, key pkcs11.ObjectHandle, mode ivMode) error {
 	return nil
 }
 
+// errPrivateObjectsRefused: the token would not make the self-test's
+// private session key, but made the same key without CKA_PRIVATE.
+var errPrivateObjectsRefused = errors.New("the token refused a private session key and made one that is not private: " +
+	"a token that cannot hold private objects, such as the nShield accelerator slot, needs private_keys false")
+
+// privateKeyRefusal is the self-test's error when the token did not make
+// its session key (err): with private_keys true on a token that cannot hold
+// private objects, one that says which setting that token needs.
+func (b *Backend) privateKeyRefusal(cs *callSession, err error) error {
+	if !b.privateKeys || !cs.refusesPrivateKeys(err) {
+		return err
+	}
+	return &Error{Kind: ErrInternal, Op: "iv self-test", CKR: ckrNameOf(err), Err: errPrivateObjectsRefused}
+}
+
 // probeMode runs verifyMode on a fresh session key in its own call, so a
 // mode the HSM rejects leaves no active operation on a pooled session.
 func (b *Backend) probeMode(ctx context.Context, mode ivMode) error {
 	return b.run(ctx, "iv self-test", "", b.adminTimeout, func(cs *callSession) error {
 		key, err := cs.sessionKey(b.privateKeys)
 		if err != nil {
-			return err
+			return b.privateKeyRefusal(cs, err)
 		}
 		defer func() { _ = cs.ctx.DestroyObject(cs.h, key) }()
 		err = verifyMode(cs, key, mode)
@@ -388,7 +403,9 @@ func usesCallerIV(err error) bool {
 }
 
 // tokenFailure reports whether a self-test failed because of the token
-// (unavailable, busy, too slow) rather than the IV mode.
+// (unavailable, busy, too slow, refusing private objects) rather than the
+// IV mode.
 func tokenFailure(err error) bool {
-	return errors.Is(err, ErrUnavailable) || errors.Is(err, ErrBusy) || errors.Is(err, ErrTimeout)
+	return errors.Is(err, ErrUnavailable) || errors.Is(err, ErrBusy) || errors.Is(err, ErrTimeout) ||
+		errors.Is(err, errPrivateObjectsRefused)
 }

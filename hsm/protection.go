@@ -151,7 +151,7 @@ func (b *Backend) CanHoldPrivateKeys(ctx context.Context) (bool, error) {
 	can := false
 	err := b.run(ctx, "private key probe", "", b.adminTimeout, func(cs *callSession) error {
 		key, err := cs.sessionKey(true)
-		if refusesPrivateKeys(err) {
+		if cs.refusesPrivateKeys(err) {
 			return nil
 		}
 		if err != nil {
@@ -164,11 +164,21 @@ func (b *Backend) CanHoldPrivateKeys(ctx context.Context) (bool, error) {
 	return can, err
 }
 
-// refusesPrivateKeys reports whether err is a token's refusal of a key
-// template with CKA_PRIVATE true, as nShield's accelerator slot refuses it.
-func refusesPrivateKeys(err error) bool {
-	code, _ := ckrOf(err)
-	return code == pkcs11.CKR_ATTRIBUTE_VALUE_INVALID || code == pkcs11.CKR_TEMPLATE_INCONSISTENT
+// refusesPrivateKeys reports whether err, the token's answer to a session
+// key with CKA_PRIVATE true, is a refusal of private objects, as nShield's
+// accelerator slot refuses them: the token then makes the same key without
+// CKA_PRIVATE. Entrust documents the refusal but not the CKR it answers
+// with, so the second key is the sign, not a code.
+func (cs *callSession) refusesPrivateKeys(err error) bool {
+	if _, isCKR := ckrOf(err); !isCKR {
+		return false
+	}
+	public, perr := cs.sessionKey(false)
+	if perr != nil {
+		return false
+	}
+	_ = cs.ctx.DestroyObject(cs.h, public)
+	return true
 }
 
 // NonPrivateKeyMeaning says what a key with CKA_PRIVATE false means on this

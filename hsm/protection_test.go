@@ -8,12 +8,14 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/miekg/pkcs11"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-xks/caddy-xks/hsm/hsmtest"
+	"github.com/caddy-xks/caddy-xks/internal/faultshim"
 	"github.com/caddy-xks/caddy-xks/internal/vendorshim"
 )
 
@@ -195,14 +197,61 @@ func TestNonPrivateKeysOnSoftHSM2AreWarnedOf(t *testing.T) {
 }
 
 // TestPrivateKeysOnTheAcceleratorSlotSaysWhy: nShield's accelerator slot
-// refuses private objects, so with private_keys true the backend does not
-// open, and the error says which setting that slot needs.
+// refuses private objects (Entrust documents that, not the CKR it answers
+// with), so with private_keys true the backend does not open, and the error
+// names the module's code and the setting that slot needs, whatever the
+// code: the sign is that the same session key without CKA_PRIVATE is made.
+// A token that refuses every session key is not told to change
+// private_keys. CanHoldPrivateKeys, which caddy xks keygen asks, answers
+// from the same sign.
 func TestPrivateKeysOnTheAcceleratorSlotSaysWhy(t *testing.T) {
-	tk, shim := vendorToken(t, vendorshim.NShield)
-	cfg := vendorConfig(tk, shim, shim.Path)
-	cfg.PrivateKeys = nil // the default, true
-	_, err := Open("nshield", cfg, zaptest.NewLogger(t))
-	if err == nil || !strings.Contains(err.Error(), "needs private_keys false") {
-		t.Fatalf("private_keys true on the accelerator slot: %v", err)
+	tests := []struct {
+		name    string
+		code    uint
+		ckr     string
+		refuses bool // the fault shim refuses every C_GenerateKey too
+		hint    bool
+	}{
+		{"the code the shim assumes", pkcs11.CKR_ATTRIBUTE_VALUE_INVALID, "CKR_ATTRIBUTE_VALUE_INVALID", false, true},
+		{"an inconsistent template", pkcs11.CKR_TEMPLATE_INCONSISTENT, "CKR_TEMPLATE_INCONSISTENT", false, true},
+		{"a generic failure", pkcs11.CKR_FUNCTION_FAILED, "CKR_FUNCTION_FAILED", false, true},
+		{"a vendor-defined code", pkcs11.CKR_VENDOR_DEFINED + 1, "", false, true},
+		{"a token that makes no session key at all", pkcs11.CKR_ATTRIBUTE_VALUE_INVALID, "CKR_ATTRIBUTE_VALUE_INVALID", true, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tk := hsmtest.NewToken(t)
+			tk.CreateKey(t, "k1", hsmtest.Private(false))
+			shim := vendorshim.New(t, vendorshim.NShield, tk.Module, tk.Label, vendorshim.NShieldPrivateRefusal(tt.code))
+			module := shim.Path
+			if tt.refuses {
+				faults := faultshim.New(t, shim.Path)
+				faults.Set(fmt.Sprintf("C_GenerateKey=%#x", tt.code))
+				module = faults.Path
+			}
+			cfg := vendorConfig(tk, shim, module)
+			cfg.PrivateKeys = nil // the default, true
+			_, err := Open("nshield", cfg, zaptest.NewLogger(t))
+			if err == nil {
+				t.Fatal("private_keys true on the accelerator slot: the backend opened")
+			}
+			if hint := strings.HasSuffix(err.Error(), "needs private_keys false"); hint != tt.hint {
+				t.Errorf("the error ends with the private_keys hint: %v, want %v: %v", hint, tt.hint, err)
+			}
+			if tt.ckr != "" && !strings.Contains(err.Error(), tt.ckr) {
+				t.Errorf("the error does not name the module's %s: %v", tt.ckr, err)
+			}
+			if !tt.hint {
+				return
+			}
+			// With private_keys false it opens, and caddy xks keygen's
+			// question has the same answer.
+			private := false
+			cfg.PrivateKeys = &private
+			b := open(t, "nshield", cfg)
+			if can, err := b.CanHoldPrivateKeys(bg); can || err != nil {
+				t.Errorf("CanHoldPrivateKeys = %v, %v on a token that refuses private objects", can, err)
+			}
+		})
 	}
 }

@@ -3,7 +3,10 @@
 // Luna firmware generations) or of a module that answers the length query
 // the way NSS softokn does, over a real module underneath (SoftHSM2). The
 // cryptography stays real, so every ciphertext can be checked against Go's
-// crypto/cipher. See csrc/vendorshim.c for each behaviour and its source.
+// crypto/cipher. See csrc/vendorshim.c for each behaviour and its source;
+// where no vendor source gives a behaviour, the file marks it ASSUMPTION,
+// and an option (NShieldLoginRefusal, NShieldPrivateRefusal) lets a test
+// show that the proxy does not depend on the assumed answer.
 //
 // The fault shim (package faultshim) stacks in front of it:
 // faultshim.New(t, shim.Path).
@@ -92,6 +95,25 @@ func LatencyLog(path string) Option {
 	return func(env map[string]string) { env["VENDORSHIM_LATENCY_LOG"] = path }
 }
 
+// NShieldLoginRefusal makes the nshield personality refuse C_Login
+// without CKNFAST_FAKE_ACCELERATOR_LOGIN with code instead of
+// CKR_USER_PIN_NOT_INITIALIZED, which is an assumption: nShield's own code
+// is not documented.
+func NShieldLoginRefusal(code uint) Option {
+	return func(env map[string]string) {
+		env["VENDORSHIM_NSHIELD_LOGIN_CKR"] = "0x" + strconv.FormatUint(uint64(code), 16)
+	}
+}
+
+// NShieldPrivateRefusal makes the nshield personality refuse a template
+// with CKA_PRIVATE true with code instead of CKR_ATTRIBUTE_VALUE_INVALID,
+// which is an assumption: Entrust documents the refusal, not its code.
+func NShieldPrivateRefusal(code uint) Option {
+	return func(env map[string]string) {
+		env["VENDORSHIM_NSHIELD_PRIVATE_CKR"] = "0x" + strconv.FormatUint(uint64(code), 16)
+	}
+}
+
 // Build compiles the module into dir with cc and returns its path.
 func Build(t testing.TB, dir string) string {
 	t.Helper()
@@ -123,6 +145,9 @@ func New(t testing.TB, p Personality, target, token string, opts ...Option) *Shi
 		"VENDORSHIM_LATENCY_US":   "0",
 		"VENDORSHIM_LATENCY_LOG":  "",
 		"VENDORSHIM_MAX_SESSIONS": strconv.Itoa(DefaultCloudHSMSessions),
+		// The assumed codes, unless an option sets others.
+		"VENDORSHIM_NSHIELD_LOGIN_CKR":   "",
+		"VENDORSHIM_NSHIELD_PRIVATE_CKR": "",
 	}
 	if p.FakeLogin {
 		env["CKNFAST_FAKE_ACCELERATOR_LOGIN"] = "1"

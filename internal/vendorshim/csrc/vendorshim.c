@@ -9,7 +9,9 @@
  *
  * Sources of each behaviour: shared/reference/pkcs11.md §3 ("nShield and
  * other vendors: IV handling and quirks") and the vendor documents it quotes;
- * §8 for NSS softokn's length query.
+ * §8 for NSS softokn's length query. A behaviour that no vendor source gives
+ * is marked ASSUMPTION: the shim has to answer something, and the proxy must
+ * not depend on that answer alone (docs/nshield.md §14 lists them).
  *
  * Personalities:
  *
@@ -23,24 +25,42 @@
  *                      with 0x00"). The IV is written when C_Encrypt
  *                      produces its output, so a caller must keep the buffer
  *                      until then and read it after.
- *                    - A caller IV that is not all zero, or not 12 bytes, is
- *                      refused with CKR_MECHANISM_PARAM_INVALID: in FIPS
- *                      Level 3 worlds the caller may not choose the IV.
+ *                    - ASSUMPTION: a caller IV that is not all zero, or not
+ *                      12 bytes, is refused with CKR_MECHANISM_PARAM_INVALID.
+ *                      The sources say only that the buffer MUST be 12 zero
+ *                      bytes; Entrust's footnote on CKM_AES_GCM was not
+ *                      found, so the refusal and its code are PKCS#11's
+ *                      general answer for bad mechanism parameters. The
+ *                      proxy detects the IV mode by a self-test that needs
+ *                      no particular code.
  *                    - A tag that does not verify is CKR_FUNCTION_FAILED
  *                      (reference proxy handlers/mod.rs: "CKR_FUNCTION_FAILED
- *                      is reported to be returned in nShield").
+ *                      is reported to be returned in nShield"; second hand,
+ *                      so the proxy takes it for a bad ciphertext only when
+ *                      the token then answers a check).
  *                    - Only the accelerator slot is shown, labelled
- *                      "loadshared accelerator" (CKNFAST_LOADSHARING=1).
+ *                      "loadshared accelerator" (CKNFAST_LOADSHARING=1;
+ *                      nshielddocs "nShield PKCS #11 library environment
+ *                      variables"; the label from Entrust's own samples).
  *                    - Module-protected keys need no login: C_Login succeeds
  *                      without a PIN check only with
- *                      CKNFAST_FAKE_ACCELERATOR_LOGIN set (read once, at
- *                      C_Initialize); without it the accelerator slot has no
- *                      user PIN, CKR_USER_PIN_NOT_INITIALIZED (the code is
- *                      PKCS#11's for that state; nShield's own is not
- *                      documented in pkcs11.md).
- *                    - The accelerator slot cannot hold private objects: a
- *                      template with CKA_PRIVATE true is refused with
- *                      CKR_ATTRIBUTE_VALUE_INVALID.
+ *                      CKNFAST_FAKE_ACCELERATOR_LOGIN set, read once, at
+ *                      C_Initialize (nshielddocs, as above: the variables
+ *                      are read once, at start).
+ *                      ASSUMPTION: without it, C_Login answers
+ *                      CKR_USER_PIN_NOT_INITIALIZED, PKCS#11's code for a
+ *                      token without a user PIN; nShield's own code is not
+ *                      documented. VENDORSHIM_NSHIELD_LOGIN_CKR sets another
+ *                      (hex or decimal), for tests that the proxy's answer
+ *                      does not depend on it.
+ *                    - The accelerator slot cannot hold private objects
+ *                      (nshielddocs: it "cannot create private objects"):
+ *                      a template with CKA_PRIVATE true is refused.
+ *                      ASSUMPTION: with CKR_ATTRIBUTE_VALUE_INVALID, which
+ *                      the documents do not give;
+ *                      VENDORSHIM_NSHIELD_PRIVATE_CKR sets another. The
+ *                      proxy recognises the refusal by a second session key
+ *                      made without CKA_PRIVATE, not by the code.
  *   cloudhsm         AWS CloudHSM, Client SDK 5.
  *                    - IV written back as nShield (miekg/pkcs11 PR #72;
  *                      AWS: "the HSM does not accept initialization vector
@@ -225,6 +245,9 @@ static unsigned long long *slept; /* VENDORSHIM_LATENCY_LOG's counters, or NULL 
 static long max_sessions;
 static long open_sessions;
 static int fake_login;
+/* The nshield personality's assumed codes (see the top of the file). */
+static CK_RV login_refusal = CKR_USER_PIN_NOT_INITIALIZED;
+static CK_RV private_refusal = CKR_ATTRIBUTE_VALUE_INVALID;
 
 /* How the IV of an emulated encryption goes back to the caller. */
 enum iv_return { IV_WRITE_BACK, IV_APPEND, IV_CALLERS };
@@ -464,7 +487,7 @@ static CK_RV w_C_CloseAllSessions(CK_ULONG slot) {
 
 static CK_RV w_C_Login(CK_ULONG session, CK_ULONG user, CK_BYTE *pin, CK_ULONG pin_len) {
 	if (who == NSHIELD)
-		return fake_login ? CKR_OK : CKR_USER_PIN_NOT_INITIALIZED;
+		return fake_login ? CKR_OK : login_refusal;
 	return REAL(I_Login, CK_RV (*)(CK_ULONG, CK_ULONG, CK_BYTE *, CK_ULONG))(session, user, pin, pin_len);
 }
 
@@ -478,19 +501,19 @@ static int asks_private(const attribute *tmpl, CK_ULONG n) {
 
 static CK_RV w_C_CreateObject(CK_ULONG session, attribute *tmpl, CK_ULONG n, CK_ULONG *object) {
 	if (who == NSHIELD && asks_private(tmpl, n))
-		return CKR_ATTRIBUTE_VALUE_INVALID;
+		return private_refusal;
 	return REAL(I_CreateObject, CK_RV (*)(CK_ULONG, attribute *, CK_ULONG, CK_ULONG *))(session, tmpl, n, object);
 }
 
 static CK_RV w_C_CopyObject(CK_ULONG session, CK_ULONG from, attribute *tmpl, CK_ULONG n, CK_ULONG *object) {
 	if (who == NSHIELD && asks_private(tmpl, n))
-		return CKR_ATTRIBUTE_VALUE_INVALID;
+		return private_refusal;
 	return REAL(I_CopyObject, CK_RV (*)(CK_ULONG, CK_ULONG, attribute *, CK_ULONG, CK_ULONG *))(session, from, tmpl, n, object);
 }
 
 static CK_RV w_C_GenerateKey(CK_ULONG session, mechanism *m, attribute *tmpl, CK_ULONG n, CK_ULONG *key) {
 	if (who == NSHIELD && asks_private(tmpl, n))
-		return CKR_ATTRIBUTE_VALUE_INVALID;
+		return private_refusal;
 	return REAL(I_GenerateKey, CK_RV (*)(CK_ULONG, mechanism *, attribute *, CK_ULONG, CK_ULONG *))(session, m, tmpl, n, key);
 }
 
@@ -679,6 +702,12 @@ CK_RV C_GetFunctionList(function_list **list) {
 			map_latency_log(hist);
 		const char *ms = getenv("VENDORSHIM_MAX_SESSIONS");
 		max_sessions = ms ? strtol(ms, NULL, 10) : 16;
+		const char *code = getenv("VENDORSHIM_NSHIELD_LOGIN_CKR");
+		if (code && *code)
+			login_refusal = strtoul(code, NULL, 0);
+		code = getenv("VENDORSHIM_NSHIELD_PRIVATE_CKR");
+		if (code && *code)
+			private_refusal = strtoul(code, NULL, 0);
 		memcpy(&shim, real, sizeof shim);
 		shim.fn[I_Initialize] = (void *)w_C_Initialize;
 		shim.fn[I_Finalize] = (void *)w_C_Finalize;
