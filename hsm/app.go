@@ -8,7 +8,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
-	"github.com/caddy-xks/caddy-xks/internal/placeholder"
+	"github.com/caddy-xks/caddy-xks/secret"
 )
 
 func init() {
@@ -46,17 +46,14 @@ func (*App) CaddyModule() caddy.ModuleInfo {
 }
 
 // Provision checks where Caddy's admin endpoint listens, then opens every
-// backend. PINs are resolved from {env.*} and
-// {file.*} placeholders here, so the secret never appears in the config
-// JSON. Opening happens here rather than in Start because handlers may serve
-// before apps are started.
+// backend (OpenConfig). Opening happens here rather than in Start because
+// handlers may serve before apps are started.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	if err := checkAdminEndpoint(ctx, a.AllowTCPAdmin, a.logger); err != nil {
 		return err
 	}
 	a.backends = make(map[string]*Backend, len(a.Backends))
-	repl := caddy.NewReplacer()
 	names := make([]string, 0, len(a.Backends))
 	for name := range a.Backends {
 		names = append(names, name)
@@ -67,14 +64,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if cfg == nil {
 			return fmt.Errorf("hsm backend %q: empty configuration", name)
 		}
-		c := *cfg
-		pin, err := repl.ReplaceOrErr(c.PIN, true, true)
-		if err != nil {
-			// The error names the placeholder, never its value.
-			return fmt.Errorf("hsm backend %q: resolving pin: %w", name, err)
-		}
-		c.PIN = pin
-		b, err := Open(name, c, a.logger)
+		b, err := OpenConfig(name, *cfg, a.logger)
 		if err != nil {
 			return err
 		}
@@ -99,11 +89,26 @@ func (a *App) Validate() error {
 		if err := cfg.Validate(); err != nil {
 			errs = append(errs, fmt.Errorf("hsm backend %q: %w", name, err))
 		}
-		if cfg.PIN != "" && !placeholder.IsSecretReference(cfg.PIN) {
-			errs = append(errs, fmt.Errorf("hsm backend %q: pin must be an {env.*} or {file.*} placeholder, so that it never appears in the config", name))
+		if cfg.PIN != "" && !secret.IsPlaceholder(cfg.PIN) {
+			errs = append(errs, fmt.Errorf("hsm backend %q: pin %w", name, secret.ErrLiteral))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// OpenConfig opens a backend from its configuration as Caddy holds it,
+// with the PIN a placeholder that it resolves (secret.Resolve) first: a
+// literal PIN is refused before the token is opened, so that it never
+// costs a login attempt.
+func OpenConfig(name string, cfg Config, logger *zap.Logger) (*Backend, error) {
+	if cfg.PIN != "" {
+		pin, err := secret.Resolve(cfg.PIN)
+		if err != nil {
+			return nil, fmt.Errorf("hsm backend %q: pin %w", name, err)
+		}
+		cfg.PIN = pin
+	}
+	return Open(name, cfg, logger)
 }
 
 // Start does nothing: backends are opened in Provision.

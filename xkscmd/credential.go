@@ -86,23 +86,22 @@ func cmdProxyConfig(fl caddycmd.Flags, w io.Writer) (int, error) {
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	repl := caddy.NewReplacer()
 	want := fl.String("access-key-id")
 	for _, c := range ks.Credentials {
-		akid, err := repl.ReplaceOrErr(c.AccessKeyID, true, true)
+		akid, err := c.ResolveAccessKeyID()
 		if err != nil {
-			return caddy.ExitCodeFailedStartup, fmt.Errorf("access key id %s: %w", c.AccessKeyID, err)
+			return caddy.ExitCodeFailedStartup, err
 		}
 		if want != "" && akid != want {
 			continue
 		}
-		secret, err := repl.ReplaceOrErr(c.SecretAccessKey, true, true)
+		cred, err := c.Resolve()
 		if err != nil {
-			return caddy.ExitCodeFailedStartup, fmt.Errorf("secret access key of %s: %w", akid, err)
+			return caddy.ExitCodeFailedStartup, err
 		}
 		out, err := json.MarshalIndent(consoleProxyConfig{
 			XksProxyURIPath:                  ks.URIPath,
-			XksProxyAuthenticationCredential: consoleCredential{AccessKeyID: akid, RawSecretAccessKey: secret},
+			XksProxyAuthenticationCredential: consoleCredential{AccessKeyID: cred.AccessKeyID, RawSecretAccessKey: cred.SecretAccessKey},
 		}, "", "  ")
 		if err != nil {
 			return caddy.ExitCodeFailedStartup, err

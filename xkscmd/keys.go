@@ -22,7 +22,7 @@ import (
 )
 
 // openBackend opens the HSM backend named by --backend in the config given
-// by --config, resolving its PIN placeholder as the server does.
+// by --config, as the server does (hsm.OpenConfig).
 func openBackend(fl caddycmd.Flags) (*hsm.Backend, *proxyConfig, error) {
 	pc, err := loadProxyConfig(fl.String("config"), fl.String("adapter"))
 	if err != nil {
@@ -32,12 +32,7 @@ func openBackend(fl caddycmd.Flags) (*hsm.Backend, *proxyConfig, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	resolved := *cfg
-	resolved.PIN, err = caddy.NewReplacer().ReplaceOrErr(cfg.PIN, true, true)
-	if err != nil {
-		return nil, nil, fmt.Errorf("backend %s: pin: %w", name, err)
-	}
-	b, err := hsm.Open(name, resolved, zap.NewNop())
+	b, err := hsm.OpenConfig(name, *cfg, zap.NewNop())
 	return b, pc, err
 }
 

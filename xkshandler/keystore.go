@@ -16,7 +16,7 @@ import (
 	"github.com/caddy-xks/caddy-xks/authz"
 	"github.com/caddy-xks/caddy-xks/frontend"
 	"github.com/caddy-xks/caddy-xks/hsm"
-	"github.com/caddy-xks/caddy-xks/internal/placeholder"
+	"github.com/caddy-xks/caddy-xks/secret"
 	"github.com/caddy-xks/caddy-xks/sigv4auth"
 	"github.com/caddy-xks/caddy-xks/xksapi"
 )
@@ -179,6 +179,31 @@ type Credential struct {
 	SecretAccessKey string `json:"secret_access_key"`
 }
 
+// ResolveAccessKeyID returns the access key id, its placeholder resolved
+// if it is one.
+func (c Credential) ResolveAccessKeyID() (string, error) {
+	akid, err := caddy.NewReplacer().ReplaceOrErr(c.AccessKeyID, true, true)
+	if err != nil {
+		return "", fmt.Errorf("access key id %s: %w", c.AccessKeyID, err)
+	}
+	return akid, nil
+}
+
+// Resolve returns the credential with its placeholders resolved: the
+// access key id's, if it has one, and the secret access key's, which must
+// be one (secret.Resolve). Errors name the placeholder, never a value.
+func (c Credential) Resolve() (sigv4auth.Credential, error) {
+	akid, err := c.ResolveAccessKeyID()
+	if err != nil {
+		return sigv4auth.Credential{}, err
+	}
+	key, err := secret.Resolve(c.SecretAccessKey)
+	if err != nil {
+		return sigv4auth.Credential{}, fmt.Errorf("the secret access key of %s %w", akid, err)
+	}
+	return sigv4auth.Credential{AccessKeyID: akid, SecretAccessKey: key}, nil
+}
+
 // CompleteURIPath is the URIPath of a key store given as path, which may
 // leave off the API suffix /kms/xks/v1, as the Caddyfile and the commands
 // allow: "/demo" is "/demo/kms/xks/v1", and "/" or "" is "/kms/xks/v1".
@@ -208,8 +233,8 @@ func (ks *KeyStore) validate() error {
 		return fmt.Errorf("key store %s: at least one credential is required", ks.URIPath)
 	}
 	for _, c := range ks.Credentials {
-		if !placeholder.IsSecretReference(c.SecretAccessKey) {
-			return fmt.Errorf("key store %s: the secret access key of %s must be an {env.*} or {file.*} placeholder, so that it never appears in the config", ks.URIPath, c.AccessKeyID)
+		if !secret.IsPlaceholder(c.SecretAccessKey) {
+			return fmt.Errorf("key store %s: the secret access key of %s %w", ks.URIPath, c.AccessKeyID, secret.ErrLiteral)
 		}
 	}
 	if len(ks.Keys) == 0 {
@@ -282,19 +307,13 @@ func (ks *KeyStore) provision(app *hsm.App, logger *zap.Logger, usage usageSetti
 		logger.Warn("key store serves requests that did not arrive over TLS (allow_plain_http): only safe behind a TLS-terminating load balancer on a network no one else reaches",
 			zap.String("key_store", ks.URIPath))
 	}
-	repl := caddy.NewReplacer()
 	creds := make([]sigv4auth.Credential, 0, len(ks.Credentials))
 	for _, c := range ks.Credentials {
-		akid, err := repl.ReplaceOrErr(c.AccessKeyID, true, true)
+		cred, err := c.Resolve()
 		if err != nil {
-			return fmt.Errorf("key store %s: access key id %s: %w", ks.URIPath, c.AccessKeyID, err)
+			return fmt.Errorf("key store %s: %w", ks.URIPath, err)
 		}
-		secret, err := repl.ReplaceOrErr(c.SecretAccessKey, true, true)
-		if err != nil {
-			// The error names the placeholder, never its value.
-			return fmt.Errorf("key store %s: secret access key of %s: %w", ks.URIPath, akid, err)
-		}
-		creds = append(creds, sigv4auth.Credential{AccessKeyID: akid, SecretAccessKey: secret})
+		creds = append(creds, cred)
 	}
 	var err error
 	ks.verifier, err = sigv4auth.NewVerifier(sigv4auth.Config{
