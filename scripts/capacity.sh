@@ -37,7 +37,7 @@ latencies=${XKS_CAPACITY_LATENCIES:-1 5 20}
 if [ -n "${XKS_CAPACITY_PORT:-}" ]; then
 	port=$XKS_CAPACITY_PORT http_port=$((port + 1))
 else
-	{ read -r port; read -r http_port; } < <(CGO_ENABLED=0 go run ./internal/freeport 2)
+	{ read -r port; read -r http_port; } < <(CGO_ENABLED=0 go run ./tools/freeport 2)
 fi
 warmup=${XKS_CAPACITY_WARMUP:-5s}
 softhsm=${XKS_SOFTHSM2:-/usr/lib/softhsm/libsofthsm2.so}

@@ -19,7 +19,7 @@ XKS_DEMO_DIR=$(mktemp -d)
 if [ -n "${XKS_DEMO_PORT:-}" ]; then
 	port=$XKS_DEMO_PORT http_port=${XKS_DEMO_HTTP_PORT:-$((port + 1))}
 else
-	{ read -r port; read -r http_port; } < <(go run ./internal/freeport 2)
+	{ read -r port; read -r http_port; } < <(go run ./tools/freeport 2)
 fi
 export XKS_DEMO_PORT=$port XKS_DEMO_HTTP_PORT=$http_port
 export XKS_HSM_CALL_TIMEOUT=30s XKS_HSM_SESSION_WAIT=10s XKS_DEADLINE=30s

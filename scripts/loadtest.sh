@@ -59,7 +59,7 @@ profiled=${protocols%% *}
 if [ -n "${XKS_LOADTEST_PORT:-}" ]; then
 	port=$XKS_LOADTEST_PORT http_port=$((port + 1))
 else
-	{ read -r port; read -r http_port; } < <(CGO_ENABLED=0 go run ./internal/freeport 2)
+	{ read -r port; read -r http_port; } < <(CGO_ENABLED=0 go run ./tools/freeport 2)
 fi
 
 XKS_DEMO_SETUP_ONLY=1 bash scripts/demo.sh >/dev/null

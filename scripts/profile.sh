@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where one Encrypt's time goes, server side: scripts/loadtest.sh against
 # a build of the proxy with the block and mutex profiles on
-# (internal/profcaddy), with a CPU, block and mutex profile and an execution
+# (tools/profcaddy), with a CPU, block and mutex profile and an execution
 # trace of the paced XKS run (10 s, 3 s of trace) and a CPU profile of the
 # full-speed XKS run (3 s) saved from the admin endpoint; then the server's
 # CPU per request split by component (from each CPU profile), the HSM time
@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-$(mktemp -d /tmp/xks-profile.XXXXXX)}
 mkdir -p "$dir"
-go build -o "$dir/caddy" ./internal/profcaddy
+go build -o "$dir/caddy" ./tools/profcaddy
 XKS_LOADTEST_DURATION=${XKS_LOADTEST_DURATION:-5s} XKS_LOADTEST_PACED_DURATION=${XKS_LOADTEST_PACED_DURATION:-20s} \
 	XKS_LOADTEST_ROUNDS=${XKS_LOADTEST_ROUNDS:-1} XKS_LOADTEST_PROTOCOLS=${XKS_LOADTEST_PROTOCOLS:-h2} \
 	XKS_LOADTEST_CADDY=$dir/caddy XKS_LOADTEST_PROFILE=$dir bash scripts/loadtest.sh | tee "$dir/loadtest.txt"

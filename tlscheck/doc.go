@@ -60,7 +60,7 @@
 // test); on neither, KMS refuses it (rule trusted_root). A full chain whose
 // root is unknown is that root's problem (trusted_root), not the chain's;
 // a chain served without its intermediates is the chain's (rule chain).
-// tlscheck/internal/genroots writes both files.
+// tools/genroots writes both files.
 //
 // What that means for the certificate issuers Caddy uses, by their default
 // chains:

@@ -52,7 +52,7 @@ type RootList map[Fingerprint]string
 // The caller must not modify the map. KMSRoots has the newer list too.
 func KMSTrustedRoots() RootList { return kmsTrustedRoots() }
 
-// kmsRootsListing and kmsRootsPEM are written by tlscheck/internal/genroots:
+// kmsRootsListing and kmsRootsPEM are written by tools/genroots:
 // every root on the 2022 list or on the newer one that pull request 22 of
 // the specification's repository proposes (June 2024), and the
 // certificates of those that Debian's ca-certificates (Mozilla's root

@@ -3,7 +3,7 @@
 // another run on the same machine (Caddy binds with SO_REUSEPORT, so two
 // servers on one port silently split each other's connections).
 //
-//	go run ./internal/freeport [count]
+//	go run ./tools/freeport [count]
 package main
 
 import (
