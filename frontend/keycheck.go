@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-xks/caddy-xks/hsm"
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // The key check proves what a key store's backends hold under its key
@@ -38,11 +39,6 @@ import (
 
 // KeyCheckTimeout bounds one whole check.
 const KeyCheckTimeout = time.Minute
-
-// maxKeyCheckAge is the age past which a health call waits (within its
-// deadline) for a new check rather than report the last one: XKS's limit
-// on a cached health result.
-const maxKeyCheckAge = time.Minute
 
 // KeyState is what one backend holds under one label.
 type KeyState struct {
@@ -447,7 +443,10 @@ func (c *KeyCheck) Latest(ctx context.Context, ttl time.Duration) *KeyReport {
 		}()
 	}
 	c.mu.Unlock()
-	if last != nil && time.Since(last.at) < maxKeyCheckAge {
+	// Past XKS's age for a cached health result (the stricter front end's),
+	// a health call waits (within its deadline) for the new check rather
+	// than report the last.
+	if last != nil && time.Since(last.at) < xksapi.MaxHealthAge {
 		return last
 	}
 	select {

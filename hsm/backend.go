@@ -10,6 +10,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // Defaults of Config.
@@ -19,9 +21,6 @@ const (
 	DefaultCallTimeout = 200 * time.Millisecond
 	DefaultHealthTTL   = 30 * time.Second
 )
-
-// maxHealthTTL is the spec's limit on the age of a cached deep health check.
-const maxHealthTTL = time.Minute
 
 // closeWait bounds how long Close waits for in-flight operations.
 var closeWait = 10 * time.Second
@@ -157,8 +156,8 @@ func (c *Config) Validate() error {
 	if c.MaxSessions < 0 {
 		return fmt.Errorf("max_sessions must not be negative, got %d", c.MaxSessions)
 	}
-	if time.Duration(c.HealthTTL) > maxHealthTTL {
-		return fmt.Errorf("health_ttl must be at most %s: KMS must never be told a health result older than a minute", maxHealthTTL)
+	if time.Duration(c.HealthTTL) > xksapi.MaxHealthAge {
+		return fmt.Errorf("health_ttl must be at most %s: KMS must never be told a health result older than that", xksapi.MaxHealthAge)
 	}
 	for name, d := range map[string]caddy.Duration{"session_wait": c.SessionWait, "call_timeout": c.CallTimeout, "health_ttl": c.HealthTTL} {
 		if d < 0 {

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // Health status values.
@@ -99,7 +101,7 @@ func (b *Backend) Health(ctx context.Context) Health {
 	}
 	// KMS gives a health call 250 ms, so rather than wait for the running
 	// round trip a caller takes the last result, if it is young enough.
-	last, ok := b.health.lastWithin(maxHealthTTL, events)
+	last, ok := b.health.lastWithin(xksapi.MaxHealthAge, events)
 	b.health.mu.Unlock()
 	if ok {
 		return last
@@ -112,7 +114,7 @@ func (b *Backend) Health(ctx context.Context) Health {
 	b.health.mu.Lock()
 	// The round trip waited for may have started before the latest event:
 	// its result is still the freshest there is.
-	last, ok = b.health.lastWithin(maxHealthTTL, b.health.events)
+	last, ok = b.health.lastWithin(xksapi.MaxHealthAge, b.health.events)
 	b.health.mu.Unlock()
 	if !ok {
 		return unavailable(h, "the health check ended without a result")

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // TestHealthWhileACheckRuns: a caller that finds a round trip running gets
@@ -23,9 +25,9 @@ func TestHealthWhileACheckRuns(t *testing.T) {
 		deadline time.Duration // the caller's; zero for none
 		want     string        // "cached", "unavailable" or "running check's"
 	}{
-		{"a result within the limit is returned at once", maxHealthTTL / 2, 100 * time.Millisecond, "cached"},
-		{"a result over the limit is not returned: unavailable at the caller's deadline", maxHealthTTL + time.Second, 100 * time.Millisecond, "unavailable"},
-		{"a result over the limit is not returned: a caller without a deadline waits for the running check", maxHealthTTL + time.Second, 0, "running check's"},
+		{"a result within the limit is returned at once", xksapi.MaxHealthAge / 2, 100 * time.Millisecond, "cached"},
+		{"a result over the limit is not returned: unavailable at the caller's deadline", xksapi.MaxHealthAge + time.Second, 100 * time.Millisecond, "unavailable"},
+		{"a result over the limit is not returned: a caller without a deadline waits for the running check", xksapi.MaxHealthAge + time.Second, 0, "running check's"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -91,7 +93,7 @@ func TestHealthWhileACheckRuns(t *testing.T) {
 					t.Fatalf("got %+v, want the running check's result %+v", h, r)
 				}
 			}
-			if age := now().Sub(h.CheckedAt); age >= maxHealthTTL {
+			if age := now().Sub(h.CheckedAt); age >= xksapi.MaxHealthAge {
 				t.Fatalf("got a result %s old: %+v", age, h)
 			}
 			switch tt.want {

@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-xks/caddy-xks/internal/faultshim"
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // refusePIN drives a backend's token into the state the PIN tests start
@@ -162,7 +163,7 @@ func TestRefusedReloginIsNotRetried(t *testing.T) {
 // reconnection that follows make the cached health result stale, however
 // young: the first health check afterwards is not the ACTIVE of before.
 func TestHealthIsNotCachedAcrossAReconnect(t *testing.T) {
-	b, shim, _ := shimBackend(t, func(c *Config) { c.HealthTTL = caddy.Duration(maxHealthTTL) })
+	b, shim, _ := shimBackend(t, func(c *Config) { c.HealthTTL = caddy.Duration(xksapi.MaxHealthAge) })
 	if h := b.Health(bg); h.Status != HealthActive {
 		t.Fatalf("health before: %+v", h)
 	}

@@ -1,5 +1,13 @@
 package xksapi
 
+import "time"
+
+// MaxHealthAge is the oldest a deep health result that GetHealthStatus
+// reports may be: the spec lets a proxy answer from a cached check, which
+// "MUST not be older than one minute". The HSM layer's health_ttl and the
+// key store's key check both keep to it.
+const MaxHealthAge = time.Minute
+
 // The spec's sizes and limits of the binary fields, in bytes before Base64,
 // and of errorMessage. The proxy's handler, its HSM layer and `caddy xks
 // check` all take them from here.
