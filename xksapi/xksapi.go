@@ -1,11 +1,13 @@
 // Package xksapi holds the wire format of the AWS KMS XKS Proxy API v1: the
 // JSON bodies of GetKeyMetadata, Encrypt, Decrypt and GetHealthStatus, and
-// of errors, and the spec's limits on their fields (limits.go). Field names
-// are the spec's. []byte fields are standard, padded Base64 on the wire,
+// of errors, with the spec's error names and their statuses (errors.go),
+// and the spec's limits on their fields (limits.go). Field names are the
+// spec's. []byte fields are standard, padded Base64 on the wire,
 // which is what encoding/json writes and reads.
 //
 // The proxy's handler answers with these types and the `caddy xks` client
-// commands send and read them, so both speak one format. The package
+// commands send and read them, so both speak one format, and the tests
+// hold both to it. The package
 // imports nothing of the project, so that every part of it, the HSM layer
 // included, can use it.
 package xksapi

@@ -84,18 +84,15 @@ func decodeOK(r result, err error, out any) error {
 // expectError checks an error answer against the spec's error table: its
 // status, its errorName, and an errorMessage (if any) that follows the
 // spec's rules.
-func expectError(r result, err error, status int, name string) (string, error) {
+func expectError(r result, err error, name string) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	status := xksapi.Status(name)
 	if r.status != status || r.errorName() != name {
 		return "", fmt.Errorf("got %d %s, want %d %s", r.status, r.errorName(), status, name)
 	}
-	var e struct {
-		ErrorMessage string `json:"errorMessage"`
-	}
-	_ = json.Unmarshal(r.body, &e)
-	if !xksapi.ValidErrorMessage(e.ErrorMessage) {
+	if !xksapi.ValidErrorMessage(r.errorBody().ErrorMessage) {
 		return "", fmt.Errorf("%d %s, but its errorMessage is not under %d printable ASCII characters", status, name, xksapi.MaxErrorMessageLen+1)
 	}
 	return fmt.Sprintf("%d %s", status, name), nil
@@ -234,7 +231,7 @@ func (ck *checker) tamperedCiphertext() (string, error) {
 	}
 	sealed.Ciphertext[0] ^= 1
 	r, err := ck.decrypt(ck.key, sealed, nil)
-	return expectError(r, err, http.StatusBadRequest, "InvalidCiphertextException")
+	return expectError(r, err, xksapi.InvalidCiphertextException)
 }
 
 func (ck *checker) wrongAAD() (string, error) {
@@ -243,13 +240,13 @@ func (ck *checker) wrongAAD() (string, error) {
 		return "", err
 	}
 	r, err := ck.decrypt(ck.key, sealed, randomBytes(16))
-	return expectError(r, err, http.StatusBadRequest, "InvalidCiphertextException")
+	return expectError(r, err, xksapi.InvalidCiphertextException)
 }
 
 func (ck *checker) unknownKey() (string, error) {
 	key := "caddy-xks-check-no-such-key-" + hex.EncodeToString(randomBytes(6))
 	r, err := ck.post(ck.c, "/keys/"+key+"/metadata", mustJSON(xksapi.MetadataOnlyRequest{RequestMetadata: ck.meta("CreateKey")}))
-	return expectError(r, err, http.StatusNotFound, "KeyNotFoundException")
+	return expectError(r, err, xksapi.KeyNotFoundException)
 }
 
 func (ck *checker) wrongSecret() (string, error) {
@@ -263,7 +260,7 @@ func (ck *checker) wrongSecret() (string, error) {
 	// signed with the right secret would sign with it again.
 	c.signer = v4.NewSigner()
 	r, err := ck.post(&c, "/health", mustJSON(xksapi.MetadataOnlyRequest{RequestMetadata: ck.meta("KmsHealthCheck")}))
-	return expectError(r, err, http.StatusUnauthorized, "AuthenticationFailedException")
+	return expectError(r, err, xksapi.AuthenticationFailedException)
 }
 
 func (ck *checker) wrongPrefix() (string, error) {
@@ -271,7 +268,7 @@ func (ck *checker) wrongPrefix() (string, error) {
 	i := strings.LastIndex(c.base, "/kms/xks/")
 	c.base = c.base[:i] + "/invalid" + c.base[i:]
 	r, err := ck.post(&c, "/health", mustJSON(xksapi.MetadataOnlyRequest{RequestMetadata: ck.meta("KmsHealthCheck")}))
-	return expectError(r, err, http.StatusNotFound, "InvalidUriPathException")
+	return expectError(r, err, xksapi.InvalidURIPathException)
 }
 
 func (ck *checker) getMethod() (string, error) {
@@ -279,7 +276,7 @@ func (ck *checker) getMethod() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if r.status != http.StatusMethodNotAllowed {
+	if r.status != xksapi.StatusWrongMethod {
 		return "", fmt.Errorf("got %d %s, want 405", r.status, r.errorName())
 	}
 	return "405 Method Not Allowed", nil
@@ -287,7 +284,7 @@ func (ck *checker) getMethod() (string, error) {
 
 func (ck *checker) malformedBody() (string, error) {
 	r, err := ck.post(ck.c, "/health", []byte(`{}`))
-	return expectError(r, err, http.StatusBadRequest, "ValidationException")
+	return expectError(r, err, xksapi.ValidationException)
 }
 
 // encryptOnlyCDIV asks an encrypt-only key for a CDIV, which needs the
@@ -295,7 +292,7 @@ func (ck *checker) malformedBody() (string, error) {
 func (ck *checker) encryptOnlyCDIV() (string, error) {
 	req := xksapi.EncryptRequest{RequestMetadata: ck.meta("Encrypt"), Plaintext: randomBytes(32), Algorithm: "AES_GCM", CDIVAlgorithm: "SHA_256"}
 	r, err := ck.post(ck.c, "/keys/"+ck.encryptOnlyKey+"/encrypt", mustJSON(req))
-	return expectError(r, err, http.StatusBadRequest, "InvalidKeyUsageException")
+	return expectError(r, err, xksapi.InvalidKeyUsageException)
 }
 
 // latency sends samples Encrypt calls one after the other and fails when

@@ -158,13 +158,19 @@ type result struct {
 	latency time.Duration
 }
 
-// errorName is the XKS errorName of a failed answer, or a transport error.
+// errorBody is the XKS error body of a failed answer; its fields are
+// empty when the body is not one.
+func (r result) errorBody() xksapi.ErrorBody {
+	var e xksapi.ErrorBody
+	_ = json.Unmarshal(r.body, &e)
+	return e
+}
+
+// errorName is the XKS errorName of a failed answer, or the HTTP status of
+// one without.
 func (r result) errorName() string {
-	var e struct {
-		ErrorName string `json:"errorName"`
-	}
-	if json.Unmarshal(r.body, &e) == nil && e.ErrorName != "" {
-		return e.ErrorName
+	if name := r.errorBody().ErrorName; name != "" {
+		return name
 	}
 	return fmt.Sprintf("HTTP %d", r.status)
 }

@@ -7,7 +7,7 @@
 //
 // Handler.ServeHTTP takes every call through seven steps, in this order; a
 // step that fails ends the call with the XKS error named, as XKS JSON with
-// the spec's status (errors.go):
+// the spec's status (package xksapi; errors.go):
 //
 //  1. Route: the raw path, exactly as on the request line
 //     (sigv4auth.RawPath), must be {key store's URI path}/health or
@@ -42,18 +42,25 @@
 // # Where each rule lives
 //
 //	the spec's sizes and limits      package xksapi (limits.go), shared with the hsm layer and caddy xks check
+//	error names and their statuses   package xksapi (errors.go), shared with caddy xks check and bench
+//	a failed call, fromHSM           errors.go (xksError, the hsm error kinds to XKS errors)
 //	URI path and key id syntax       route.go (APIPathSuffix, uriPathPattern, validKeyID); CompleteURIPath, keystore.go
 //	the raw path, SigV4              package sigv4auth (RawPath, Verifier)
+//	secrets from the config          package secret (Resolve); Credential.Resolve, keystore.go
 //	configuration rules              KeyStore.validate, Handler.Validate; defaults in the Provision methods
+//	calls only over TLS              handler.go (serve, 403 for a plain request); plainhttp.go: at load, a key store on a server without TLS fails unless allow_plain_http
+//	the admin endpoint               package hsm (admin.go: refused on TCP, unless allowed)
 //	reading a body (memory as bytes arrive) frontend.ReadBody; readBody, handler.go
 //	request bodies                   request.go (strict decoding: frontend.DecodeObject)
 //	the server of the key stores     frontend/server.go (HTTP/2 stream limit, HTTP/3 warning)
 //	secondary authorization          package authz; KeyStore.authorize
+//	quota, concurrency, deadline     frontend.Limits; KeyStore.admit, keystore.go, answers ThrottlingException
 //	the AAD given to the HSM, CDIV   framing.go
 //	the four operations, failover    operations.go
-//	key labels across backends       keycheck.go (the proof, key versions), frontend/keycheck.go (duplicates, the same key on every backend)
-//	error names and statuses, fromHSM errors.go
+//	key labels across backends       keycheck.go (the proof, key versions), frontend/keycheck.go (duplicates, the same key on every backend, the health age)
+//	key versions, version metadata   versions.go
+//	usage counts and encrypt limits  usage.go (per HSM key label, summed across a fleet through Caddy's storage)
+//	readiness for a load balancer    Handler.ready, handler.go (ready_path)
 //	per-call state, audit, metrics   exchange.go, metrics.go (frontend.AuditLine, RequestMetrics)
-//	quota, concurrency, deadline     frontend.Limits
 //	xksProxyModel                    frontend/version.go
 package xkshandler

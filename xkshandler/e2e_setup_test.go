@@ -24,6 +24,7 @@ import (
 	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 	"github.com/caddy-xks/caddy-xks/internal/testcert"
 	"github.com/caddy-xks/caddy-xks/sigv4auth"
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // The end-to-end tests run a real Caddy (in this process, through
@@ -381,14 +382,19 @@ func (f *fixture) do(req *http.Request) response {
 	return r
 }
 
-// expectError checks an XKS error answer.
+// expectError checks an XKS error answer. The test's status and name,
+// written out as KMS sees them, must also be a row of the spec's table as
+// package xksapi holds it (or its 405 for a wrong method).
 func expectError(t testing.TB, r response, status int, name string) {
 	t.Helper()
+	if xksapi.Status(name) != status && !(status == xksapi.StatusWrongMethod && name == xksapi.ValidationException) {
+		t.Fatalf("the test expects %d %s, which is no row of the error table", status, name)
+	}
 	if r.status != status || r.str("errorName") != name {
 		t.Errorf("got %d %s, want %d %s", r.status, r.raw, status, name)
 	}
-	if msg := r.str("errorMessage"); len(msg) >= 512 {
-		t.Errorf("errorMessage of %d characters", len(msg))
+	if msg := r.str("errorMessage"); !xksapi.ValidErrorMessage(msg) {
+		t.Errorf("errorMessage %q is not under 512 printable ASCII characters", msg)
 	}
 }
 

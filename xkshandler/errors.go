@@ -3,50 +3,17 @@ package xkshandler
 import (
 	"context"
 	"errors"
-	"net/http"
 
 	"github.com/caddy-xks/caddy-xks/hsm"
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
-
-// Error names from the XKS Proxy API's error table. KMS keys its behaviour on
-// the name; the HTTP status only has to agree with it.
-const (
-	ValidationException           = "ValidationException"
-	InvalidStateException         = "InvalidStateException"
-	InvalidCiphertextException    = "InvalidCiphertextException"
-	InvalidKeyUsageException      = "InvalidKeyUsageException"
-	AuthenticationFailedException = "AuthenticationFailedException"
-	AccessDeniedException         = "AccessDeniedException"
-	KeyNotFoundException          = "KeyNotFoundException"
-	InvalidURIPathException       = "InvalidUriPathException"
-	ThrottlingException           = "ThrottlingException"
-	UnsupportedOperationException = "UnsupportedOperationException"
-	DependencyTimeoutException    = "DependencyTimeoutException"
-	InternalException             = "InternalException"
-)
-
-// statusOf is the spec's status code for each error name.
-var statusOf = map[string]int{
-	ValidationException:           http.StatusBadRequest,
-	InvalidStateException:         http.StatusBadRequest,
-	InvalidCiphertextException:    http.StatusBadRequest,
-	InvalidKeyUsageException:      http.StatusBadRequest,
-	AuthenticationFailedException: http.StatusUnauthorized,
-	AccessDeniedException:         http.StatusForbidden,
-	KeyNotFoundException:          http.StatusNotFound,
-	InvalidURIPathException:       http.StatusNotFound,
-	ThrottlingException:           http.StatusTooManyRequests,
-	UnsupportedOperationException: http.StatusNotImplemented,
-	DependencyTimeoutException:    http.StatusServiceUnavailable,
-	InternalException:             http.StatusInternalServerError,
-}
 
 // xksError is a failed XKS call: the name and message that go on the wire,
 // plus the cause, which only goes to the proxy's log.
 type xksError struct {
 	name    string
 	message string
-	status  int // overrides statusOf[name] when non-zero (405 has no XKS name of its own)
+	status  int // overrides the name's status when non-zero (xksapi.StatusWrongMethod)
 	cause   error
 }
 
@@ -63,7 +30,7 @@ func (e *xksError) httpStatus() int {
 	if e.status != 0 {
 		return e.status
 	}
-	return statusOf[e.name]
+	return xksapi.Status(e.name)
 }
 
 func newError(name, message string) *xksError {
@@ -71,7 +38,7 @@ func newError(name, message string) *xksError {
 }
 
 func validationError(message string) *xksError {
-	return newError(ValidationException, message)
+	return newError(xksapi.ValidationException, message)
 }
 
 // fromHSM maps an error of the hsm package to the XKS error KMS must see. The
@@ -86,28 +53,28 @@ func fromHSM(err error) *xksError {
 	var e *xksError
 	switch {
 	case errors.Is(err, hsm.ErrKeyNotFound):
-		e = newError(KeyNotFoundException, "the external key was not found in the HSM")
+		e = newError(xksapi.KeyNotFoundException, "the external key was not found in the HSM")
 	case errors.Is(err, hsm.ErrDuplicateKey):
-		e = newError(KeyNotFoundException, "the external key id matches more than one key in the HSM")
+		e = newError(xksapi.KeyNotFoundException, "the external key id matches more than one key in the HSM")
 	case errors.Is(err, hsm.ErrKeyExportable):
 		// KeyNotFoundException, not InvalidKeyUsageException: the spec
 		// allows the latter only for Encrypt and Decrypt, and it tells KMS
 		// (and its caller) that an operation is not enabled on the key. A
 		// key whose value can leave the HSM is not one this proxy serves at
 		// all, for GetKeyMetadata too, so that KMS's CreateKey refuses it.
-		e = newError(KeyNotFoundException, "the external key's value can leave the HSM, so the proxy does not use it")
+		e = newError(xksapi.KeyNotFoundException, "the external key's value can leave the HSM, so the proxy does not use it")
 	case errors.Is(err, hsm.ErrKeyUsage):
-		e = newError(InvalidKeyUsageException, "the external key does not support the requested operation")
+		e = newError(xksapi.InvalidKeyUsageException, "the external key does not support the requested operation")
 	case errors.Is(err, hsm.ErrInvalidCiphertext):
-		e = newError(InvalidCiphertextException, "the ciphertext, initialization vector, additional authenticated data or authentication tag is corrupted, missing, or otherwise invalid")
+		e = newError(xksapi.InvalidCiphertextException, "the ciphertext, initialization vector, additional authenticated data or authentication tag is corrupted, missing, or otherwise invalid")
 	case errors.Is(err, hsm.ErrBusy):
-		e = newError(ThrottlingException, "the HSM is busy; retry later")
+		e = newError(xksapi.ThrottlingException, "the HSM is busy; retry later")
 	case errors.Is(err, hsm.ErrTimeout), errors.Is(err, context.DeadlineExceeded):
-		e = newError(DependencyTimeoutException, "the HSM did not answer in time")
+		e = newError(xksapi.DependencyTimeoutException, "the HSM did not answer in time")
 	case errors.Is(err, hsm.ErrUnavailable):
-		e = newError(InternalException, "the HSM is unavailable")
+		e = newError(xksapi.InternalException, "the HSM is unavailable")
 	default:
-		e = newError(InternalException, "internal error while using the HSM")
+		e = newError(xksapi.InternalException, "internal error while using the HSM")
 	}
 	e.cause = err
 	return e

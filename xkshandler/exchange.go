@@ -91,7 +91,7 @@ func (x *exchange) observe() {
 	var deniedBy *string
 	if x.err != nil {
 		outcome = x.err.name
-		if x.err.name == AccessDeniedException {
+		if x.err.name == xksapi.AccessDeniedException {
 			deniedBy = &x.rule
 		}
 	}

@@ -233,16 +233,16 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 	var ok bool
 	x.ks, x.op, x.keyID, ok = h.route(path)
 	if !ok {
-		x.err = newError(InvalidURIPathException, "the URI path is not an XKS API path of this proxy")
+		x.err = newError(xksapi.InvalidURIPathException, "the URI path is not an XKS API path of this proxy")
 		return
 	}
 	if r.Method != http.MethodPost {
-		x.err = &xksError{name: ValidationException, message: "method " + r.Method + " is not allowed; XKS API calls use POST", status: http.StatusMethodNotAllowed}
+		x.err = &xksError{name: xksapi.ValidationException, message: "method " + r.Method + " is not allowed; XKS API calls use POST", status: xksapi.StatusWrongMethod}
 		return
 	}
 	// KMS always calls over TLS: a plain request came some other way.
 	if r.TLS == nil && !x.ks.AllowPlainHTTP {
-		x.err = &xksError{name: AccessDeniedException, message: "XKS calls must arrive over TLS", status: http.StatusForbidden,
+		x.err = &xksError{name: xksapi.AccessDeniedException, message: "XKS calls must arrive over TLS",
 			cause: errors.New("a plain-HTTP request, and the key store does not set allow_plain_http")}
 		return
 	}
@@ -257,7 +257,7 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 	var err error
 	x.akid, err = x.ks.verifier.VerifyHTTP(r, path, body)
 	if err != nil {
-		x.err = &xksError{name: AuthenticationFailedException, message: "the request signature could not be verified", cause: err}
+		x.err = &xksError{name: xksapi.AuthenticationFailedException, message: "the request signature could not be verified", cause: err}
 		if verr, ok := errors.AsType[*sigv4auth.Error](err); ok {
 			x.akid = verr.AccessKeyID
 		}
@@ -314,7 +314,7 @@ func (h *Handler) serve(x *exchange, r *http.Request, path string) {
 func admitKeyCall(x *exchange) (release func(), xerr *xksError) {
 	ks := x.ks
 	if !ks.allows(x.keyID) {
-		return nil, newError(KeyNotFoundException, "the external key is not configured for this key store")
+		return nil, newError(xksapi.KeyNotFoundException, "the external key is not configured for this key store")
 	}
 	d := ks.authorize(&authz.Input{
 		Operation:       x.op.String(),
@@ -325,10 +325,10 @@ func admitKeyCall(x *exchange) (release func(), xerr *xksError) {
 	})
 	x.rule = d.Rule
 	if !d.Allowed {
-		return nil, &xksError{name: AccessDeniedException, message: "the request is not authorized by the key store's policy", cause: errors.New(d.Reason)}
+		return nil, &xksError{name: xksapi.AccessDeniedException, message: "the request is not authorized by the key store's policy", cause: errors.New(d.Reason)}
 	}
 	if (x.op == opEncrypt || x.op == opDecrypt) && ks.disabled[x.keyID] {
-		return nil, newError(InvalidStateException, "the external key is disabled in this key store's configuration")
+		return nil, newError(xksapi.InvalidStateException, "the external key is disabled in this key store's configuration")
 	}
 	return ks.admit()
 }
@@ -339,7 +339,7 @@ func admitKeyCall(x *exchange) (release func(), xerr *xksError) {
 func readBody(r *http.Request, limit int64) ([]byte, *xksError) {
 	body, err := frontend.ReadBody(r, limit)
 	if tooLarge, ok := errors.AsType[*frontend.BodyTooLargeError](err); ok {
-		return nil, newError(UnsupportedOperationException, tooLarge.Error())
+		return nil, newError(xksapi.UnsupportedOperationException, tooLarge.Error())
 	}
 	if err != nil {
 		return nil, validationError(err.Error())
@@ -355,7 +355,7 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
 	if x.err != nil {
 		status = x.err.httpStatus()
 		payload = xksapi.ErrorBody{ErrorName: x.err.name, ErrorMessage: xksapi.ErrorMessage(x.err.message)}
-		if status == http.StatusMethodNotAllowed {
+		if status == xksapi.StatusWrongMethod {
 			w.Header().Set("Allow", http.MethodPost)
 		}
 	}
@@ -365,7 +365,7 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange) {
 		// fail, but a reply must still go out.
 		h.logger.Error("encoding response", zap.Error(err))
 		status = http.StatusInternalServerError
-		out = []byte(`{"errorName":"InternalException"}`)
+		out = []byte(`{"errorName":"` + xksapi.InternalException + `"}`)
 	}
 	frontend.WriteJSON(w, status, out)
 }

@@ -380,7 +380,7 @@ func parseCiphertextMetadata(s string) ([]byte, error) {
 func (ks *KeyStore) admit() (release func(), xerr *xksError) {
 	release, err := ks.Admit()
 	if err != nil {
-		return nil, newError(ThrottlingException, err.Error())
+		return nil, newError(xksapi.ThrottlingException, err.Error())
 	}
 	return release, nil
 }

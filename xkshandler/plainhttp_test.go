@@ -5,6 +5,8 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // TestPlainRequestIsRefused: a request that did not arrive over TLS gets
@@ -18,7 +20,7 @@ func TestPlainRequestIsRefused(t *testing.T) {
 	r.TLS = nil
 	var x exchange
 	h.serve(&x, r, path+"/health")
-	if x.err == nil || x.err.name != AccessDeniedException || x.err.httpStatus() != http.StatusForbidden {
+	if x.err == nil || x.err.name != xksapi.AccessDeniedException || x.err.httpStatus() != http.StatusForbidden {
 		t.Fatalf("a plain request: %+v", x.err)
 	}
 }

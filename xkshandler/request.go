@@ -164,7 +164,7 @@ func optionalAAD(s *string) ([]byte, *xksError) {
 		return nil, xerr
 	}
 	if len(aad) > xksapi.MaxAADLen {
-		return nil, newError(UnsupportedOperationException, fmt.Sprintf("additionalAuthenticatedData longer than %d bytes is not supported", xksapi.MaxAADLen))
+		return nil, newError(xksapi.UnsupportedOperationException, fmt.Sprintf("additionalAuthenticatedData longer than %d bytes is not supported", xksapi.MaxAADLen))
 	}
 	return aad, nil
 }

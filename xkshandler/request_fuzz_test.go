@@ -39,7 +39,7 @@ func FuzzDecodeStrict(f *testing.F) {
 			t.Fatalf("decodeBody error %v, reference accepts: %v", xerr, ok)
 		}
 		if xerr != nil {
-			if got != nil || xerr.name != ValidationException || len(xerr.message) >= 512 {
+			if got != nil || xerr.name != xksapi.ValidationException || len(xerr.message) >= 512 {
 				t.Fatalf("error %v with body %+v", xerr, got)
 			}
 			return

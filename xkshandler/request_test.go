@@ -2,7 +2,6 @@ package xkshandler
 
 import (
 	"encoding/base64"
-	"encoding/json"
 	"io"
 	"net/http"
 	"strings"
@@ -31,51 +30,51 @@ func TestDecodeRequestRejects(t *testing.T) {
 		body     string
 		wantName string
 	}{
-		{"empty body", opHealth, ``, ValidationException},
-		{"not JSON", opHealth, `hello`, ValidationException},
-		{"JSON array", opHealth, `[]`, ValidationException},
-		{"data after the object", opHealth, `{` + metaHealth + `}{}`, ValidationException},
-		{"health: no requestMetadata", opHealth, `{}`, ValidationException},
-		{"health: empty requestMetadata", opHealth, `{"requestMetadata":{}}`, ValidationException},
-		{"health: null requestMetadata", opHealth, `{"requestMetadata":null}`, ValidationException},
-		{"health: requestMetadata not an object", opHealth, `{"requestMetadata":"x"}`, ValidationException},
-		{"health: no kmsOperation", opHealth, `{"requestMetadata":{"kmsRequestId":"r"}}`, ValidationException},
-		{"health: kmsRequestId not a string", opHealth, `{"requestMetadata":{"kmsRequestId":1,"kmsOperation":"x"}}`, ValidationException},
-		{"metadata: no awsPrincipalArn", opMetadata, `{` + metaHealth + `}`, ValidationException},
-		{"encrypt: no kmsKeyArn", opEncrypt, `{` + metaKey + `,"plaintext":"` + b64Hello + `",` + gcm + `}`, ValidationException},
-		{"encrypt: no plaintext", opEncrypt, `{` + metaCrypto + `,` + gcm + `}`, ValidationException},
-		{"encrypt: plaintext not Base64", opEncrypt, `{` + metaCrypto + `,"plaintext":"%%%",` + gcm + `}`, ValidationException},
-		{"encrypt: plaintext URL-safe Base64", opEncrypt, `{` + metaCrypto + `,"plaintext":"-_-_",` + gcm + `}`, ValidationException},
-		{"encrypt: plaintext without padding", opEncrypt, `{` + metaCrypto + `,"plaintext":"SGk",` + gcm + `}`, ValidationException},
-		{"encrypt: plaintext with non-zero padding bits", opEncrypt, `{` + metaCrypto + `,"plaintext":"SGl=",` + gcm + `}`, ValidationException},
-		{"encrypt: plaintext with a line break", opEncrypt, `{` + metaCrypto + `,"plaintext":"SGVs\nbG8gV29ybGQh",` + gcm + `}`, ValidationException},
-		{"encrypt: plaintext a number", opEncrypt, `{` + metaCrypto + `,"plaintext":5,` + gcm + `}`, ValidationException},
-		{"encrypt: no encryptionAlgorithm", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `"}`, ValidationException},
-		{"encrypt: encryptionAlgorithm AES_CBC", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `","encryptionAlgorithm":"AES_CBC"}`, ValidationException},
-		{"encrypt: CDIV algorithm SHA_512", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"ciphertextDataIntegrityValueAlgorithm":"SHA_512"}`, ValidationException},
-		{"encrypt: AAD not Base64", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"additionalAuthenticatedData":"***"}`, ValidationException},
-		{"encrypt: AAD over 65535 bytes", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"additionalAuthenticatedData":"` + b64(65536) + `"}`, UnsupportedOperationException},
-		{"decrypt: no ciphertext", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"initializationVector":"` + b64IV12 + `","authenticationTag":"` + b64Tag16 + `"}`, ValidationException},
-		{"decrypt: no IV", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","authenticationTag":"` + b64Tag16 + `"}`, ValidationException},
-		{"decrypt: no tag", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64IV12 + `"}`, ValidationException},
-		{"decrypt: 11-byte IV", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64(11) + `","authenticationTag":"` + b64Tag16 + `"}`, ValidationException},
-		{"decrypt: 13-byte IV", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64(13) + `","authenticationTag":"` + b64Tag16 + `"}`, ValidationException},
-		{"decrypt: 15-byte tag", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64IV12 + `","authenticationTag":"` + b64(15) + `"}`, ValidationException},
-		{"decrypt: 21-byte ciphertextMetadata", opDecrypt, `{` + metaCrypto + `,` + gcm + `,` + decryptBase + `,"ciphertextMetadata":"` + b64(21) + `"}`, ValidationException},
-		{"decrypt: no encryptionAlgorithm", opDecrypt, `{` + metaCrypto + `,` + decryptBase + `}`, ValidationException},
-		{"JSON null", opHealth, `null`, ValidationException},
-		{"names are case-sensitive: PLAINTEXT is not plaintext", opEncrypt, `{` + metaCrypto + `,"PLAINTEXT":"` + b64Hello + `",` + gcm + `}`, ValidationException},
-		{"names are case-sensitive: RequestMetadata is not requestMetadata", opHealth, `{"RequestMetadata":{"kmsRequestId":"r-1","kmsOperation":"KmsHealthCheck"}}`, ValidationException},
-		{"names are case-sensitive: KMSKEYARN is not kmsKeyArn", opEncrypt, `{"requestMetadata":{"awsPrincipalArn":"a","KMSKEYARN":"k","kmsOperation":"Encrypt","kmsRequestId":"r-1"},"plaintext":"` + b64Hello + `",` + gcm + `}`, ValidationException},
-		{"a field given twice", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"plaintext":"AAAA"}`, ValidationException},
-		{"a field given twice, once with an escaped name", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"plain\u0074ext":"AAAA"}`, ValidationException},
-		{"an unknown field given twice", opHealth, `{` + metaHealth + `,"x":1,"x":1}`, ValidationException},
-		{"requestMetadata given twice", opHealth, `{` + metaHealth + `,` + metaHealth + `}`, ValidationException},
-		{"a requestMetadata field given twice", opHealth, `{"requestMetadata":{"kmsRequestId":"r-1","kmsOperation":"KmsHealthCheck","kmsRequestId":"r-2"}}`, ValidationException},
-		{"an unknown requestMetadata field given twice", opHealth, `{"requestMetadata":{"kmsRequestId":"r-1","kmsOperation":"KmsHealthCheck","x":1,"x":2}}`, ValidationException},
-		{"data after the object: a closing brace", opHealth, `{` + metaHealth + `}}`, ValidationException},
-		{"data after the object: a closing bracket", opHealth, `{` + metaHealth + `}]`, ValidationException},
-		{"data after the object: a word", opHealth, `{` + metaHealth + `} x`, ValidationException},
+		{"empty body", opHealth, ``, xksapi.ValidationException},
+		{"not JSON", opHealth, `hello`, xksapi.ValidationException},
+		{"JSON array", opHealth, `[]`, xksapi.ValidationException},
+		{"data after the object", opHealth, `{` + metaHealth + `}{}`, xksapi.ValidationException},
+		{"health: no requestMetadata", opHealth, `{}`, xksapi.ValidationException},
+		{"health: empty requestMetadata", opHealth, `{"requestMetadata":{}}`, xksapi.ValidationException},
+		{"health: null requestMetadata", opHealth, `{"requestMetadata":null}`, xksapi.ValidationException},
+		{"health: requestMetadata not an object", opHealth, `{"requestMetadata":"x"}`, xksapi.ValidationException},
+		{"health: no kmsOperation", opHealth, `{"requestMetadata":{"kmsRequestId":"r"}}`, xksapi.ValidationException},
+		{"health: kmsRequestId not a string", opHealth, `{"requestMetadata":{"kmsRequestId":1,"kmsOperation":"x"}}`, xksapi.ValidationException},
+		{"metadata: no awsPrincipalArn", opMetadata, `{` + metaHealth + `}`, xksapi.ValidationException},
+		{"encrypt: no kmsKeyArn", opEncrypt, `{` + metaKey + `,"plaintext":"` + b64Hello + `",` + gcm + `}`, xksapi.ValidationException},
+		{"encrypt: no plaintext", opEncrypt, `{` + metaCrypto + `,` + gcm + `}`, xksapi.ValidationException},
+		{"encrypt: plaintext not Base64", opEncrypt, `{` + metaCrypto + `,"plaintext":"%%%",` + gcm + `}`, xksapi.ValidationException},
+		{"encrypt: plaintext URL-safe Base64", opEncrypt, `{` + metaCrypto + `,"plaintext":"-_-_",` + gcm + `}`, xksapi.ValidationException},
+		{"encrypt: plaintext without padding", opEncrypt, `{` + metaCrypto + `,"plaintext":"SGk",` + gcm + `}`, xksapi.ValidationException},
+		{"encrypt: plaintext with non-zero padding bits", opEncrypt, `{` + metaCrypto + `,"plaintext":"SGl=",` + gcm + `}`, xksapi.ValidationException},
+		{"encrypt: plaintext with a line break", opEncrypt, `{` + metaCrypto + `,"plaintext":"SGVs\nbG8gV29ybGQh",` + gcm + `}`, xksapi.ValidationException},
+		{"encrypt: plaintext a number", opEncrypt, `{` + metaCrypto + `,"plaintext":5,` + gcm + `}`, xksapi.ValidationException},
+		{"encrypt: no encryptionAlgorithm", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `"}`, xksapi.ValidationException},
+		{"encrypt: encryptionAlgorithm AES_CBC", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `","encryptionAlgorithm":"AES_CBC"}`, xksapi.ValidationException},
+		{"encrypt: CDIV algorithm SHA_512", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"ciphertextDataIntegrityValueAlgorithm":"SHA_512"}`, xksapi.ValidationException},
+		{"encrypt: AAD not Base64", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"additionalAuthenticatedData":"***"}`, xksapi.ValidationException},
+		{"encrypt: AAD over 65535 bytes", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"additionalAuthenticatedData":"` + b64(65536) + `"}`, xksapi.UnsupportedOperationException},
+		{"decrypt: no ciphertext", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"initializationVector":"` + b64IV12 + `","authenticationTag":"` + b64Tag16 + `"}`, xksapi.ValidationException},
+		{"decrypt: no IV", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","authenticationTag":"` + b64Tag16 + `"}`, xksapi.ValidationException},
+		{"decrypt: no tag", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64IV12 + `"}`, xksapi.ValidationException},
+		{"decrypt: 11-byte IV", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64(11) + `","authenticationTag":"` + b64Tag16 + `"}`, xksapi.ValidationException},
+		{"decrypt: 13-byte IV", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64(13) + `","authenticationTag":"` + b64Tag16 + `"}`, xksapi.ValidationException},
+		{"decrypt: 15-byte tag", opDecrypt, `{` + metaCrypto + `,` + gcm + `,"ciphertext":"` + b64Hello + `","initializationVector":"` + b64IV12 + `","authenticationTag":"` + b64(15) + `"}`, xksapi.ValidationException},
+		{"decrypt: 21-byte ciphertextMetadata", opDecrypt, `{` + metaCrypto + `,` + gcm + `,` + decryptBase + `,"ciphertextMetadata":"` + b64(21) + `"}`, xksapi.ValidationException},
+		{"decrypt: no encryptionAlgorithm", opDecrypt, `{` + metaCrypto + `,` + decryptBase + `}`, xksapi.ValidationException},
+		{"JSON null", opHealth, `null`, xksapi.ValidationException},
+		{"names are case-sensitive: PLAINTEXT is not plaintext", opEncrypt, `{` + metaCrypto + `,"PLAINTEXT":"` + b64Hello + `",` + gcm + `}`, xksapi.ValidationException},
+		{"names are case-sensitive: RequestMetadata is not requestMetadata", opHealth, `{"RequestMetadata":{"kmsRequestId":"r-1","kmsOperation":"KmsHealthCheck"}}`, xksapi.ValidationException},
+		{"names are case-sensitive: KMSKEYARN is not kmsKeyArn", opEncrypt, `{"requestMetadata":{"awsPrincipalArn":"a","KMSKEYARN":"k","kmsOperation":"Encrypt","kmsRequestId":"r-1"},"plaintext":"` + b64Hello + `",` + gcm + `}`, xksapi.ValidationException},
+		{"a field given twice", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"plaintext":"AAAA"}`, xksapi.ValidationException},
+		{"a field given twice, once with an escaped name", opEncrypt, `{` + metaCrypto + `,"plaintext":"` + b64Hello + `",` + gcm + `,"plain\u0074ext":"AAAA"}`, xksapi.ValidationException},
+		{"an unknown field given twice", opHealth, `{` + metaHealth + `,"x":1,"x":1}`, xksapi.ValidationException},
+		{"requestMetadata given twice", opHealth, `{` + metaHealth + `,` + metaHealth + `}`, xksapi.ValidationException},
+		{"a requestMetadata field given twice", opHealth, `{"requestMetadata":{"kmsRequestId":"r-1","kmsOperation":"KmsHealthCheck","kmsRequestId":"r-2"}}`, xksapi.ValidationException},
+		{"an unknown requestMetadata field given twice", opHealth, `{"requestMetadata":{"kmsRequestId":"r-1","kmsOperation":"KmsHealthCheck","x":1,"x":2}}`, xksapi.ValidationException},
+		{"data after the object: a closing brace", opHealth, `{` + metaHealth + `}}`, xksapi.ValidationException},
+		{"data after the object: a closing bracket", opHealth, `{` + metaHealth + `}]`, xksapi.ValidationException},
+		{"data after the object: a word", opHealth, `{` + metaHealth + `} x`, xksapi.ValidationException},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -208,56 +207,6 @@ func TestRoute(t *testing.T) {
 	}
 }
 
-// TestErrorStatusesAreTheSpecs: each error name has the status of the
-// spec's error table (xks-spec.md, "Error Codes"), written out here as the
-// table gives it, and there is no other name.
-func TestErrorStatusesAreTheSpecs(t *testing.T) {
-	spec := []struct {
-		name   string
-		status int
-	}{
-		{"ValidationException", 400},
-		{"InvalidStateException", 400},
-		{"InvalidCiphertextException", 400},
-		{"InvalidKeyUsageException", 400},
-		{"AuthenticationFailedException", 401},
-		{"AccessDeniedException", 403},
-		{"KeyNotFoundException", 404},
-		{"InvalidUriPathException", 404},
-		{"ThrottlingException", 429},
-		{"UnsupportedOperationException", 501},
-		{"DependencyTimeoutException", 503},
-		{"InternalException", 500},
-	}
-	for _, row := range spec {
-		if got := newError(row.name, "m").httpStatus(); got != row.status {
-			t.Errorf("%s: status %d, the spec's is %d", row.name, got, row.status)
-		}
-	}
-	if len(statusOf) != len(spec) {
-		t.Errorf("%d error names, the spec has %d", len(statusOf), len(spec))
-	}
-}
-
-func TestErrorBodiesAreSpecShaped(t *testing.T) {
-	for name := range statusOf {
-		x := &xksError{name: name, message: strings.Repeat("\x00é", 400)}
-		msg := xksapi.ErrorMessage(x.message)
-		if len(msg) >= 512 {
-			t.Errorf("%s: message of %d characters", name, len(msg))
-		}
-		for _, c := range []byte(msg) {
-			if c < 0x20 || c > 0x7e {
-				t.Fatalf("%s: non-printable byte %#x in message", name, c)
-			}
-		}
-		out, _ := json.Marshal(xksapi.ErrorBody{ErrorName: name, ErrorMessage: msg})
-		if strings.Contains(string(out), "\n") {
-			t.Errorf("%s: multi-line body", name)
-		}
-	}
-}
-
 // FuzzDecodeRequest: no body makes decoding panic, and whatever is accepted
 // keeps the spec's limits.
 func FuzzDecodeRequest(f *testing.F) {
@@ -276,7 +225,7 @@ func FuzzDecodeRequest(f *testing.F) {
 		op := operation(opByte%4) + opHealth
 		req, xerr := decodeRequest(op, body)
 		if xerr != nil {
-			if req != nil || statusOf[xerr.name] == 0 {
+			if req != nil || xksapi.Status(xerr.name) == 0 {
 				t.Fatalf("error %v with request %v", xerr, req)
 			}
 			return
@@ -315,8 +264,8 @@ func TestReadBodyErrors(t *testing.T) {
 		sent     string
 		want     string
 	}{
-		{"a body over the limit", 11, "", UnsupportedOperationException},
-		{"a body shorter than declared", 5, "xy", ValidationException},
+		{"a body over the limit", 11, "", xksapi.UnsupportedOperationException},
+		{"a body shorter than declared", 5, "xy", xksapi.ValidationException},
 	} {
 		r := &http.Request{Method: http.MethodPost, ContentLength: tt.declared, Body: io.NopCloser(strings.NewReader(tt.sent))}
 		if _, xerr := readBody(r, 10); xerr == nil || xerr.name != tt.want {

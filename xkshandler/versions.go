@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-xks/caddy-xks/hsm"
+	"github.com/caddy-xks/caddy-xks/xksapi"
 )
 
 // Key versions put several HSM keys behind one external key id. KMS cannot
@@ -439,7 +440,7 @@ func (ks *KeyStore) forEncrypt(vk *versionedKey) (*keyVersion, error) {
 		}
 		next := vk.promote(v, ks.limit, ks.logger, ks.URIPath)
 		if next == v {
-			return nil, &xksError{name: InvalidStateException,
+			return nil, &xksError{name: xksapi.InvalidStateException,
 				message: "the external key's current version has reached its encryption limit; the key store needs a new key version",
 				cause: fmt.Errorf("version %d of %s (label %s): %d encryptions counted, limit %d (encrypt_limit; NIST SP 800-38D §8.3)",
 					v.n, vk.key, v.label, c.total(), ks.limit)}
@@ -454,15 +455,15 @@ func (ks *KeyStore) forEncrypt(vk *versionedKey) (*keyVersion, error) {
 func (ks *KeyStore) forDecrypt(vk *versionedKey, md []byte) (*keyVersion, error) {
 	n, err := metadataVersion(md)
 	if err != nil {
-		return nil, &xksError{name: InvalidCiphertextException, message: "the ciphertextMetadata is not one this proxy writes", cause: err}
+		return nil, &xksError{name: xksapi.InvalidCiphertextException, message: "the ciphertextMetadata is not one this proxy writes", cause: err}
 	}
 	v := vk.version(n)
 	switch {
 	case v == nil:
-		return nil, &xksError{name: KeyNotFoundException, message: "the ciphertext was made with a version of the external key that this key store does not configure",
+		return nil, &xksError{name: xksapi.KeyNotFoundException, message: "the ciphertext was made with a version of the external key that this key store does not configure",
 			cause: fmt.Errorf("version %d of %s is not in the key store's versions", n, vk.key)}
 	case v.disabled:
-		return nil, &xksError{name: InvalidStateException, message: "the ciphertext was made with a version of the external key that is disabled",
+		return nil, &xksError{name: xksapi.InvalidStateException, message: "the ciphertext was made with a version of the external key that is disabled",
 			cause: fmt.Errorf("version %d of %s (label %s) is disabled", n, vk.key, v.label)}
 	}
 	v.usage.countDecrypt()
