@@ -7,9 +7,9 @@ package caddyfile
 
 import (
 	"encoding/json"
+	"maps"
 	"strconv"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -107,96 +107,53 @@ func parseHSM(d *caddyfile.Dispenser, existing any) (any, error) {
 
 func parsePKCS11(d *caddyfile.Dispenser) (*hsm.Config, error) {
 	cfg := new(hsm.Config)
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		opt := d.Val()
-		switch opt {
-		case "no_login", "allow_exportable_keys":
-			if d.NextArg() {
-				return nil, d.ArgErr()
-			}
-			if opt == "no_login" {
-				cfg.NoLogin = true
-			} else {
-				cfg.AllowExportableKeys = true
-			}
-			continue
-		case "pin_refused_codes":
-			codes := d.RemainingArgs()
-			if len(codes) == 0 {
-				return nil, d.ArgErr()
-			}
-			cfg.PINRefusedCodes = append(cfg.PINRefusedCodes, codes...)
-			continue
-		case "env":
-			var k, v string
-			if !d.AllArgs(&k, &v) {
-				return nil, d.ArgErr()
-			}
-			if cfg.Env == nil {
-				cfg.Env = make(map[string]string)
-			}
-			cfg.Env[k] = v
-			continue
-		}
-		var val string
-		if !d.AllArgs(&val) {
-			return nil, d.ArgErr()
-		}
-		switch opt {
-		case "module":
-			cfg.Module = val
-		case "token":
-			cfg.Token = val
-		case "serial":
-			cfg.Serial = val
-		case "slot_id":
-			n, err := strconv.ParseUint(val, 10, 0)
+	err := parseOptions(d, "pkcs11", map[string]option{
+		"module":                stringOption(&cfg.Module),
+		"token":                 stringOption(&cfg.Token),
+		"serial":                stringOption(&cfg.Serial),
+		"pin":                   stringOption(&cfg.PIN),
+		"iv":                    stringOption(&cfg.IVMode),
+		"init_args":             stringOption(&cfg.InitArgs),
+		"no_login":              flagOption(&cfg.NoLogin),
+		"allow_exportable_keys": flagOption(&cfg.AllowExportableKeys),
+		"pin_refused_codes":     listOption(&cfg.PINRefusedCodes),
+		"max_sessions":          intOption(&cfg.MaxSessions),
+		"session_wait":          durationOption(&cfg.SessionWait),
+		"call_timeout":          durationOption(&cfg.CallTimeout),
+		"health_ttl":            durationOption(&cfg.HealthTTL),
+		"slot_id": {minArgs: 1, maxArgs: 1, set: func(d *caddyfile.Dispenser, _ string, args []string) error {
+			n, err := strconv.ParseUint(args[0], 10, 0)
 			if err != nil {
-				return nil, d.Errf("slot_id %q: %v", val, err)
+				return d.Errf("slot_id %q: %v", args[0], err)
 			}
 			slot := uint(n)
 			cfg.SlotID = &slot
-		case "pin":
-			cfg.PIN = val
-		case "iv":
-			cfg.IVMode = val
-		case "init_args":
-			cfg.InitArgs = val
-		case "kwp_mechanism":
-			if _, err := hsm.ParseMechanism(val); err != nil {
-				return nil, d.Errf("kwp_mechanism: %v", err)
-			}
-			cfg.KWPMechanism = val
-		case "max_sessions":
-			n, err := intArg(d, opt, val)
+			return nil
+		}},
+		"private_keys": {minArgs: 1, maxArgs: 1, set: func(d *caddyfile.Dispenser, _ string, args []string) error {
+			b, err := strconv.ParseBool(args[0])
 			if err != nil {
-				return nil, err
-			}
-			cfg.MaxSessions = n
-		case "private_keys":
-			b, err := strconv.ParseBool(val)
-			if err != nil {
-				return nil, d.Errf("private_keys %q: %v", val, err)
+				return d.Errf("private_keys %q: %v", args[0], err)
 			}
 			cfg.PrivateKeys = &b
-		case "session_wait", "call_timeout", "health_ttl":
-			dur, err := durationArg(d, opt, val)
-			if err != nil {
-				return nil, err
+			return nil
+		}},
+		"kwp_mechanism": {minArgs: 1, maxArgs: 1, set: func(d *caddyfile.Dispenser, _ string, args []string) error {
+			if _, err := hsm.ParseMechanism(args[0]); err != nil {
+				return d.Errf("kwp_mechanism: %v", err)
 			}
-			switch opt {
-			case "session_wait":
-				cfg.SessionWait = dur
-			case "call_timeout":
-				cfg.CallTimeout = dur
-			case "health_ttl":
-				cfg.HealthTTL = dur
+			cfg.KWPMechanism = args[0]
+			return nil
+		}},
+		"env": {minArgs: 2, maxArgs: 2, set: func(_ *caddyfile.Dispenser, _ string, args []string) error {
+			if cfg.Env == nil {
+				cfg.Env = make(map[string]string)
 			}
-		default:
-			return nil, d.Errf("unrecognized pkcs11 option %q", opt)
-		}
-	}
-	return cfg, nil
+			cfg.Env[args[0]] = args[1]
+			return nil
+		}},
+	})
+	return cfg, err
 }
 
 // parseXKS sets up the xks handler. Syntax:
@@ -245,148 +202,68 @@ func parseXKS(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	if h.NextArg() {
 		return nil, h.ArgErr()
 	}
-	for nesting := h.Nesting(); h.NextBlock(nesting); {
-		switch h.Val() {
-		case "max_request_body", "max_concurrent_streams":
-			if err := parseHandlerLimit(h.Dispenser, &handler.MaxRequestBody, &handler.MaxConcurrentStreams); err != nil {
-				return nil, err
-			}
-		case "ready_path":
-			if !h.AllArgs(&handler.ReadyPath) {
-				return nil, h.ArgErr()
-			}
-		case "hostnames":
-			names := h.RemainingArgs()
-			if len(names) == 0 {
-				return nil, h.ArgErr()
-			}
-			handler.Hostnames = append(handler.Hostnames, names...)
-		case "usage_flush_interval":
-			var val string
-			if !h.AllArgs(&val) {
-				return nil, h.ArgErr()
-			}
-			dur, err := durationArg(h.Dispenser, "usage_flush_interval", val)
-			if err != nil {
-				return nil, err
-			}
-			handler.UsageFlushInterval = dur
-		case "key_store":
-			ks, err := parseKeyStore(h.Dispenser)
-			if err != nil {
-				return nil, err
-			}
-			handler.KeyStores = append(handler.KeyStores, ks)
-		default:
-			return nil, h.Errf("unrecognized xks option %q", h.Val())
+	opts := handlerLimitOptions(&handler.MaxRequestBody, &handler.MaxConcurrentStreams)
+	opts["ready_path"] = stringOption(&handler.ReadyPath)
+	opts["hostnames"] = listOption(&handler.Hostnames)
+	opts["usage_flush_interval"] = durationOption(&handler.UsageFlushInterval)
+	opts["key_store"] = option{maxArgs: -1, set: func(d *caddyfile.Dispenser, _ string, args []string) error {
+		switch {
+		case len(args) == 0:
+			return d.Err("key_store needs its URI path, e.g. /demo/kms/xks/v1")
+		case len(args) > 1:
+			return d.ArgErr()
 		}
-	}
-	return handler, nil
+		ks, err := parseKeyStore(d, args[0])
+		handler.KeyStores = append(handler.KeyStores, ks)
+		return err
+	}}
+	return handler, parseOptions(h.Dispenser, "xks", opts)
 }
 
-func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
-	var path string
-	if !d.Args(&path) {
-		return nil, d.Err("key_store needs its URI path, e.g. /demo/kms/xks/v1")
-	}
-	if d.NextArg() {
-		return nil, d.ArgErr()
-	}
+func parseKeyStore(d *caddyfile.Dispenser, path string) (*xkshandler.KeyStore, error) {
 	ks := &xkshandler.KeyStore{URIPath: xkshandler.CompleteURIPath(path)}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		opt := d.Val()
-		args := d.RemainingArgs()
-		if handled, err := parseKeyStoreCommon(d, opt, args, &ks.Limits, &ks.Authorize); handled || err != nil {
-			if err != nil {
-				return nil, err
-			}
-			continue
-		}
-		switch opt {
-		case "allow_plain_http":
-			if len(args) != 0 {
-				return nil, d.ArgErr()
-			}
-			ks.AllowPlainHTTP = true
-		case "versions":
-			if len(args) != 1 {
-				return nil, d.Err("versions takes the external key id, then a block of its versions")
-			}
-			kv, err := parseVersions(d, args[0])
-			if err != nil {
-				return nil, err
-			}
-			ks.Versions = append(ks.Versions, kv)
-		case "encrypt_limit":
-			if len(args) != 1 {
-				return nil, d.ArgErr()
-			}
+	opts := keyStoreCommonOptions(&ks.Limits, &ks.Authorize)
+	maps.Copy(opts, map[string]option{
+		"hsm":                 listOption(&ks.HSM),
+		"keys":                listOption(&ks.Keys),
+		"disable":             listOption(&ks.DisabledKeys),
+		"region":              stringOption(&ks.Region),
+		"ciphertext_metadata": stringOption(&ks.CiphertextMetadata),
+		"aad_framing":         stringOption(&ks.AADFraming),
+		"fleet_size":          intOption(&ks.FleetSize),
+		"max_clock_skew":      durationOption(&ks.MaxClockSkew),
+		"allow_plain_http":    flagOption(&ks.AllowPlainHTTP),
+		"credential": {minArgs: 2, maxArgs: 2, usage: "credential takes an access key id and a secret placeholder",
+			set: func(_ *caddyfile.Dispenser, _ string, args []string) error {
+				ks.Credentials = append(ks.Credentials, xkshandler.Credential{AccessKeyID: args[0], SecretAccessKey: args[1]})
+				return nil
+			}},
+		"encrypt_limit": {minArgs: 1, maxArgs: 1, set: func(d *caddyfile.Dispenser, _ string, args []string) error {
 			n, err := strconv.ParseUint(args[0], 10, 64)
 			if err != nil || n == 0 {
-				return nil, d.Errf("encrypt_limit %q: want a whole number above 0", args[0])
+				return d.Errf("encrypt_limit %q: want a whole number above 0", args[0])
 			}
 			ks.EncryptLimit = n
-		case "usage_warnings":
-			if len(args) == 0 {
-				return nil, d.ArgErr()
-			}
+			return nil
+		}},
+		"usage_warnings": {minArgs: 1, maxArgs: -1, set: func(d *caddyfile.Dispenser, _ string, args []string) error {
 			for _, a := range args {
 				f, err := strconv.ParseFloat(a, 64)
 				if err != nil {
-					return nil, d.Errf("usage_warnings %q: %v", a, err)
+					return d.Errf("usage_warnings %q: %v", a, err)
 				}
 				ks.UsageWarnings = append(ks.UsageWarnings, f)
 			}
-		case "hsm":
-			if len(args) == 0 {
-				return nil, d.ArgErr()
-			}
-			ks.HSM = append(ks.HSM, args...)
-		case "keys":
-			if len(args) == 0 {
-				return nil, d.ArgErr()
-			}
-			ks.Keys = append(ks.Keys, args...)
-		case "disable":
-			if len(args) == 0 {
-				return nil, d.ArgErr()
-			}
-			ks.DisabledKeys = append(ks.DisabledKeys, args...)
-		case "credential":
-			if len(args) != 2 {
-				return nil, d.Err("credential takes an access key id and a secret placeholder")
-			}
-			ks.Credentials = append(ks.Credentials, xkshandler.Credential{AccessKeyID: args[0], SecretAccessKey: args[1]})
-		case "region", "ciphertext_metadata", "aad_framing", "fleet_size", "max_clock_skew":
-			if len(args) != 1 {
-				return nil, d.ArgErr()
-			}
-			val := args[0]
-			switch opt {
-			case "region":
-				ks.Region = val
-			case "ciphertext_metadata":
-				ks.CiphertextMetadata = val
-			case "aad_framing":
-				ks.AADFraming = val
-			case "fleet_size":
-				n, err := intArg(d, opt, val)
-				if err != nil {
-					return nil, err
-				}
-				ks.FleetSize = n
-			case "max_clock_skew":
-				dur, err := durationArg(d, opt, val)
-				if err != nil {
-					return nil, err
-				}
-				ks.MaxClockSkew = dur
-			}
-		default:
-			return nil, d.Errf("unrecognized key_store option %q", opt)
-		}
-	}
-	return ks, nil
+			return nil
+		}},
+		"versions": {minArgs: 1, maxArgs: 1, usage: "versions takes the external key id, then a block of its versions",
+			set: func(d *caddyfile.Dispenser, _ string, args []string) error {
+				kv, err := parseVersions(d, args[0])
+				ks.Versions = append(ks.Versions, kv)
+				return err
+			}},
+	})
+	return ks, parseOptions(d, "key_store", opts)
 }
 
 // parseVersions reads a versions block:
@@ -395,41 +272,34 @@ func parseKeyStore(d *caddyfile.Dispenser) (*xkshandler.KeyStore, error) {
 //	current <n>
 func parseVersions(d *caddyfile.Dispenser, key string) (xkshandler.KeyVersions, error) {
 	kv := xkshandler.KeyVersions{Key: key}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		opt := d.Val()
-		args := d.RemainingArgs()
-		switch opt {
-		case "version":
-			if len(args) < 1 || len(args) > 3 {
-				return kv, d.Err("version takes its number, its HSM key label (not for version 1) and optionally disabled")
-			}
-			n, err := strconv.ParseUint(args[0], 10, 32)
-			if err != nil {
-				return kv, d.Errf("version %q: want a number from 1 to 4294967295", args[0])
-			}
-			v := xkshandler.KeyVersion{Version: uint32(n)}
-			for _, a := range args[1:] {
-				if a == "disabled" {
-					v.Disabled = true
-				} else {
-					v.Label = a
+	err := parseOptions(d, "versions", map[string]option{
+		"version": {minArgs: 1, maxArgs: 3, usage: "version takes its number, its HSM key label (not for version 1) and optionally disabled",
+			set: func(d *caddyfile.Dispenser, _ string, args []string) error {
+				n, err := strconv.ParseUint(args[0], 10, 32)
+				if err != nil {
+					return d.Errf("version %q: want a number from 1 to 4294967295", args[0])
 				}
-			}
-			kv.Versions = append(kv.Versions, v)
-		case "current":
-			if len(args) != 1 {
-				return kv, d.ArgErr()
-			}
+				v := xkshandler.KeyVersion{Version: uint32(n)}
+				for _, a := range args[1:] {
+					if a == "disabled" {
+						v.Disabled = true
+					} else {
+						v.Label = a
+					}
+				}
+				kv.Versions = append(kv.Versions, v)
+				return nil
+			}},
+		"current": {minArgs: 1, maxArgs: 1, set: func(d *caddyfile.Dispenser, _ string, args []string) error {
 			n, err := strconv.ParseUint(args[0], 10, 32)
 			if err != nil {
-				return kv, d.Errf("current %q: want a version number", args[0])
+				return d.Errf("current %q: want a version number", args[0])
 			}
 			kv.Current = uint32(n)
-		default:
-			return kv, d.Errf("unrecognized versions option %q", opt)
-		}
-	}
-	return kv, nil
+			return nil
+		}},
+	})
+	return kv, err
 }
 
 // parseAuthorize reads an authorize block: one rule per line,
@@ -451,44 +321,4 @@ func parseAuthorize(d *caddyfile.Dispenser) ([]authz.Rule, error) {
 		rules = append(rules, authz.Rule{Name: name, Effect: effect, Expression: expr})
 	}
 	return rules, nil
-}
-
-// parseHandlerLimit reads the value of the option the dispenser is on,
-// which both directives have: max_request_body (bytes) or
-// max_concurrent_streams.
-func parseHandlerLimit(d *caddyfile.Dispenser, maxBody *int64, streams *int) error {
-	opt := d.Val()
-	var val string
-	if !d.AllArgs(&val) {
-		return d.ArgErr()
-	}
-	if opt == "max_concurrent_streams" {
-		n, err := intArg(d, opt, val)
-		*streams = n
-		return err
-	}
-	n, err := strconv.ParseInt(val, 10, 64)
-	if err != nil {
-		return d.Errf("max_request_body %q: %v", val, err)
-	}
-	*maxBody = n
-	return nil
-}
-
-// intArg parses the whole-number value of option opt.
-func intArg(d *caddyfile.Dispenser, opt, val string) (int, error) {
-	n, err := strconv.Atoi(val)
-	if err != nil {
-		return 0, d.Errf("%s %q: %v", opt, val, err)
-	}
-	return n, nil
-}
-
-// durationArg parses the duration value of option opt, in Caddy's syntax.
-func durationArg(d *caddyfile.Dispenser, opt, val string) (caddy.Duration, error) {
-	dur, err := caddy.ParseDuration(val)
-	if err != nil {
-		return 0, d.Errf("%s %q: %v", opt, val, err)
-	}
-	return caddy.Duration(dur), nil
 }

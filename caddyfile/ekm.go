@@ -42,111 +42,69 @@ func parseEKM(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	if h.NextArg() {
 		return nil, h.ArgErr()
 	}
-	for nesting := h.Nesting(); h.NextBlock(nesting); {
-		switch h.Val() {
-		case "max_request_body", "max_concurrent_streams":
-			if err := parseHandlerLimit(h.Dispenser, &handler.MaxRequestBody, &handler.MaxConcurrentStreams); err != nil {
-				return nil, err
-			}
-		case "key_store":
-			ks, err := parseEKMKeyStore(h.Dispenser)
-			if err != nil {
-				return nil, err
-			}
-			handler.KeyStores = append(handler.KeyStores, ks)
-		default:
-			return nil, h.Errf("unrecognized azure_ekm option %q", h.Val())
-		}
-	}
-	return handler, nil
+	opts := handlerLimitOptions(&handler.MaxRequestBody, &handler.MaxConcurrentStreams)
+	opts["key_store"] = option{maxArgs: 1, set: func(d *caddyfile.Dispenser, _ string, args []string) error {
+		ks, err := parseEKMKeyStore(d, args)
+		handler.KeyStores = append(handler.KeyStores, ks)
+		return err
+	}}
+	return handler, parseOptions(h.Dispenser, "azure_ekm", opts)
 }
 
-func parseEKMKeyStore(d *caddyfile.Dispenser) (*ekmhandler.KeyStore, error) {
+// parseEKMKeyStore reads a key_store block; args holds its path prefix, if
+// any.
+func parseEKMKeyStore(d *caddyfile.Dispenser, args []string) (*ekmhandler.KeyStore, error) {
 	ks := new(ekmhandler.KeyStore)
-	if d.NextArg() {
-		ks.PathPrefix = d.Val()
+	if len(args) == 1 {
+		ks.PathPrefix = args[0]
 	}
-	if d.NextArg() {
-		return nil, d.ArgErr()
-	}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		opt := d.Val()
-		args := d.RemainingArgs()
-		if handled, err := parseKeyStoreCommon(d, opt, args, &ks.Limits, &ks.Authorize); handled || err != nil {
-			if err != nil {
-				return nil, err
-			}
-			continue
-		}
-		if len(args) == 0 {
-			return nil, d.ArgErr()
-		}
-		switch opt {
-		case "hsm":
-			ks.HSM = append(ks.HSM, args...)
-		case "client_subjects":
-			ks.ClientSubjects = append(ks.ClientSubjects, args...)
-		case "client_roots":
-			ks.ClientRoots = append(ks.ClientRoots, args...)
-		case "keys":
-			ks.Keys = append(ks.Keys, args...)
-		case "disable":
-			ks.DisabledKeys = append(ks.DisabledKeys, args...)
-		default:
-			return nil, d.Errf("unrecognized azure_ekm key_store option %q", opt)
-		}
-	}
-	return ks, nil
+	opts := keyStoreCommonOptions(&ks.Limits, &ks.Authorize)
+	opts["hsm"] = listOption(&ks.HSM)
+	opts["client_subjects"] = listOption(&ks.ClientSubjects)
+	opts["client_roots"] = listOption(&ks.ClientRoots)
+	opts["keys"] = listOption(&ks.Keys)
+	opts["disable"] = listOption(&ks.DisabledKeys)
+	return ks, parseOptions(d, "azure_ekm key_store", opts)
 }
 
-// parseKeyStoreCommon reads the options every front end's key stores
+// keyStoreCommonOptions are the options every front end's key stores
 // share: their limits (deadline, rate_limit, max_concurrent) and their
-// authorize block. It reports whether opt was one of them.
-func parseKeyStoreCommon(d *caddyfile.Dispenser, opt string, args []string, l *frontend.Limits, rules *[]authz.Rule) (bool, error) {
-	switch opt {
-	case "authorize":
-		if len(args) != 0 {
-			return true, d.ArgErr()
-		}
-		parsed, err := parseAuthorize(d)
-		if err != nil {
-			return true, err
-		}
-		*rules = append(*rules, parsed...)
-	case "rate_limit":
-		if len(args) < 1 || len(args) > 2 {
-			return true, d.Err("rate_limit takes requests per second and an optional burst")
-		}
-		r, err := strconv.ParseFloat(args[0], 64)
-		if err != nil {
-			return true, d.Errf("rate_limit %q: %v", args[0], err)
-		}
-		l.RateLimit = r
-		if len(args) == 2 {
-			if l.RateBurst, err = intArg(d, "rate_limit burst", args[1]); err != nil {
-				return true, err
-			}
-		}
-	case "max_concurrent":
-		if len(args) != 1 {
-			return true, d.ArgErr()
-		}
-		n, err := intArg(d, opt, args[0])
-		if err != nil {
-			return true, err
-		}
-		l.MaxConcurrent = n
-	case "deadline":
-		if len(args) != 1 {
-			return true, d.ArgErr()
-		}
-		dur, err := durationArg(d, opt, args[0])
-		if err != nil {
-			return true, err
-		}
-		l.Deadline = dur
-	default:
-		return false, nil
+// authorize block.
+func keyStoreCommonOptions(l *frontend.Limits, rules *[]authz.Rule) map[string]option {
+	return map[string]option{
+		"max_concurrent": intOption(&l.MaxConcurrent),
+		"deadline":       durationOption(&l.Deadline),
+		"rate_limit": {minArgs: 1, maxArgs: 2, usage: "rate_limit takes requests per second and an optional burst",
+			set: func(d *caddyfile.Dispenser, _ string, args []string) error {
+				r, err := strconv.ParseFloat(args[0], 64)
+				if err != nil {
+					return d.Errf("rate_limit %q: %v", args[0], err)
+				}
+				l.RateLimit = r
+				if len(args) == 2 {
+					l.RateBurst, err = intArg(d, "rate_limit burst", args[1])
+				}
+				return err
+			}},
+		"authorize": {set: func(d *caddyfile.Dispenser, _ string, _ []string) error {
+			parsed, err := parseAuthorize(d)
+			*rules = append(*rules, parsed...)
+			return err
+		}},
 	}
-	return true, nil
+}
+
+// handlerLimitOptions are the options both directives have:
+// max_request_body (bytes) and max_concurrent_streams.
+func handlerLimitOptions(maxBody *int64, streams *int) map[string]option {
+	return map[string]option{
+		"max_concurrent_streams": intOption(streams),
+		"max_request_body": {minArgs: 1, maxArgs: 1, set: func(d *caddyfile.Dispenser, _ string, args []string) (err error) {
+			*maxBody, err = strconv.ParseInt(args[0], 10, 64)
+			if err != nil {
+				return d.Errf("max_request_body %q: %v", args[0], err)
+			}
+			return nil
+		}},
+	}
 }
