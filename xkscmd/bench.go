@@ -121,7 +121,7 @@ type benchStats struct {
 	// paced is a load at a fixed rate; late is then how long after it was
 	// due each call was sent, part of every latency: the client's own
 	// delay, and the server's once every worker is waiting for an answer.
-	paced    bool
+	paced  bool
 	late   []time.Duration
 	errors map[string]int
 	// due is the number of calls a paced load was to send in its
