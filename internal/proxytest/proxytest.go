@@ -21,8 +21,10 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -324,18 +326,63 @@ func (p *Proxy) waitReady() {
 // close their sockets: a connection the kernel queued on an old socket is
 // then reset when it closes (Caddy's own comment in modules/caddyhttp's
 // App.stop says so). Only after that is every new connection the new
-// config's.
+// config's. Caddy's own count (caddy.ListenerUsage) drops before the
+// socket closes (its deleteListener.Close leaves the pool first), so the
+// count asked is the kernel's.
 func (p *Proxy) waitOldListeners(deadline time.Time) {
 	p.t.Helper()
 	for _, port := range []int{p.HTTPSPort, p.HTTPPort} {
-		addr := ":" + strconv.Itoa(port)
-		for caddy.ListenerUsage("tcp", addr) > 1 {
+		for {
+			n, err := listeningSockets(port)
+			if err != nil {
+				p.t.Fatalf("counting the sockets that listen on port %d: %v", port, err)
+			}
+			if n <= 1 {
+				break
+			}
 			if time.Now().After(deadline) {
-				p.t.Fatalf("the previous config still listens on %s after %s", addr, readyTimeout)
+				p.t.Fatalf("the previous config still listens on port %d after %s", port, readyTimeout)
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
 	}
+}
+
+// listeningSockets counts the TCP sockets of this process that listen on
+// port, from the kernel's tables (/proc/net/tcp and tcp6), where a socket
+// is gone only once its last file descriptor is closed.
+func listeningSockets(port int) (int, error) {
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return 0, err
+	}
+	own := make(map[string]bool, len(fds)) // socket inodes of this process
+	for _, fd := range fds {
+		link, err := os.Readlink("/proc/self/fd/" + fd.Name())
+		if inode, ok := strings.CutPrefix(link, "socket:["); err == nil && ok {
+			own[strings.TrimSuffix(inode, "]")] = true
+		}
+	}
+	suffix := fmt.Sprintf(":%04X", port)
+	n := 0
+	for _, table := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		data, err := os.ReadFile(table)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // no IPv6 here
+		}
+		if err != nil {
+			return 0, err
+		}
+		// sl local_address rem_address st tx_queue:rx_queue tr:tm->when
+		// retrnsmt uid timeout inode ...; st 0A is LISTEN.
+		for line := range strings.SplitSeq(string(data), "\n") {
+			f := strings.Fields(line)
+			if len(f) > 9 && f[3] == "0A" && strings.HasSuffix(f[1], suffix) && own[f[9]] {
+				n++
+			}
+		}
+	}
+	return n, nil
 }
 
 // ForceReload adapts the Caddyfile and posts it to the admin endpoint's
