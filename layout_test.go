@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"io"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -11,53 +12,73 @@ import (
 // listedPackage is what go list says of one package of the module.
 type listedPackage struct {
 	ImportPath string
+	Imports    []string
 	Deps       []string
 }
 
-// TestLayout: the product (every package but the test harnesses under
-// internal/ and hsm/hsmtest, and the programs under tools/) depends on no
-// harness, and a harness depends on no command of the product: code that
-// ships never runs test code, and tests never build a program to run.
+// TestLayout holds the module's layering, as go list reads it:
+//
+//   - A test harness (a package under internal/ that imports testing, and
+//     hsm/hsmtest) is never a dependency of the product: code that ships
+//     runs no test code.
+//   - A package under internal/ that is not a harness is a helper of the
+//     product's (internal/caddyctx) and depends on no other package of the
+//     module: it sits below everything that uses it.
+//   - A harness depends on no command or tool: tests build no program.
+//
+// The programs under tools/ may use anything.
 func TestLayout(t *testing.T) {
 	const module = "github.com/caddy-xks/caddy-xks"
 	out, err := exec.Command("go", "list", "-json", module+"/...").Output()
 	if err != nil {
 		t.Fatalf("go list: %v", err)
 	}
-	harness := func(p string) bool {
-		return strings.HasPrefix(p, module+"/internal/") || p == module+"/hsm/hsmtest"
-	}
-	tool := func(p string) bool { return strings.HasPrefix(p, module+"/tools/") }
-	command := func(p string) bool { return p == module || strings.HasPrefix(p, module+"/cmd/") }
-	dec := json.NewDecoder(strings.NewReader(string(out)))
-	var products, harnesses int
-	for {
+	var pkgs []listedPackage
+	for dec := json.NewDecoder(strings.NewReader(string(out))); ; {
 		var p listedPackage
 		if err := dec.Decode(&p); err == io.EOF {
 			break
 		} else if err != nil {
 			t.Fatal(err)
 		}
+		pkgs = append(pkgs, p)
+	}
+	internal := func(p string) bool { return strings.HasPrefix(p, module+"/internal/") }
+	harnesses := map[string]bool{module + "/hsm/hsmtest": true}
+	for _, p := range pkgs {
+		if internal(p.ImportPath) && slices.Contains(p.Imports, "testing") {
+			harnesses[p.ImportPath] = true
+		}
+	}
+	tool := func(p string) bool { return strings.HasPrefix(p, module+"/tools/") }
+	command := func(p string) bool { return p == module || strings.HasPrefix(p, module+"/cmd/") }
+	ours := func(p string) bool { return p == module || strings.HasPrefix(p, module+"/") }
+	var products int
+	for _, p := range pkgs {
 		switch {
 		case tool(p.ImportPath):
-			continue
-		case harness(p.ImportPath):
-			harnesses++
+		case harnesses[p.ImportPath]:
 			for _, d := range p.Deps {
 				if command(d) || tool(d) {
 					t.Errorf("the test harness %s depends on %s", p.ImportPath, d)
 				}
 			}
+		case internal(p.ImportPath):
+			for _, d := range p.Deps {
+				if ours(d) {
+					t.Errorf("the internal helper %s depends on %s, a package of the module", p.ImportPath, d)
+				}
+			}
 		default:
 			products++
 			for _, d := range p.Deps {
-				if harness(d) {
+				if harnesses[d] {
 					t.Errorf("the product package %s depends on the test harness %s", p.ImportPath, d)
 				}
 			}
 		}
 	}
-	if products < 10 || harnesses < 5 {
-		t.Fatalf("go list gave %d product packages and %d harnesses: the module's layout was not read", products, harnesses)
+	if products < 10 || len(harnesses) < 6 {
+		t.Fatalf("go list gave %d product packages and %d harnesses: the module's layout was not read", products, len(harnesses))
 	}
 }
