@@ -167,10 +167,14 @@ func (b *Backend) CanHoldPrivateKeys(ctx context.Context) (bool, error) {
 // refusesPrivateKeys reports whether err, the token's answer to a session
 // key with CKA_PRIVATE true, is a refusal of private objects, as nShield's
 // accelerator slot refuses them: the token then makes the same key without
-// CKA_PRIVATE. Entrust documents the refusal but not the CKR it answers
-// with, so the second key is the sign, not a code.
+// CKA_PRIVATE, and refuses the private one again with the same code.
+// Entrust documents the refusal but not the CKR it answers with, so those
+// keys are the sign, not a code; the repeat keeps a passing fault from
+// passing for a token that cannot hold private keys, which would let
+// keygen make keys that need no login where a login protects them.
 func (cs *callSession) refusesPrivateKeys(err error) bool {
-	if _, isCKR := ckrOf(err); !isCKR {
+	code, isCKR := ckrOf(err)
+	if !isCKR || classify(code) == classModule {
 		return false
 	}
 	public, perr := cs.sessionKey(false)
@@ -178,7 +182,13 @@ func (cs *callSession) refusesPrivateKeys(err error) bool {
 		return false
 	}
 	_ = cs.ctx.DestroyObject(cs.h, public)
-	return true
+	again, err := cs.sessionKey(true)
+	if err == nil {
+		_ = cs.ctx.DestroyObject(cs.h, again)
+		return false
+	}
+	againCode, _ := ckrOf(err)
+	return againCode == code
 }
 
 // NonPrivateKeyMeaning says what a key with CKA_PRIVATE false means on this

@@ -196,6 +196,28 @@ func TestNonPrivateKeysOnSoftHSM2AreWarnedOf(t *testing.T) {
 	}
 }
 
+// TestAPassingRefusalIsNoTokenWithoutPrivateKeys: a token that holds
+// private keys (SoftHSM2) and refuses one private session key once, as a
+// passing fault would, is never taken for one that cannot hold them:
+// CanHoldPrivateKeys answers true, or an error, never false.
+func TestAPassingRefusalIsNoTokenWithoutPrivateKeys(t *testing.T) {
+	tk := hsmtest.NewToken(t)
+	faults := faultshim.New(t, tk.Module)
+	cfg := configFor(tk)
+	cfg.Module = faults.Path
+	b := open(t, "softhsm", cfg)
+	for _, code := range []uint{pkcs11.CKR_ATTRIBUTE_VALUE_INVALID, pkcs11.CKR_FUNCTION_FAILED, pkcs11.CKR_VENDOR_DEFINED + 1} {
+		faults.Set(fmt.Sprintf("C_GenerateKey=%#x*1", code))
+		if can, err := b.CanHoldPrivateKeys(bg); !can && err == nil {
+			t.Errorf("one refusal (%#x) made SoftHSM2 a token that cannot hold private keys", code)
+		}
+	}
+	faults.Set()
+	if can, err := b.CanHoldPrivateKeys(bg); !can || err != nil {
+		t.Fatalf("CanHoldPrivateKeys on SoftHSM2 = %v, %v", can, err)
+	}
+}
+
 // TestPrivateKeysOnTheAcceleratorSlotSaysWhy: nShield's accelerator slot
 // refuses private objects (Entrust documents that, not the CKR it answers
 // with), so with private_keys true the backend does not open, and the error
