@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"io"
 	"os/exec"
-	"slices"
 	"strings"
 	"testing"
 )
@@ -12,18 +11,23 @@ import (
 // listedPackage is what go list says of one package of the module.
 type listedPackage struct {
 	ImportPath string
-	Imports    []string
 	Deps       []string
+}
+
+// productHelpers are the packages under internal/ that the product
+// imports: code of its own that should be no one else's API. Every other
+// package under internal/ is for tests.
+var productHelpers = map[string]bool{
+	"github.com/caddy-xks/caddy-xks/internal/caddyctx": true,
 }
 
 // TestLayout holds the module's layering, as go list reads it:
 //
-//   - A test harness (a package under internal/ that imports testing, and
-//     hsm/hsmtest) is never a dependency of the product: code that ships
-//     runs no test code.
-//   - A package under internal/ that is not a harness is a helper of the
-//     product's (internal/caddyctx) and depends on no other package of the
-//     module: it sits below everything that uses it.
+//   - A test harness (a package under internal/ but the product helpers,
+//     and hsm/hsmtest) is never a dependency of the product: code that
+//     ships runs no test code.
+//   - A product helper depends on no other package of the module: it sits
+//     below everything that uses it.
 //   - A harness depends on no command or tool: tests build no program.
 //
 // The programs under tools/ may use anything.
@@ -46,7 +50,7 @@ func TestLayout(t *testing.T) {
 	internal := func(p string) bool { return strings.HasPrefix(p, module+"/internal/") }
 	harnesses := map[string]bool{module + "/hsm/hsmtest": true}
 	for _, p := range pkgs {
-		if internal(p.ImportPath) && slices.Contains(p.Imports, "testing") {
+		if internal(p.ImportPath) && !productHelpers[p.ImportPath] {
 			harnesses[p.ImportPath] = true
 		}
 	}
