@@ -42,6 +42,9 @@ func init() {
 type instance struct {
 	*proxytest.Instance
 	cmd *exec.Cmd
+	// dataDir is the process's HOME and data directory, where Caddy keeps
+	// its instance id; the instance's own directory when empty.
+	dataDir string
 }
 
 // startInstance runs a proxy process serving localhost on a port of its
@@ -74,7 +77,11 @@ localhost:%[1]d {
 	}
 }
 `, in.HTTPSPort, region, c.akid, keyBoth, proxytest.KeyStoreDefaults(""), xksExtra, ksExtra)
-	in.cmd = caddyCommand(t, in.Instance, cfg, tk, "XKS_FLEET_PIN="+tk.PIN, "XKS_FLEET_SECRET="+c.secret)
+	env := []string{"XKS_FLEET_PIN=" + tk.PIN, "XKS_FLEET_SECRET=" + c.secret}
+	if in.dataDir != "" {
+		env = append(env, "HOME="+in.dataDir, "XDG_DATA_HOME="+in.dataDir)
+	}
+	in.cmd = caddyCommand(t, in.Instance, cfg, tk, env...)
 	if err := in.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -276,6 +283,41 @@ func TestFleetSumsKeyUsage(t *testing.T) {
 	start(&b)
 	waitUsage(t, &b, 9+180)
 	waitUsage(t, &a, 9+180)
+}
+
+// TestFleetSharingADataDirectoryCountsExactly: two proxy processes that
+// share a data directory, and so Caddy's instance id (as instances cloned
+// from one image do), each count their own Encrypts, and both report the
+// fleet's exact count, with nothing counted as lost.
+func TestFleetSharingADataDirectoryCountsExactly(t *testing.T) {
+	tk := hsmtest.NewToken(t)
+	tk.CreateKey(t, keyBoth)
+	storage := t.TempDir()
+	data := t.TempDir()
+	c := newCredential(t)
+	root := filepath.Join(storage, "pki", "authorities", "local", "root.crt")
+	var a, b instance
+	for _, in := range []*instance{&a, &b} {
+		in.Instance = proxytest.NewInstance(t)
+		in.Storage, in.dataDir = storage, data
+		in.start(t, tk, c, "\t\tusage_flush_interval 100ms\n", "")
+		waitServing(t, in, root, c)
+	}
+	for in, n := range map[*instance]int{&a: 3, &b: 4} {
+		for range n {
+			if r := fleetCall(t, in, root, c, "/keys/"+keyBoth+"/encrypt", encryptBody([]byte("counted"), nil, false)); r.status != http.StatusOK {
+				t.Fatalf("encrypt: %d %s", r.status, r.raw)
+			}
+		}
+	}
+	waitUsage(t, &a, 7)
+	waitUsage(t, &b, 7)
+	// Caddy's file storage writes through temporary files beside the
+	// records: only the .json files are records.
+	records, err := filepath.Glob(filepath.Join(storage, "xks", "usage", keyBoth, "*.json"))
+	if err != nil || len(records) != 2 {
+		t.Fatalf("usage records %v (%v), want one per process", records, err)
+	}
 }
 
 // instanceMetrics fetches an instance's metrics from its admin socket.

@@ -425,13 +425,13 @@ func (ks *KeyStore) warnUsage(vk *versionedKey, v *keyVersion, total uint64) {
 func (ks *KeyStore) forEncrypt(vk *versionedKey) (*keyVersion, error) {
 	v := vk.current.Load()
 	if !ks.callerIVs {
-		ks.warnUsage(vk, v, v.usage.own.Add(1)+v.usage.others.Load())
+		ks.warnUsage(vk, v, addSat(v.usage.own.Add(1), v.usage.others.Load()))
 		return v, nil
 	}
 	for {
 		c := v.usage
 		own := c.own.Load()
-		if total := own + c.others.Load(); total < ks.limit {
+		if total := addSat(own, c.others.Load()); total < ks.limit {
 			if c.own.CompareAndSwap(own, own+1) {
 				ks.warnUsage(vk, v, total+1)
 				return v, nil
