@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"go.uber.org/zap"
 
 	"github.com/caddy-xks/caddy-xks/authz"
@@ -55,8 +57,15 @@ type Handler struct {
 
 	// ReadyPath is a path answered without authentication, for load
 	// balancers: 200 when every key store has an HSM backend that is not
-	// UNAVAILABLE, 503 otherwise, with no detail either way. It must lie
-	// outside the key stores' URI paths. Default: none.
+	// UNAVAILABLE, Caddy holds a certificate for every name the config
+	// serves key stores on over TLS (and every name in Hostnames), and the
+	// server is not shutting down (from the moment a stop begins, for all
+	// of the http app's shutdown_delay); 503 otherwise, with no detail
+	// either way. It never depends on the storage: an outage of the
+	// storage a fleet shares must not take every instance out at once. It
+	// must lie outside the key stores' URI paths. A handler that a route
+	// limits to this path serves no key store, so it may sit on a
+	// plain-HTTP site. Default: none.
 	ReadyPath string `json:"ready_path,omitempty"`
 
 	// Hostnames are the names KMS connects to, whose server certificate is
@@ -79,6 +88,8 @@ type Handler struct {
 	logger      *zap.Logger
 	audit       *zap.Logger
 	preflight   *tlscheck.Watcher
+	// certNames are the names ready needs a certificate for.
+	certNames []string
 }
 
 // CaddyModule returns the Caddy module information.
@@ -106,7 +117,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("the xks handler needs HSM backends (the hsm app): %w", err)
 	}
 	app := appIface.(*hsm.App)
-	plain := plainHTTPServers(ctx)
+	sites := configSites(ctx)
+	plain := plainHTTPServers(sites)
+	h.certNames = certificateNames(sites)
+	for _, name := range h.Hostnames {
+		if name = strings.ToLower(name); !slices.Contains(h.certNames, name) {
+			h.certNames = append(h.certNames, name)
+		}
+	}
 	for _, ks := range h.KeyStores {
 		if listen, ok := plain[CompleteURIPath(ks.URIPath)]; ok && !ks.AllowPlainHTTP {
 			return fmt.Errorf("xks: key store %s is served on a site without TLS (listen %v): KMS always calls over TLS; "+
@@ -194,6 +212,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 	h.serve(&x, r, path)
 	// Step 7: the answer, the audit line and the metrics.
+	if shuttingDown(r) {
+		// The load balancer stops sending new connections here once
+		// ready says so; the clients' open connections must move too,
+		// before the balancer gives up on this instance and cuts them.
+		// Over HTTP/1.1 this closes the connection after the answer;
+		// over HTTP/2 it sends GOAWAY and closes once the connection is
+		// idle.
+		w.Header().Set("Connection", "close")
+	}
 	h.respond(w, &x)
 	x.elapsed = time.Since(x.start)
 	x.log(h.audit)
@@ -201,22 +228,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	return nil
 }
 
-// ready answers a load balancer's probe: is every key store able to serve?
-// Health results are cached by the backends, so probes cost no HSM work.
+// ready answers a load balancer's probe: can this instance serve every key
+// store? Health results are cached by the backends and certificates by
+// Caddy, so probes cost no HSM or storage work.
 func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
 	status := http.StatusOK
-	for _, ks := range h.KeyStores {
-		up := false
-		for _, b := range ks.backends {
-			if b.Health(r.Context()).Status != hsm.HealthUnavailable {
-				up = true
-				break
-			}
-		}
-		if !up {
-			status = http.StatusServiceUnavailable
-			break
-		}
+	if shuttingDown(r) || !h.holdsCertificates() || !h.backendsUp(r.Context()) {
+		status = http.StatusServiceUnavailable
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
@@ -224,6 +242,42 @@ func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodHead {
 		_, _ = io.WriteString(w, http.StatusText(status)+"\n")
 	}
+}
+
+// backendsUp reports whether every key store has an HSM backend that is
+// not UNAVAILABLE.
+func (h *Handler) backendsUp(ctx context.Context) bool {
+	for _, ks := range h.KeyStores {
+		if !slices.ContainsFunc(ks.backends, func(b *hsm.Backend) bool { return b.Health(ctx).Status != hsm.HealthUnavailable }) {
+			return false
+		}
+	}
+	return true
+}
+
+// holdsCertificates reports whether Caddy's certificate cache holds a
+// certificate for each name the instance serves key stores on over TLS.
+// The cache is filled from storage (or by an ACME order) after the config
+// starts; until then a TLS handshake for the name fails.
+func (h *Handler) holdsCertificates() bool {
+	for _, name := range h.certNames {
+		if len(caddytls.AllMatchingCertificates(name)) == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// shuttingDown reports whether the server that received r is shutting
+// down: stopping, and serving only for the http app's shutdown_delay.
+func shuttingDown(r *http.Request) bool {
+	repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	if !ok {
+		return false
+	}
+	v, _ := repl.Get("http.shutting_down")
+	down, _ := v.(bool)
+	return down
 }
 
 // serve runs steps 1 to 6 of the request path (see the package doc) and

@@ -3,6 +3,7 @@ package xkshandler
 import (
 	"encoding/json"
 	"slices"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -10,13 +11,28 @@ import (
 	"github.com/caddy-xks/caddy-xks/internal/caddyctx"
 )
 
-// plainHTTPServers returns, for each key store URI path served by a server
-// of the config being loaded that will not use TLS, that server's listen
-// addresses. A server uses no TLS when it has no TLS connection policy and
-// automatic HTTPS will not add one: it is disabled, the server listens on
-// the HTTP port only, or every host the server's routes match is skipped
-// (what an http:// site address adapts to) or none is named.
-func plainHTTPServers(ctx caddy.Context) map[string][]string {
+// site is what one server of the config being loaded serves through xks
+// handlers.
+type site struct {
+	listen []string
+	// plain is true when the server will not use TLS: it has no TLS
+	// connection policy and automatic HTTPS will not add one (it is
+	// disabled, the server listens on the HTTP port only, or every host
+	// its routes match is skipped, which is what an http:// site address
+	// adapts to, or none is named).
+	plain bool
+	// paths are the key store URI paths its xks handlers serve. A handler
+	// that a route limits to its own ready_path serves no key store.
+	paths []string
+	// hosts are the names its routes match, but those automatic HTTPS
+	// skips (the names of http:// site addresses).
+	hosts []string
+}
+
+// configSites returns the servers of the config being loaded that serve
+// key stores or readiness through xks handlers; nil if the config cannot
+// be read.
+func configSites(ctx caddy.Context) []site {
 	cfg := caddyctx.LoadingConfig(ctx)
 	if cfg == nil || cfg.AppsRaw["http"] == nil {
 		return nil
@@ -39,38 +55,81 @@ func plainHTTPServers(ctx caddy.Context) map[string][]string {
 	if app.HTTPPort == 0 {
 		app.HTTPPort = caddyhttp.DefaultHTTPPort
 	}
-	plain := map[string][]string{}
+	var sites []site
 	for _, srv := range app.Servers {
 		var routes any
 		if json.Unmarshal(srv.Routes, &routes) != nil {
 			continue
 		}
-		var paths, hosts []string
-		walkRoutes(routes, &paths, &hosts)
-		if len(paths) == 0 || (len(srv.TLSPolicies) > 0 && string(srv.TLSPolicies) != "null") {
+		var s site
+		xks := walkRoutes(routes, nil, &s.paths, &s.hosts)
+		if !xks {
 			continue
 		}
-		isPlain := srv.AutoHTTPS != nil && srv.AutoHTTPS.Disable
-		isPlain = isPlain || onlyPort(srv.Listen, app.HTTPPort) || len(hosts) == 0
-		if !isPlain && srv.AutoHTTPS != nil {
-			isPlain = !slices.ContainsFunc(hosts, func(h string) bool { return !slices.Contains(srv.AutoHTTPS.Skip, h) })
+		s.listen = srv.Listen
+		hasPolicies := len(srv.TLSPolicies) > 0 && string(srv.TLSPolicies) != "null"
+		s.plain = !hasPolicies && (onlyPort(srv.Listen, app.HTTPPort) || len(s.hosts) == 0)
+		if srv.AutoHTTPS != nil {
+			s.plain = s.plain || (!hasPolicies && srv.AutoHTTPS.Disable)
+			s.hosts = slices.DeleteFunc(s.hosts, func(h string) bool { return slices.Contains(srv.AutoHTTPS.Skip, h) })
+			s.plain = s.plain || (!hasPolicies && len(s.hosts) == 0)
 		}
-		if isPlain {
-			for _, p := range paths {
-				plain[CompleteURIPath(p)] = srv.Listen
+		sites = append(sites, s)
+	}
+	return sites
+}
+
+// plainHTTPServers returns, for each key store URI path served by a server
+// of the config being loaded that will not use TLS, that server's listen
+// addresses.
+func plainHTTPServers(sites []site) map[string][]string {
+	plain := map[string][]string{}
+	for _, s := range sites {
+		if s.plain {
+			for _, p := range s.paths {
+				plain[CompleteURIPath(p)] = s.listen
 			}
 		}
 	}
 	return plain
 }
 
+// certificateNames returns the names of the sites that serve key stores
+// over TLS: an instance is ready only when Caddy holds a certificate for
+// each.
+func certificateNames(sites []site) []string {
+	var names []string
+	for _, s := range sites {
+		if s.plain || len(s.paths) == 0 {
+			continue
+		}
+		for _, h := range s.hosts {
+			if h = strings.ToLower(h); !slices.Contains(names, h) {
+				names = append(names, h)
+			}
+		}
+	}
+	return names
+}
+
 // walkRoutes collects the key store paths of the xks handlers and the host
-// matchers anywhere in a server's routes (subroutes included).
-func walkRoutes(v any, paths, hosts *[]string) {
+// matchers anywhere in a server's routes (subroutes included), and reports
+// whether it met an xks handler. only holds the paths the enclosing routes
+// limit requests to, or nil when they do not.
+func walkRoutes(v any, only []string, paths, hosts *[]string) bool {
+	found := false
 	switch v := v.(type) {
 	case map[string]any:
+		if m, ok := v["match"]; ok {
+			if p := matchedPaths(m); p != nil {
+				only = p
+			}
+		}
 		if v["handler"] == "xks" {
-			if stores, ok := v["key_stores"].([]any); ok {
+			found = true
+			ready, _ := v["ready_path"].(string)
+			readyOnly := ready != "" && len(only) > 0 && !slices.ContainsFunc(only, func(p string) bool { return p != ready })
+			if stores, ok := v["key_stores"].([]any); ok && !readyOnly {
 				for _, ks := range stores {
 					if m, ok := ks.(map[string]any); ok {
 						if p, ok := m["uri_path"].(string); ok {
@@ -88,13 +147,43 @@ func walkRoutes(v any, paths, hosts *[]string) {
 			}
 		}
 		for _, child := range v {
-			walkRoutes(child, paths, hosts)
+			found = walkRoutes(child, only, paths, hosts) || found
 		}
 	case []any:
 		for _, child := range v {
-			walkRoutes(child, paths, hosts)
+			found = walkRoutes(child, only, paths, hosts) || found
 		}
 	}
+	return found
+}
+
+// matchedPaths returns the exact paths a route's matcher sets let through,
+// or nil when some set lets other paths through (no path matcher, or a
+// pattern).
+func matchedPaths(match any) []string {
+	sets, ok := match.([]any)
+	if !ok || len(sets) == 0 {
+		return nil
+	}
+	var out []string
+	for _, set := range sets {
+		m, ok := set.(map[string]any)
+		if !ok {
+			return nil
+		}
+		list, ok := m["path"].([]any)
+		if !ok || len(list) == 0 {
+			return nil
+		}
+		for _, p := range list {
+			s, ok := p.(string)
+			if !ok || strings.Contains(s, "*") {
+				return nil
+			}
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 // onlyPort reports whether every listen address is on port.

@@ -1,6 +1,7 @@
-// Command caddy is Caddy with the caddy-xks modules compiled in. It is the
-// plain `go build` entry used by the tests and CI; release builds use the
-// xcaddy manifest (xcaddy.json) instead, which produces the same modules.
+// Command caddy is Caddy with the caddy-xks modules compiled in, and the
+// Redis storage module a fleet shares its certificates through. It is the
+// plain `go build` entry; release builds use the xcaddy manifest
+// (xcaddy.json) instead, which produces the same modules.
 package main
 
 import (
@@ -8,6 +9,7 @@ import (
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
+	_ "github.com/pberkel/caddy-storage-redis"
 
 	_ "github.com/caddy-xks/caddy-xks"
 )

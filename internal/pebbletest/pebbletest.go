@@ -12,12 +12,15 @@ package pebbletest
 
 import (
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"io"
 	"log"
+	"maps"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -48,6 +51,20 @@ type Options struct {
 	// Encrypt's classic profile does; without it the leaf has no CN, as in
 	// the tlsserver and shortlived profiles.
 	CommonName bool
+	// Listen is the address of the ACME directory; a port of 127.0.0.1
+	// that the kernel picks when empty. Its host is in the directory's
+	// certificate.
+	Listen string
+	// Answer is the IPv4 address the test DNS server gives for every
+	// name, where the validation authority connects; 127.0.0.1 when
+	// empty.
+	Answer string
+	// NoARI leaves ACME Renewal Info out of the directory. Pebble's
+	// window for a certificate that lives less than two days starts at
+	// its issuance (core.RenewalInfoSimple), so a client that follows it
+	// renews at a random moment of the certificate's life; without it,
+	// CertMagic renews once two thirds of the life have passed.
+	NoARI bool
 }
 
 // Server is a running Pebble.
@@ -61,7 +78,11 @@ type Server struct {
 	ca       *ca.CAImpl
 	srv      *http.Server
 	dns      *challtestsrv.ChallSrv
-	orders   atomic.Int64
+	orders    atomic.Int64
+	accounts  atomic.Int64
+	finalizes atomic.Int64
+	// gate, when set, sees each ACME request before Pebble does.
+	gate     atomic.Pointer[func(*http.Request)]
 	stopOnce sync.Once
 }
 
@@ -80,7 +101,11 @@ func Start(t testing.TB, opts Options) *Server {
 	if err != nil {
 		t.Fatalf("challtestsrv: %v", err)
 	}
-	dns.SetDefaultDNSIPv4("127.0.0.1")
+	answer := opts.Answer
+	if answer == "" {
+		answer = "127.0.0.1"
+	}
+	dns.SetDefaultDNSIPv4(answer)
 	dns.SetDefaultDNSIPv6("") // KMS and the tests use IPv4
 	dns.Run()
 
@@ -96,17 +121,39 @@ func Start(t testing.TB, opts Options) *Server {
 
 	s := &Server{ca: authority, dns: dns}
 	dir := t.TempDir()
-	certFile, keyFile := testcert.Localhost(t, dir)
+	listen := opts.Listen
+	if listen == "" {
+		listen = "127.0.0.1:0"
+	}
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile := testcert.Server(t, dir, "localhost", host)
 	s.TLSRoot = certFile
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	l, err := net.Listen("tcp", listen)
 	if err != nil {
 		t.Fatal(err)
 	}
 	handler := front.Handler()
 	s.srv = &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if r.Method == http.MethodPost && r.URL.Path == "/order-plz" {
-				s.orders.Add(1)
+			if r.Method == http.MethodPost {
+				switch {
+				case r.URL.Path == "/order-plz":
+					s.orders.Add(1)
+				case r.URL.Path == "/sign-me-up":
+					s.accounts.Add(1)
+				case strings.HasPrefix(r.URL.Path, "/finalize-order/"):
+					s.finalizes.Add(1)
+				}
+			}
+			if gate := s.gate.Load(); gate != nil {
+				(*gate)(r)
+			}
+			if opts.NoARI && r.URL.Path == wfe.DirectoryPath {
+				serveWithoutARI(w, r, handler)
+				return
 			}
 			handler.ServeHTTP(w, r)
 		}),
@@ -119,6 +166,22 @@ func Start(t testing.TB, opts Options) *Server {
 	return s
 }
 
+// serveWithoutARI serves Pebble's directory less its renewalInfo entry.
+func serveWithoutARI(w http.ResponseWriter, r *http.Request, handler http.Handler) {
+	rec := httptest.NewRecorder()
+	handler.ServeHTTP(rec, r)
+	var dir map[string]any
+	if rec.Code != http.StatusOK || json.Unmarshal(rec.Body.Bytes(), &dir) != nil {
+		http.Error(w, "the directory could not be read", http.StatusInternalServerError)
+		return
+	}
+	delete(dir, "renewalInfo")
+	maps.Copy(w.Header(), rec.Header())
+	w.Header().Del("Content-Length")
+	w.WriteHeader(http.StatusOK)
+	_ = json.NewEncoder(w).Encode(dir)
+}
+
 // Stop ends the server: the directory refuses connections from then on.
 func (s *Server) Stop() {
 	s.stopOnce.Do(func() {
@@ -129,6 +192,24 @@ func (s *Server) Stop() {
 
 // Orders counts the new-order requests Pebble has received.
 func (s *Server) Orders() int { return int(s.orders.Load()) }
+
+// Accounts counts the new-account requests Pebble has received.
+func (s *Server) Accounts() int { return int(s.accounts.Load()) }
+
+// Finalizes counts the finalize requests Pebble has received: one per
+// certificate issued, or attempted.
+func (s *Server) Finalizes() int { return int(s.finalizes.Load()) }
+
+// Gate has gate see each ACME request before Pebble answers it, from its
+// own goroutine; it may hold the request as long as it likes. nil removes
+// it.
+func (s *Server) Gate(gate func(*http.Request)) {
+	if gate == nil {
+		s.gate.Store(nil)
+		return
+	}
+	s.gate.Store(&gate)
+}
 
 // Root is the root certificate of the chains Pebble issues.
 func (s *Server) Root() *x509.Certificate { return s.ca.GetRootCert(0).Cert }

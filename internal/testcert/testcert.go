@@ -1,6 +1,6 @@
 // Package testcert writes throw-away certificates for tests that run a real
-// Caddy on loopback: a self-signed server certificate for localhost, and
-// client CAs with client certificates for mTLS.
+// Caddy on loopback: a self-signed server certificate for localhost (or
+// other names), and client CAs with client certificates for mTLS.
 package testcert
 
 import (
@@ -27,16 +27,28 @@ import (
 // rewrites *.crt and *.key paths in a config.
 func Localhost(t testing.TB, dir string) (certFile, keyFile string) {
 	t.Helper()
+	return Server(t, dir, "localhost", "127.0.0.1")
+}
+
+// Server is Localhost for other names: each of hosts is an IP address or a
+// DNS name of the certificate, the first also its subject CN.
+func Server(t testing.TB, dir string, hosts ...string) (certFile, keyFile string) {
+	t.Helper()
 	key := newKey(t)
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "localhost"},
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		Subject:      pkix.Name{CommonName: hosts[0]},
 		NotBefore:    time.Now().Add(-time.Hour),
 		NotAfter:     time.Now().Add(24 * time.Hour),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
