@@ -387,12 +387,12 @@ func (c *xksClient) call(ctx context.Context, path string, body any) (int, map[s
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return 0, nil, err
+		return 0, nil, &transportError{err}
 	}
 	defer resp.Body.Close()
 	var out map[string]any
 	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		return resp.StatusCode, nil, fmt.Errorf("reading the answer: %w", err)
+		return resp.StatusCode, nil, &transportError{fmt.Errorf("reading the answer: %w", err)}
 	}
 	return resp.StatusCode, out, nil
 }

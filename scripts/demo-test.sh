@@ -17,11 +17,11 @@ log=$(mktemp)
 export XKS_DEMO_DIR
 XKS_DEMO_DIR=$(mktemp -d)
 if [ -n "${XKS_DEMO_PORT:-}" ]; then
-	port=$XKS_DEMO_PORT http_port=${XKS_DEMO_HTTP_PORT:-$((port + 1))}
+	port=$XKS_DEMO_PORT http_port=${XKS_DEMO_HTTP_PORT:-$((port + 1))} ready_port=${XKS_DEMO_READY_PORT:-$((port + 2))}
 else
-	{ read -r port; read -r http_port; } < <(go run ./tools/freeport 2)
+	{ read -r port; read -r http_port; read -r ready_port; } < <(go run ./tools/freeport 3)
 fi
-export XKS_DEMO_PORT=$port XKS_DEMO_HTTP_PORT=$http_port
+export XKS_DEMO_PORT=$port XKS_DEMO_HTTP_PORT=$http_port XKS_DEMO_READY_PORT=$ready_port
 export XKS_HSM_CALL_TIMEOUT=30s XKS_HSM_SESSION_WAIT=10s XKS_DEADLINE=30s
 base=https://localhost:$port/demo/kms/xks/v1
 ca=$XKS_DEMO_DIR/storage/pki/authorities/local/root.crt
@@ -69,6 +69,9 @@ while ((SECONDS < deadline)); do
 	sleep 2
 done
 [ "$status" = 200 ] || fail "GetHealthStatus never answered 200 (last status: ${status:-none})"
+# The load balancer's probe of Caddyfile.example, as the demo prints it.
+ready=$(curl -sS --max-time 60 -o /dev/null -w '%{http_code}' "http://localhost:$ready_port/ready") || fail "the readiness probe did not answer"
+[ "$ready" = 200 ] || fail "the readiness probe answered $ready, want 200"
 grep -q '"healthStatus":"ACTIVE"' <<<"$out" || fail "health is not ACTIVE: $out"
 [ "$(field XksProxyUriPath "$config")" = /demo/kms/xks/v1 ] || fail "proxy-config.json has the wrong XksProxyUriPath"
 

@@ -59,6 +59,9 @@ akid2=$("$caddy" xks credential --secret-file "$demo/sigv4-secret-2")
 export XKS_ADMIN="unix/$demo/admin.sock"
 export XKS_HTTPS_PORT=$port
 export XKS_HTTP_PORT=${XKS_DEMO_HTTP_PORT:-$((port + 1))}
+export XKS_READY_PORT=${XKS_DEMO_READY_PORT:-$((port + 2))}
+# No load balancer waits for the demo to leave it: stop at once.
+export XKS_SHUTDOWN_DELAY=0s
 export XKS_STORAGE=$demo/storage
 export XKS_HSM_MODULE=${XKS_HSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 export XKS_HSM_TOKEN=$token
@@ -130,6 +133,7 @@ caddy-xks demo
   keys:        $XKS_KEYS
   credentials: $demo/proxy-config.json  (the KMS console's import format)
   local CA:    $ca  (written once Caddy has started)
+  readiness:   http://localhost:$XKS_READY_PORT/ready  (a load balancer's health check)
 
 Try it from another terminal:
 

@@ -199,6 +199,28 @@ given, to measure a plain route of the same server as a baseline.`,
 		run: cmdBench,
 	},
 	{
+		name:  "drain",
+		use:   "drain [--off] [--config <file>] [--address <admin address>]",
+		short: "Has a running proxy ask its clients to move their connections",
+		long: `
+Asks the running proxy, through its admin endpoint (found in the config as
+'caddy reload' finds it, or given with --address), to answer every XKS call
+with Connection: close (HTTP/1.1) or GOAWAY (HTTP/2): each client then opens
+a new connection for its next call, which the load balancer sends to
+another instance once it drains this one. It is the step between taking an
+instance out of the load balancer and reloading or restarting it: when the
+balancer shows no connection to the instance, nothing is cut. The next
+config load ends it (a reload is the end of the maintenance), and so does
+--off. Readiness (ready_path) is not changed: a balancer that cuts the
+connections of an instance it finds unhealthy would cut these.`,
+		flags: func(fs *pflag.FlagSet) {
+			configFlags(fs)
+			fs.String("address", "", "Admin endpoint of the proxy (default: from the config)")
+			fs.Bool("off", false, "Stop draining")
+		},
+		run: cmdDrain,
+	},
+	{
 		name:  "check",
 		use:   "check <key store URL> [--proxy-config <file>] [--key <id>] [--encrypt-only-key <id>] [--samples <n>] [--max-p99 <duration>]",
 		short: "Checks a running proxy against the XKS API as KMS would call it",

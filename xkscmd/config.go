@@ -62,7 +62,9 @@ func loadProxyConfig(file, adapter string) (*proxyConfig, error) {
 }
 
 // collectKeyStores walks a decoded JSON tree for xks handlers, wherever
-// routes and subroutes put them.
+// routes and subroutes put them. A key store that two handlers serve (the
+// site KMS calls, and a readiness probe that imports the same key stores)
+// is one key store.
 func collectKeyStores(node any, out *[]*xkshandler.KeyStore) error {
 	switch n := node.(type) {
 	case map[string]any:
@@ -75,7 +77,13 @@ func collectKeyStores(node any, out *[]*xkshandler.KeyStore) error {
 			if err := json.Unmarshal(raw, &h); err != nil {
 				return fmt.Errorf("decoding an xks handler: %w", err)
 			}
-			*out = append(*out, h.KeyStores...)
+			for _, ks := range h.KeyStores {
+				if !slices.ContainsFunc(*out, func(o *xkshandler.KeyStore) bool {
+					return xkshandler.CompleteURIPath(o.URIPath) == xkshandler.CompleteURIPath(ks.URIPath)
+				}) {
+					*out = append(*out, ks)
+				}
+			}
 			return nil
 		}
 		for _, v := range n {

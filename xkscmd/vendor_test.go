@@ -197,6 +197,8 @@ func TestCaddyfileExampleServesNShield(t *testing.T) {
 		"XKS_ADMIN":            "unix/" + caddy.AdminSocket,
 		"XKS_HTTPS_PORT":       fmt.Sprint(caddy.HTTPSPort),
 		"XKS_HTTP_PORT":        fmt.Sprint(caddy.HTTPPort),
+		"XKS_READY_PORT":       fmt.Sprint(proxytest.FreePort(t)),
+		"XKS_SHUTDOWN_DELAY":   "0s",
 		"XKS_STORAGE":          caddy.Storage,
 		"XKS_HSM_PIN_FILE":     writeFile(t, dir, "pin", "discarded-by-the-accelerator-slot\n"),
 		"XKS_FQDN":             "localhost",

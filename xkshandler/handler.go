@@ -104,6 +104,7 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // builds each key store's verifier. Caddy calls Validate after it.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	endDrain(h.logger)
 	h.audit = h.logger.Named("audit")
 	if h.MaxRequestBody == 0 {
 		h.MaxRequestBody = defaultMaxRequestBody
@@ -212,13 +213,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 	h.serve(&x, r, path)
 	// Step 7: the answer, the audit line and the metrics.
-	if shuttingDown(r) {
-		// The load balancer stops sending new connections here once
-		// ready says so; the clients' open connections must move too,
-		// before the balancer gives up on this instance and cuts them.
-		// Over HTTP/1.1 this closes the connection after the answer;
-		// over HTTP/2 it sends GOAWAY and closes once the connection is
-		// idle.
+	if draining.Load() || shuttingDown(r) {
+		// The load balancer sends no new connections here (it drains the
+		// instance, or ready said 503); the clients' open connections
+		// must move too, before the instance stops or reloads, or the
+		// balancer gives up on it and cuts them. Over HTTP/1.1 this
+		// closes the connection after the answer; over HTTP/2 it sends
+		// GOAWAY and closes once the connection is idle.
 		w.Header().Set("Connection", "close")
 	}
 	h.respond(w, &x)
