@@ -75,9 +75,9 @@ type Server struct {
 	// certificate (Caddy's acme_ca_root).
 	TLSRoot string
 
-	ca       *ca.CAImpl
-	srv      *http.Server
-	dns      *challtestsrv.ChallSrv
+	ca        *ca.CAImpl
+	srv       *http.Server
+	dns       *challtestsrv.ChallSrv
 	orders    atomic.Int64
 	accounts  atomic.Int64
 	finalizes atomic.Int64
