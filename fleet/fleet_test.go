@@ -62,10 +62,27 @@ func TestFleet(t *testing.T) {
 	run(t, "ip", "link", "set", "lo", "up")
 	f := newFleet(t)
 	start := time.Now()
-	if !t.Run("T1", f.oneOrderForTheFleet) {
-		return
+	// In this order: each needs the fleet its predecessor leaves; T2 and
+	// T5 wait for the certificate's renewal, which comes renewAfter after
+	// its issuance (T1b's, then T2's).
+	for _, st := range []struct {
+		name string
+		run  func(*testing.T)
+	}{
+		{"T1", f.oneOrderForTheFleet},
+		{"T1b", f.holderKilledMidOrder},
+		{"T3", f.instanceLost},
+		{"T4", f.rollingChange},
+		{"T2", f.renewalPropagates},
+		{"T6", f.crashedLockTakenOver},
+		{"T7", f.fleetCountsKeyUsage},
+		{"T5", f.storageOutage},
+	} {
+		if !t.Run(st.name, st.run) {
+			break
+		}
 	}
-	t.Logf("the fleet test's subtests took %s", time.Since(start).Round(time.Second))
+	t.Logf("the fleet's properties took %s", time.Since(start).Round(time.Second))
 }
 
 // fleet is everything the test runs.
@@ -155,7 +172,8 @@ func (f *fleet) proxyConfig() string {
 	}
 	cfg := strings.Replace(string(example), storageLine, string(storage), 1)
 	// The test's CA, and its renewal checks every second (T2).
-	acme := fmt.Sprintf("{\n\tacme_ca https://%s:%d/dir\n\tacme_ca_root %s\n\trenew_interval 1s\n", harnessAddr, pebblePort, f.pebble.TLSRoot)
+	acme := fmt.Sprintf("{\n\tacme_ca https://%s:%d/dir\n\tacme_ca_root %s\n\trenew_interval 1s\n\trenewal_window_ratio %v\n",
+		harnessAddr, pebblePort, f.pebble.TLSRoot, renewalRatio)
 	i := strings.Index(cfg, "\n{\n")
 	if i < 0 {
 		t.Fatal("Caddyfile.example has no global options block")
@@ -185,7 +203,7 @@ func (f *fleet) newProxy(i int) *proxy {
 		"SOFTHSM2_CONF="+f.copyToken(p.dir),
 		"XKS_ADMIN=unix/"+filepath.Join(p.dir, "admin.sock"),
 		"XKS_HTTPS_PORT=443", "XKS_HTTP_PORT=80", "XKS_READY_PORT="+strconv.Itoa(readyPort),
-		"XKS_SHUTDOWN_DELAY=2s",
+		"XKS_SHUTDOWN_DELAY=2s", "XKS_USAGE_FLUSH_INTERVAL=1s",
 		"XKS_HSM_MODULE="+f.token.Module, "XKS_HSM_TOKEN="+f.token.Label, "XKS_HSM_PIN_FILE="+filepath.Join(f.dir, "hsm-pin"),
 		"XKS_HSM_IV=caller", "XKS_HSM_PRIVATE_KEYS=true",
 		// Seconds, not the production 200 ms: the test's machine is busy.
@@ -227,10 +245,11 @@ func (f *fleet) copyToken(dir string) string {
 	return file
 }
 
-// start runs the proxy.
+// start runs the proxy, until it is stopped or the whole test ends (not
+// the subtest that starts it).
 func (f *fleet) start(t *testing.T, p *proxy) {
 	t.Helper()
-	p.proc = f.net.start(t, p.host, p.dir, "caddy", p.env, f.caddy, "run", "--config", f.config, "--adapter", "caddyfile")
+	p.proc = f.net.start(f.t, p.host, p.dir, "caddy", p.env, f.caddy, "run", "--config", f.config, "--adapter", "caddyfile")
 }
 
 // leaf is the SHA-256 of the certificate p serves for the fleet's name,
@@ -326,11 +345,10 @@ func (f *fleet) oneOrderForTheFleet(t *testing.T) {
 		if len(logLines(p, "certificate obtained successfully")) > 0 {
 			obtained = append(obtained, p.name)
 		}
-		for _, l := range logLines(p, "served key authentication certificate") {
-			answered = append(answered, fmt.Sprintf("%s (distributed: %v)", p.name, l["distributed"]))
-		}
-		for range logLines(p, "served key authentication") {
-			answered = append(answered, p.name+" (HTTP-01)")
+		for _, msg := range []string{"served key authentication certificate", "served key authentication"} {
+			for _, l := range logLines(p, msg) {
+				answered = append(answered, fmt.Sprintf("%s (%v, from storage: %v)", p.name, l["challenge"], l["distributed"]))
+			}
 		}
 	}
 	if len(obtained) != 1 {
@@ -360,11 +378,11 @@ func (f *fleet) newXKSClient(h2 bool, conns int) *xksClient {
 		},
 		TLSClientConfig:     &tls.Config{ServerName: fleetFQDN, RootCAs: roots, MinVersion: tls.VersionTLS12},
 		MaxIdleConnsPerHost: conns,
-		MaxConnsPerHost:     conns,
 		IdleConnTimeout:     time.Minute,
 		ForceAttemptHTTP2:   h2,
 	}
 	if !h2 {
+		tr.MaxConnsPerHost = conns
 		tr.TLSClientConfig.NextProtos = []string{"http/1.1"}
 		tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
 	}
@@ -405,35 +423,38 @@ var requestMetadata = map[string]any{
 	"kmsKeyArn":       "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
 }
 
-// roundTrip encrypts a random plaintext and decrypts the result: two calls.
-// It returns how many of them succeeded and the first error.
-func (c *xksClient) roundTrip(ctx context.Context) (int, error) {
+// roundTrip encrypts a random plaintext and decrypts the result, and
+// gives each call's outcome to record: an Encrypt that fails ends it.
+func (c *xksClient) roundTrip(ctx context.Context, record func(start time.Time, err error)) {
 	pt := make([]byte, 32)
 	_, _ = rand.Read(pt)
+	start := time.Now()
 	status, enc, err := c.call(ctx, "/keys/"+keyID+"/encrypt", map[string]any{
 		"requestMetadata": requestMetadata, "plaintext": base64.StdEncoding.EncodeToString(pt), "encryptionAlgorithm": "AES_GCM",
 	})
+	if err == nil && status != http.StatusOK {
+		err = fmt.Errorf("encrypt: %d %v", status, enc)
+	}
+	record(start, err)
 	if err != nil {
-		return 0, err
+		return
 	}
-	if status != http.StatusOK {
-		return 0, fmt.Errorf("encrypt: %d %v", status, enc)
-	}
+	start = time.Now()
 	status, dec, err := c.call(ctx, "/keys/"+keyID+"/decrypt", map[string]any{
 		"requestMetadata": requestMetadata, "encryptionAlgorithm": "AES_GCM",
 		"ciphertext": enc["ciphertext"], "initializationVector": enc["initializationVector"],
 		"authenticationTag": enc["authenticationTag"], "ciphertextMetadata": enc["ciphertextMetadata"],
 	})
-	if err != nil {
-		return 1, err
+	switch {
+	case err != nil:
+	case status != http.StatusOK:
+		err = fmt.Errorf("decrypt: %d %v", status, dec)
+	default:
+		if got, _ := base64.StdEncoding.DecodeString(fmt.Sprint(dec["plaintext"])); !bytes.Equal(got, pt) {
+			err = fmt.Errorf("decrypt gave back another plaintext")
+		}
 	}
-	if status != http.StatusOK {
-		return 1, fmt.Errorf("decrypt: %d %v", status, dec)
-	}
-	if got, _ := base64.StdEncoding.DecodeString(fmt.Sprint(dec["plaintext"])); !bytes.Equal(got, pt) {
-		return 1, fmt.Errorf("decrypt gave back another plaintext")
-	}
-	return 2, nil
+	record(start, err)
 }
 
 // buildCaddy builds bin/caddy from xcaddy.json (make caddy: nothing to do
@@ -452,7 +473,8 @@ func buildCaddy(t *testing.T) string {
 
 // redisServer is Redis on its own host, as production would run it: TLS
 // only, the default user off, an ACL user for the proxies and one for the
-// test's own control.
+// test's own control, and every write in its append-only file before it
+// answers, so that a restart loses nothing.
 type redisServer struct {
 	proc                    *process
 	dir, ca, conf           string
@@ -460,11 +482,12 @@ type redisServer struct {
 	encryptionKey           string
 	admin                   *redis.Client
 	net                     *network
+	top                     *testing.T // the whole test, which the server lives for
 }
 
 func startRedis(t *testing.T, n *network, dir string) *redisServer {
 	t.Helper()
-	r := &redisServer{dir: filepath.Join(dir, "redis"), net: n}
+	r := &redisServer{dir: filepath.Join(dir, "redis"), net: n, top: t}
 	if err := os.Mkdir(r.dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -483,7 +506,8 @@ tls-ca-cert-file %s
 tls-auth-clients no
 dir %s
 save ""
-appendonly no
+appendonly yes
+appendfsync everysec
 protected-mode yes
 user default off
 user caddy-xks on #%s ~caddy-xks ~caddy-xks/* &* +@all -@dangerous
@@ -491,7 +515,7 @@ user fleet-test on #%s ~* &* +@all
 `, redisAddr, cert, key, cert, r.dir, hash(r.password), hash(r.adminPassword))
 	r.conf = filepath.Join(r.dir, "redis.conf")
 	write(t, r.conf, conf)
-	r.start(t)
+	r.start()
 	roots := x509.NewCertPool()
 	pem, err := os.ReadFile(cert)
 	if err != nil {
@@ -508,8 +532,9 @@ user fleet-test on #%s ~* &* +@all
 }
 
 // start runs the server.
-func (r *redisServer) start(t *testing.T) {
-	r.proc = r.net.start(t, "redis", r.dir, "redis", os.Environ(), "redis-server", r.conf)
+// start runs the server, until it is stopped or the whole test ends.
+func (r *redisServer) start() {
+	r.proc = r.net.start(r.top, "redis", r.dir, "redis", os.Environ(), "redis-server", r.conf)
 }
 
 // waitUp waits until the server answers.

@@ -2,6 +2,7 @@ package fleet_test
 
 import (
 	"bufio"
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -36,7 +37,13 @@ func runIsolated(t *testing.T) {
 	if d, ok := t.Deadline(); ok {
 		timeout = time.Until(d) - 30*time.Second
 	}
-	cmd := exec.Command(os.Args[0], "-test.run=^TestFleet$", "-test.v", fmt.Sprintf("-test.timeout=%s", timeout))
+	// The child runs the subtests this test's -run selects (all of them,
+	// unless a developer picks some: go test -run 'TestFleet/^(T1|T3)$').
+	pattern := "^TestFleet$"
+	if f := flag.Lookup("test.run"); f != nil && strings.Contains(f.Value.String(), "/") {
+		pattern = f.Value.String()
+	}
+	cmd := exec.Command(os.Args[0], "-test.run="+pattern, "-test.v", fmt.Sprintf("-test.timeout=%s", timeout))
 	parent, err := os.Readlink("/proc/self/ns/net")
 	if err != nil {
 		t.Fatalf("reading this process's network namespace: %v", err)

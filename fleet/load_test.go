@@ -79,18 +79,13 @@ func (l *load) roundTrip() {
 	// loses fails, it does not hang the test.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	start := time.Now()
-	n, err := l.client.roundTrip(ctx)
-	end := time.Now()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for range n {
-		l.calls = append(l.calls, call{start: start, end: end})
-	}
-	if err != nil {
+	l.client.roundTrip(ctx, func(start time.Time, err error) {
+		end := time.Now()
 		var te *transportError
+		l.mu.Lock()
+		defer l.mu.Unlock()
 		l.calls = append(l.calls, call{start: start, end: end, err: err, transport: errors.As(err, &te)})
-	}
+	})
 }
 
 // finish stops the load and waits for its calls to end.
