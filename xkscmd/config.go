@@ -5,12 +5,10 @@
 package xkscmd
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"slices"
 
-	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/caddyserver/certmagic"
 
@@ -141,39 +139,5 @@ func (pc *proxyConfig) keyStore(path string) (*xkshandler.KeyStore, error) {
 // module, or Caddy's default (file_system in the data directory). release
 // releases it.
 func (pc *proxyConfig) openStorage() (storage certmagic.Storage, release func(), err error) {
-	if len(pc.storage) == 0 {
-		return caddy.DefaultStorage, func() {}, nil
-	}
-	var named struct {
-		Module string `json:"module"`
-	}
-	if err := json.Unmarshal(pc.storage, &named); err != nil || named.Module == "" {
-		return nil, nil, fmt.Errorf("the config's storage names no module: %s", pc.storage)
-	}
-	info, err := caddy.GetModule("caddy.storage." + named.Module)
-	if err != nil {
-		return nil, nil, fmt.Errorf("the config's storage: %w", err)
-	}
-	mod := info.New()
-	if err := json.Unmarshal(pc.storage, mod); err != nil {
-		return nil, nil, fmt.Errorf("the config's storage %s: %w", named.Module, err)
-	}
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	if p, ok := mod.(caddy.Provisioner); ok {
-		if err := p.Provision(ctx); err != nil {
-			cancel()
-			return nil, nil, fmt.Errorf("the config's storage %s: %w", named.Module, err)
-		}
-	}
-	conv, ok := mod.(caddy.StorageConverter)
-	if !ok {
-		cancel()
-		return nil, nil, fmt.Errorf("the config's storage %s is not a storage module", named.Module)
-	}
-	storage, err = conv.CertMagicStorage()
-	if err != nil {
-		cancel()
-		return nil, nil, err
-	}
-	return storage, cancel, nil
+	return xkshandler.OpenStorage(pc.storage)
 }

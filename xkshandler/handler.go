@@ -90,6 +90,9 @@ type Handler struct {
 	preflight   *tlscheck.Watcher
 	// certNames are the names ready needs a certificate for.
 	certNames []string
+	// usageStorage is the usageStores key this handler holds, if any.
+	usageStorage json.RawMessage
+	holdsStorage bool
 }
 
 // CaddyModule returns the Caddy module information.
@@ -133,6 +136,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 	usage := usageSettings{storage: ctx.Storage(), instance: instanceID(h.logger), interval: time.Duration(h.UsageFlushInterval)}
+	if raw, ok := closingStorage(usage.storage); ok {
+		// The usage counters outlive the config, whose storage module
+		// is cleaned up with it: they write through an instance of
+		// their own (usageStores), which the handler holds open too.
+		if usage.storage, err = acquireUsageStore(raw); err != nil {
+			return fmt.Errorf("xks: %w", err)
+		}
+		usage.storageConfig = raw
+		h.usageStorage, h.holdsStorage = raw, true
+	}
 	if usage.interval <= 0 {
 		usage.interval = defaultUsageFlushInterval
 	}
@@ -167,6 +180,9 @@ func (h *Handler) Cleanup() error {
 	liveStores.remove(h.provisioned)
 	for _, ks := range h.provisioned {
 		ks.cleanup()
+	}
+	if h.holdsStorage {
+		releaseUsageStore(h.usageStorage)
 	}
 	return nil
 }

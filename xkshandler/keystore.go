@@ -3,6 +3,7 @@ package xkshandler
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -161,9 +162,13 @@ type KeyStore struct {
 // usageSettings is what the key store's usage counters need from the
 // handler and the config.
 type usageSettings struct {
-	storage  certmagic.Storage
-	instance string
-	interval time.Duration
+	// storage is what the counters write to: the config's storage, or
+	// when a config unload closes that, an instance the handler opened for
+	// the counters (usageStores), whose JSON is storageConfig.
+	storage       certmagic.Storage
+	storageConfig json.RawMessage
+	instance      string
+	interval      time.Duration
 }
 
 // Credential is one SigV4 access key id and secret access key.

@@ -209,6 +209,10 @@ type usageCounter struct {
 	storage  certmagic.Storage
 	interval time.Duration
 	logger   *zap.Logger
+	// storageConfig is the usageStores key of storage, given back when
+	// the counter stops if releaseStorage.
+	storageConfig  json.RawMessage
+	releaseStorage bool
 
 	own         atomic.Uint64 // this process's Encrypts, and the counts its record absorbed
 	ownDecrypts atomic.Uint64
@@ -387,15 +391,23 @@ func (c *usageCounter) compact(ctx context.Context) error {
 			return err
 		}
 		sum := sumUsage(take, now)
+		taken := make([]string, 0, len(take))
+		for _, r := range take {
+			taken = append(taken, r.name)
+		}
+		// What the others add up to without the records taken: the own
+		// count grows first, so that the total is too high for an instant,
+		// never too low.
+		rest := sumUsage(recs, now, append(taken, c.writer)...)
 		addSatAtomic(&c.own, sum.encryptions)
-		c.flushed += sum.encryptions // absorbed, not encrypted: not in the rate
 		c.ownDecrypts.Add(sum.decryptions)
+		c.others.Store(rest.encryptions)
+		c.othersDecrypts.Store(rest.decryptions)
+		c.flushed += sum.encryptions // absorbed, not encrypted: not in the rate
 		if sum.lastDecrypt > c.lastDecrypt.Load() {
 			c.lastDecrypt.Store(sum.lastDecrypt)
 		}
-		for _, r := range take {
-			c.absorbed = append(c.absorbed, r.name)
-		}
+		c.absorbed = append(c.absorbed, taken...)
 		if err := c.store(ctx, false); err != nil {
 			return err
 		}
@@ -516,6 +528,9 @@ func (c *usageCounter) Destruct() error {
 	<-c.done
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	if c.releaseStorage {
+		defer releaseUsageStore(c.storageConfig)
+	}
 	if err := c.write(ctx, true); err != nil {
 		c.logger.Error("key usage count not written at stop: the fleet counts a flush interval as used",
 			zap.String("label", c.label), zap.Uint64("unwritten_encryptions", c.own.Load()-c.writtenEncryptions()), zap.Error(err))
@@ -539,9 +554,9 @@ func (c *usageCounter) writtenEncryptions() uint64 {
 var counters = caddy.NewUsagePool()
 
 // acquireCounter returns the process's counter of label, writing its first
-// record and reading the fleet's the first time. release must be called when the config is done
-// with it.
-func acquireCounter(ctx context.Context, storage certmagic.Storage, instance, label string, interval time.Duration, logger *zap.Logger) *usageCounter {
+// record and reading the fleet's the first time. release must be called
+// when the config is done with it.
+func acquireCounter(ctx context.Context, usage usageSettings, label string, logger *zap.Logger) *usageCounter {
 	if !validKeyID(label) {
 		// Callers pass only valid key ids; a label that is not one must
 		// never become a storage path.
@@ -549,10 +564,22 @@ func acquireCounter(ctx context.Context, storage certmagic.Storage, instance, la
 	}
 	v, _, _ := counters.LoadOrNew(label, func() (caddy.Destructor, error) {
 		c := &usageCounter{
-			label: label, instance: instance, storage: storage, interval: interval, logger: logger,
+			label: label, instance: usage.instance, interval: usage.interval, logger: logger,
 			stop: make(chan struct{}), done: make(chan struct{}),
 		}
 		c.writer, c.flushedAt = c.newWriter(), time.Now()
+		// The counter's own hold on a storage the handler opened for the
+		// counters (usageStores), which it holds open already: the
+		// counter outlives the handler.
+		c.storage = usage.storage
+		if usage.storageConfig != nil {
+			if storage, err := acquireUsageStore(usage.storageConfig); err == nil {
+				c.storage, c.storageConfig, c.releaseStorage = storage, usage.storageConfig, true
+			} else {
+				logger.Error("opening the storage for key usage records; writing through the handler's until it is unloaded",
+					zap.String("label", label), zap.Error(err))
+			}
+		}
 		if err := c.write(ctx, false); err != nil {
 			// Counting goes on in memory; the records are written and read
 			// at the next interval. Refusing the config would take the

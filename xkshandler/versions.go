@@ -335,7 +335,7 @@ func (ks *KeyStore) provisionVersions(ctx context.Context) {
 func (ks *KeyStore) newKey(ctx context.Context, key string, kv *KeyVersions) *versionedKey {
 	vk := newVersionedKey(key, kv)
 	for _, v := range vk.versions {
-		v.usage = acquireCounter(ctx, ks.usage.storage, ks.usage.instance, v.label, ks.usage.interval, ks.logger)
+		v.usage = acquireCounter(ctx, ks.usage, v.label, ks.logger)
 	}
 	return vk
 }

@@ -146,7 +146,7 @@ func TestVersionedKeyCurrentAndPromotion(t *testing.T) {
 // worth are counted and the rest are refused.
 func TestEncryptLimitIsExactUnderConcurrency(t *testing.T) {
 	ks := &KeyStore{URIPath: "/t/kms/xks/v1", Keys: []string{"k"}, EncryptLimit: 50, callerIVs: true,
-		logger: zap.NewNop(), usage: usageSettings{storage: &certmagic.FileStorage{Path: t.TempDir()}, instance: "test", interval: time.Hour}}
+		logger: zap.NewNop(), usage: fileUsage(t.TempDir())}
 	ks.keys = map[string]bool{"k": true}
 	ks.provisionVersions(context.Background())
 	t.Cleanup(ks.cleanup)
@@ -177,7 +177,7 @@ func TestProvisionNamesNoRecordBeforeValidation(t *testing.T) {
 	dir := t.TempDir()
 	ks := &KeyStore{URIPath: "/t/kms/xks/v1", Keys: []string{"../escape", "ok"}, logger: zap.NewNop(),
 		Versions: []KeyVersions{{Key: "ok", Current: 2, Versions: []KeyVersion{{Version: 2, Label: "../../v2"}}}},
-		usage:    usageSettings{storage: &certmagic.FileStorage{Path: filepath.Join(dir, "storage")}, instance: "test", interval: time.Hour}}
+		usage:    fileUsage(filepath.Join(dir, "storage"))}
 	ks.keys = map[string]bool{"../escape": true, "ok": true}
 	ks.provisionVersions(context.Background())
 	ks.cleanup()
@@ -215,4 +215,10 @@ func TestReadUsageOfWhatIsNoKeyID(t *testing.T) {
 	if _, _, _, err := ReadUsage(ctx, storage, "k"); err != nil {
 		t.Errorf("ReadUsage of a key without records: %v", err)
 	}
+}
+
+// fileUsage is what a key store's counters need to count in a file_system
+// storage at dir, writing every hour.
+func fileUsage(dir string) usageSettings {
+	return usageSettings{storage: &certmagic.FileStorage{Path: dir}, instance: "test", interval: time.Hour}
 }
