@@ -119,6 +119,7 @@ func (h *Handler) Validate() error {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	x := exchange{start: time.Now()}
 	h.serve(&x, r)
+	frontend.AskToLeave(w, r)
 	h.respond(w, &x)
 	x.elapsed = time.Since(x.start)
 	x.log(h.audit)

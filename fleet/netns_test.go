@@ -24,6 +24,7 @@ const (
 	lbAddr      = "198.18.0.10"
 	redisAddr   = "198.18.0.20"
 	fleetFQDN   = "xks.test"
+	ekmFQDN     = "ekm.test" // Caddyfile.example's Azure EKM site, with a certificate of its own
 	pebblePort  = 14000
 	readyPort   = 8081
 )

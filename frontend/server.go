@@ -33,6 +33,7 @@ var streamsMu sync.Mutex
 // connection, and a warning if it offers HTTP/3, which client (the cloud
 // service calling frontEnd's key stores, e.g. "KMS" for "XKS") never uses.
 func ProvisionServer(ctx caddy.Context, streams int, frontEnd, client string, logger *zap.Logger) {
+	endDrain(logger)
 	srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
 	if !ok {
 		return

@@ -9,7 +9,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 
-	"github.com/caddy-xks/caddy-xks/xkshandler"
+	"github.com/caddy-xks/caddy-xks/frontend"
 )
 
 // cmdDrain starts or stops draining the running proxy.
@@ -24,7 +24,7 @@ func cmdDrain(fl caddycmd.Flags, out io.Writer) (int, error) {
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	resp, err := caddycmd.AdminAPIRequest(addr, method, xkshandler.DrainPath, nil, nil)
+	resp, err := caddycmd.AdminAPIRequest(addr, method, frontend.DrainPath, nil, nil)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("asking the proxy at %s: %w", addr, err)
 	}
@@ -33,7 +33,7 @@ func cmdDrain(fl caddycmd.Flags, out io.Writer) (int, error) {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("the proxy at %s answered %s: %s", addr, resp.Status, body)
 	}
-	var state xkshandler.DrainState
+	var state frontend.DrainState
 	if err := json.NewDecoder(resp.Body).Decode(&state); err != nil {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("reading the proxy's answer: %w", err)
 	}

@@ -107,7 +107,6 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // builds each key store's verifier. Caddy calls Validate after it.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
-	endDrain(h.logger)
 	h.audit = h.logger.Named("audit")
 	if h.MaxRequestBody == 0 {
 		h.MaxRequestBody = defaultMaxRequestBody
@@ -229,15 +228,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 	h.serve(&x, r, path)
 	// Step 7: the answer, the audit line and the metrics.
-	if draining.Load() || shuttingDown(r) {
-		// The load balancer sends no new connections here (it drains the
-		// instance, or ready said 503); the clients' open connections
-		// must move too, before the instance stops or reloads, or the
-		// balancer gives up on it and cuts them. Over HTTP/1.1 this
-		// closes the connection after the answer; over HTTP/2 it sends
-		// GOAWAY and closes once the connection is idle.
-		w.Header().Set("Connection", "close")
-	}
+	frontend.AskToLeave(w, r)
 	h.respond(w, &x)
 	x.elapsed = time.Since(x.start)
 	x.log(h.audit)
@@ -250,7 +241,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 // Caddy, so probes cost no HSM or storage work.
 func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
 	status := http.StatusOK
-	if shuttingDown(r) || !h.holdsCertificates() || !h.backendsUp(r.Context()) {
+	if frontend.ShuttingDown(r) || !h.holdsCertificates() || !h.backendsUp(r.Context()) {
 		status = http.StatusServiceUnavailable
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -283,18 +274,6 @@ func (h *Handler) holdsCertificates() bool {
 		}
 	}
 	return true
-}
-
-// shuttingDown reports whether the server that received r is shutting
-// down: stopping, and serving only for the http app's shutdown_delay.
-func shuttingDown(r *http.Request) bool {
-	repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	if !ok {
-		return false
-	}
-	v, _ := repl.Get("http.shutting_down")
-	down, _ := v.(bool)
-	return down
 }
 
 // serve runs steps 1 to 6 of the request path (see the package doc) and

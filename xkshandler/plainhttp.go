@@ -24,14 +24,17 @@ type site struct {
 	// paths are the key store URI paths its xks handlers serve. A handler
 	// that a route limits to its own ready_path serves no key store.
 	paths []string
+	// serves is true when it serves an API: an xks handler's key store,
+	// or an azure_ekm handler (which only mutual TLS reaches).
+	serves bool
 	// hosts are the names its routes match, but those automatic HTTPS
 	// skips (the names of http:// site addresses).
 	hosts []string
 }
 
 // configSites returns the servers of the config being loaded that serve
-// key stores or readiness through xks handlers; nil if the config cannot
-// be read.
+// key stores or readiness through xks handlers, or the EKM API through
+// azure_ekm handlers; nil if the config cannot be read.
 func configSites(ctx caddy.Context) []site {
 	cfg := caddyctx.LoadingConfig(ctx)
 	if cfg == nil || cfg.AppsRaw["http"] == nil {
@@ -62,10 +65,11 @@ func configSites(ctx caddy.Context) []site {
 			continue
 		}
 		var s site
-		xks := walkRoutes(routes, nil, &s.paths, &s.hosts)
-		if !xks {
+		found, ekm := walkRoutes(routes, nil, &s.paths, &s.hosts)
+		if !found {
 			continue
 		}
+		s.serves = ekm || len(s.paths) > 0
 		s.listen = srv.Listen
 		hasPolicies := len(srv.TLSPolicies) > 0 && string(srv.TLSPolicies) != "null"
 		s.plain = !hasPolicies && (onlyPort(srv.Listen, app.HTTPPort) || len(s.hosts) == 0)
@@ -94,13 +98,13 @@ func plainHTTPServers(sites []site) map[string][]string {
 	return plain
 }
 
-// certificateNames returns the names of the sites that serve key stores
+// certificateNames returns the names of the sites that serve either API
 // over TLS: an instance is ready only when Caddy holds a certificate for
 // each.
 func certificateNames(sites []site) []string {
 	var names []string
 	for _, s := range sites {
-		if s.plain || len(s.paths) == 0 {
+		if s.plain || !s.serves {
 			continue
 		}
 		for _, h := range s.hosts {
@@ -114,10 +118,10 @@ func certificateNames(sites []site) []string {
 
 // walkRoutes collects the key store paths of the xks handlers and the host
 // matchers anywhere in a server's routes (subroutes included), and reports
-// whether it met an xks handler. only holds the paths the enclosing routes
-// limit requests to, or nil when they do not.
-func walkRoutes(v any, only []string, paths, hosts *[]string) bool {
-	found := false
+// whether it met a front end's handler, and an azure_ekm one among them.
+// only holds the paths the enclosing routes limit requests to, or nil when
+// they do not.
+func walkRoutes(v any, only []string, paths, hosts *[]string) (found, ekm bool) {
 	switch v := v.(type) {
 	case map[string]any:
 		if m, ok := v["match"]; ok {
@@ -125,7 +129,8 @@ func walkRoutes(v any, only []string, paths, hosts *[]string) bool {
 				only = p
 			}
 		}
-		if v["handler"] == "xks" {
+		switch v["handler"] {
+		case "xks":
 			found = true
 			ready, _ := v["ready_path"].(string)
 			readyOnly := ready != "" && len(only) > 0 && !slices.ContainsFunc(only, func(p string) bool { return p != ready })
@@ -138,6 +143,8 @@ func walkRoutes(v any, only []string, paths, hosts *[]string) bool {
 					}
 				}
 			}
+		case "azure_ekm":
+			found, ekm = true, true
 		}
 		if h, ok := v["host"].([]any); ok {
 			for _, name := range h {
@@ -147,14 +154,16 @@ func walkRoutes(v any, only []string, paths, hosts *[]string) bool {
 			}
 		}
 		for _, child := range v {
-			found = walkRoutes(child, only, paths, hosts) || found
+			f, e := walkRoutes(child, only, paths, hosts)
+			found, ekm = found || f, ekm || e
 		}
 	case []any:
 		for _, child := range v {
-			found = walkRoutes(child, only, paths, hosts) || found
+			f, e := walkRoutes(child, only, paths, hosts)
+			found, ekm = found || f, ekm || e
 		}
 	}
-	return found
+	return found, ekm
 }
 
 // matchedPaths returns the exact paths a route's matcher sets let through,

@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-xks/caddy-xks/frontend"
 	"github.com/caddy-xks/caddy-xks/internal/proxytest"
-	"github.com/caddy-xks/caddy-xks/xkshandler"
 )
 
 // readinessSite is Caddyfile.example's probe for load balancers: a copy of
@@ -157,8 +157,8 @@ func TestDrain(t *testing.T) {
 		return resp.Close
 	}
 	drain := func(method string) {
-		if code, body := f.proxy.Admin(method, xkshandler.DrainPath, "", nil); code != http.StatusOK {
-			t.Fatalf("%s %s: %d %s", method, xkshandler.DrainPath, code, body)
+		if code, body := f.proxy.Admin(method, frontend.DrainPath, "", nil); code != http.StatusOK {
+			t.Fatalf("%s %s: %d %s", method, frontend.DrainPath, code, body)
 		}
 	}
 	if closes() {

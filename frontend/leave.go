@@ -1,4 +1,4 @@
-package xkshandler
+package frontend
 
 import (
 	"encoding/json"
@@ -13,10 +13,10 @@ func init() {
 	caddy.RegisterModule(drainAPI{})
 }
 
-// draining is true while this process is being drained: every XKS answer
-// then asks the client to close its connection, so that the clients a load
-// balancer pinned to the instance move to others without a failed call.
-// The next configuration load ends it, as does DELETE.
+// draining is true while this process is being drained: every answer of
+// either front end then asks the client to close its connection, so that
+// the clients a load balancer pinned to the instance move to others without
+// a failed call. The next configuration load ends it, as does DELETE.
 var draining atomic.Bool
 
 // DrainPath is the admin API endpoint that drains the process: POST starts
@@ -42,8 +42,8 @@ func (drainAPI) Routes() []caddy.AdminRoute {
 
 // DrainState is the answer of DrainPath.
 type DrainState struct {
-	// Draining is true while every XKS answer asks its client to close
-	// the connection.
+	// Draining is true while every answer asks its client to close the
+	// connection.
 	Draining bool `json:"draining"`
 }
 
@@ -52,11 +52,11 @@ func serveDrain(w http.ResponseWriter, r *http.Request) error {
 	switch r.Method {
 	case http.MethodPost:
 		if !draining.Swap(true) {
-			caddy.Log().Named("http.handlers.xks").Info("draining: every XKS answer asks its client to close the connection, until the next config load")
+			caddy.Log().Named("frontend").Info("draining: every answer asks its client to close the connection, until the next config load")
 		}
 	case http.MethodDelete:
 		if draining.Swap(false) {
-			caddy.Log().Named("http.handlers.xks").Info("draining ended")
+			caddy.Log().Named("frontend").Info("draining ended")
 		}
 	case http.MethodGet:
 	default:
@@ -71,6 +71,32 @@ func serveDrain(w http.ResponseWriter, r *http.Request) error {
 func endDrain(logger *zap.Logger) {
 	if draining.Swap(false) {
 		logger.Info("draining ended by a config load")
+	}
+}
+
+// ShuttingDown reports whether the server that received r is shutting
+// down: stopping, and serving only for the http app's shutdown_delay.
+func ShuttingDown(r *http.Request) bool {
+	repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	if !ok {
+		return false
+	}
+	v, _ := repl.Get("http.shutting_down")
+	down, _ := v.(bool)
+	return down
+}
+
+// AskToLeave asks the client to take its next call elsewhere while the
+// process drains or shuts down: the load balancer sends no new connections
+// here then (it drains the instance, or the readiness probe said 503), and
+// the clients' open connections must move too, before the instance stops
+// or reloads, or the balancer gives up on it and cuts them. Over HTTP/1.1
+// the connection closes after the answer; over HTTP/2 the server sends
+// GOAWAY and closes it once it is idle. Call it before the answer's
+// header is written.
+func AskToLeave(w http.ResponseWriter, r *http.Request) {
+	if draining.Load() || ShuttingDown(r) {
+		w.Header().Set("Connection", "close")
 	}
 }
 
