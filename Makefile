@@ -12,7 +12,7 @@ GOLANGCI_LINT ?= $(shell $(GO) env GOPATH)/bin/golangci-lint
 
 .DEFAULT_GOAL := help
 
-.PHONY: deps build caddy test vet lint fuzz bench loadtest demo clean help
+.PHONY: deps build caddy test vet lint fuzz bench loadtest demo fleet clean help
 
 ## deps: install the system packages (softhsm2, opensc, gcc, curl), Go modules and golangci-lint
 # make test installs once and tells the scripts it runs (the demo test runs
@@ -62,6 +62,10 @@ loadtest: deps caddy
 ## demo: set up a SoftHSM2 token, credentials and run the proxy on https://localhost:$${XKS_DEMO_PORT:-8443}/demo/kms/xks/v1
 demo: deps caddy
 	bash scripts/demo.sh
+
+## fleet: three proxies on the demo's token behind HAProxy, sharing Redis, on loopback; a bench through the balancer
+fleet: deps caddy
+	bash scripts/fleet.sh
 
 ## clean: remove bin/
 clean:

@@ -120,6 +120,13 @@ done
 
 "$caddy" xks proxy-config "${config[@]}" --key-store "$uri_path" --access-key-id "$akid1" --output "$demo/proxy-config.json"
 
+# XKS_DEMO_SETUP_ONLY=1 prepares .demo/ and the environment Caddyfile.example
+# reads, without running the proxy: scripts/loadtest.sh runs this so, and
+# scripts/fleet.sh sources it.
+if [ "${XKS_DEMO_SETUP_ONLY:-}" = 1 ]; then
+	return 0 2>/dev/null || exit 0
+fi
+
 ca=$demo/storage/pki/authorities/local/root.crt
 # curl reads the credential from a file (-K), not from its arguments, where
 # any local user could see it in ps. printf is a shell builtin: no process
@@ -154,7 +161,4 @@ certificate stands in for Managed HSM's):
 
 EOF
 
-# XKS_DEMO_SETUP_ONLY=1 prepares .demo/ without running the proxy (used by
-# scripts/loadtest.sh).
-[ "${XKS_DEMO_SETUP_ONLY:-}" = 1 ] && exit 0
 exec "$caddy" run "${config[@]}"
