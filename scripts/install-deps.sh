@@ -5,12 +5,14 @@
 # start opencryptoki's pkcsslotd themselves), a C compiler
 # for cgo, curl (its --aws-sigv4 signer is one of the test clients), openssl
 # (the demo makes a stand-in for Managed HSM's client certificate with it),
-# and the pinned golangci-lint.
+# Redis, HAProxy and iproute2 (the fleet test and make fleet run a fleet
+# sharing Redis behind HAProxy, the test on network namespaces it makes with
+# ip), and the pinned golangci-lint.
 # Go itself (1.26 or later) must already be on PATH.
 set -euo pipefail
 
 need=()
-for pkg in softhsm2 opensc libnss3 opencryptoki gcc libc6-dev curl openssl ca-certificates make; do
+for pkg in softhsm2 opensc libnss3 opencryptoki gcc libc6-dev curl openssl ca-certificates make redis-server haproxy iproute2; do
 	dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done
 
