@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -151,7 +152,7 @@ func shortTempDir(t *testing.T) string {
 // write writes a secret file.
 func write(t *testing.T, file, content string) {
 	t.Helper()
-	if err := os.WriteFile(file, []byte(content), 0o600); err != nil {
+	if err := os.WriteFile(file, []byte(content), 0o600); err != nil { //nolint:gosec // a file of the test's own directory
 		t.Fatal(err)
 	}
 }
@@ -237,7 +238,7 @@ func (f *fleet) copyToken(dir string) string {
 		t.Fatal(err)
 	}
 	var tokens string
-	for _, line := range strings.Split(string(conf), "\n") {
+	for line := range strings.SplitSeq(string(conf), "\n") {
 		if k, v, ok := strings.Cut(line, "="); ok && strings.TrimSpace(k) == "directories.tokendir" {
 			tokens = strings.TrimSpace(v)
 		}
@@ -331,10 +332,9 @@ func (f *fleet) issued(p *proxy, name string, since time.Time) int {
 
 // lastError is the message and error of the last error a Caddy log holds.
 func lastError(log string) string {
-	lines := strings.Split(strings.TrimRight(log, "\n"), "\n")
-	for i := len(lines) - 1; i >= 0; i-- {
+	for _, line := range slices.Backward(strings.Split(strings.TrimRight(log, "\n"), "\n")) {
 		var m map[string]any
-		if json.Unmarshal([]byte(lines[i]), &m) == nil && m["level"] == "error" {
+		if json.Unmarshal([]byte(line), &m) == nil && m["level"] == "error" {
 			return fmt.Sprintf("%v %v", m["msg"], m["error"])
 		}
 	}
@@ -353,7 +353,7 @@ func tail(s string, n int) string {
 // logLines returns the JSON log lines of p whose message is msg.
 func logLines(p *proxy, msg string) []map[string]any {
 	var out []map[string]any
-	for _, line := range strings.Split(p.proc.output(), "\n") {
+	for line := range strings.SplitSeq(p.proc.output(), "\n") {
 		if !strings.Contains(line, msg) {
 			continue
 		}

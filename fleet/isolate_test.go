@@ -43,7 +43,7 @@ func runIsolated(t *testing.T) {
 	if f := flag.Lookup("test.run"); f != nil && strings.Contains(f.Value.String(), "/") {
 		pattern = f.Value.String()
 	}
-	cmd := exec.Command(os.Args[0], "-test.run="+pattern, "-test.v", fmt.Sprintf("-test.timeout=%s", timeout))
+	cmd := exec.Command(os.Args[0], "-test.run="+pattern, "-test.v", fmt.Sprintf("-test.timeout=%s", timeout)) //nolint:gosec // this test binary, again
 	parent, err := os.Readlink("/proc/self/ns/net")
 	if err != nil {
 		t.Fatalf("reading this process's network namespace: %v", err)

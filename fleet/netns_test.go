@@ -124,7 +124,7 @@ func (n *network) mend(t *testing.T, host string) {
 func (n *network) destroy() {
 	for _, ns := range n.hosts {
 		out, _ := exec.Command("ip", "netns", "pids", ns).Output()
-		for _, pid := range strings.Fields(string(out)) {
+		for pid := range strings.FieldsSeq(string(out)) {
 			_ = exec.Command("kill", "-KILL", pid).Run()
 		}
 	}

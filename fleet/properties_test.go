@@ -24,13 +24,6 @@ import (
 	"github.com/caddy-xks/caddy-xks/internal/proxytest"
 )
 
-// The balancer's timing (fleet/haproxy.cfg): a check every 300 ms, two
-// failures take an instance out.
-const (
-	checkInterval = 300 * time.Millisecond
-	checkFall     = 2
-)
-
 // renewalRatio is the renewal_window_ratio the proxies run with: a
 // certificate is renewed once it has less than this fraction of its life
 // left, renewAfter after its issuance.
@@ -323,7 +316,7 @@ func (f *fleet) instanceLost(t *testing.T) {
 			}
 			// Calls go on well past the detection, to see none fail then.
 			time.Sleep(2 * time.Second)
-			var report []string
+			report := make([]string, 0, 2)
 			for _, l := range []*load{h2, h1} {
 				calls := l.results()
 				fails := failures(calls)
@@ -382,7 +375,7 @@ func (f *fleet) rollingChange(t *testing.T) {
 	h2, h1 := f.startLoad(t, true), f.startLoad(t, false)
 	t0 := time.Now()
 	waitCalls(t, 50, h2, h1)
-	var steps []string
+	steps := make([]string, 0, 2*len(f.proxies))
 	for _, round := range []string{"reload", "restart"} {
 		for _, p := range f.proxies {
 			begin := time.Now()
@@ -423,7 +416,7 @@ func (f *fleet) rollingChange(t *testing.T) {
 				drained.Round(10*time.Millisecond), time.Since(begin).Round(10*time.Millisecond)))
 		}
 	}
-	var report []string
+	report := make([]string, 0, 2)
 	for _, l := range []*load{h2, h1} {
 		report = append(report, expectNoFailures(t, l, l.results(), t0))
 	}
@@ -490,7 +483,7 @@ func (f *fleet) renewalPropagates(t *testing.T) {
 		t.Errorf("%d renewals of %s, want 1 for the fleet", renewals, fleetFQDN)
 	}
 	time.Sleep(time.Second) // calls across the swap on every instance
-	var report []string
+	report := make([]string, 0, 2)
 	for _, l := range []*load{h2, h1} {
 		report = append(report, expectNoFailures(t, l, l.results(), t0))
 	}
@@ -599,7 +592,7 @@ func (f *fleet) fleetCountsKeyUsage(t *testing.T) {
 		begin := time.Now()
 		deadline := begin.Add(settle)
 		for {
-			var vals []float64
+			vals := make([]float64, 0, len(proxies))
 			for _, p := range proxies {
 				vals = append(vals, p.encryptions(t))
 			}
@@ -852,7 +845,7 @@ func (f *fleet) storageOutage(t *testing.T) {
 			t.Errorf("%s tried to renew %d times during the outage, want once or twice (it backs off a minute)", name, n)
 		}
 	}
-	var report []string
+	report := make([]string, 0, 2)
 	for _, l := range []*load{h2, h1} {
 		report = append(report, expectNoFailures(t, l, l.results(), t0))
 	}

@@ -179,7 +179,7 @@ func TestUsageCompaction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var names []string
+	names := make([]string, 0, len(recs))
 	for _, r := range recs {
 		names = append(names, strings.TrimPrefix(r.name, "i."))
 	}
