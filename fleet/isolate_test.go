@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/caddy-xks/caddy-xks/internal/testenv"
 )
 
 // isolatedEnv is set in the environment of the test process that runs the
@@ -29,7 +31,7 @@ func runIsolated(t *testing.T) {
 	}
 	for _, tool := range []string{"ip", "redis-server", "haproxy", "make"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("the fleet test needs %s (scripts/install-deps.sh installs it): %v", tool, err)
+			testenv.Missing(t, tool+", which the fleet test runs", err)
 		}
 	}
 	caddy := buildCaddy(t)
