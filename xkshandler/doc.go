@@ -59,8 +59,9 @@
 //	the four operations, failover    operations.go
 //	key labels across backends       keycheck.go (the proof, key versions), frontend/keycheck.go (duplicates, the same key on every backend, the health age)
 //	key versions, version metadata   versions.go
-//	usage counts and encrypt limits  usage.go (per HSM key label, summed across a fleet through Caddy's storage)
-//	readiness for a load balancer    Handler.ready, handler.go (ready_path)
+//	usage counts and encrypt limits  usage.go (one record per process and HSM key label, summed across a fleet through Caddy's storage, saturating)
+//	the usage counters' storage      storage.go (a storage of their own, which a config unload does not close)
+//	readiness for a load balancer    Handler.ready, handler.go (ready_path); the certificates it waits for, plainhttp.go; drain and shutdown, frontend/leave.go
 //	per-call state, audit, metrics   exchange.go, metrics.go (frontend.AuditLine, RequestMetrics)
 //	xksProxyModel                    frontend/version.go
 package xkshandler
