@@ -472,16 +472,7 @@ func (f *fleet) renewalPropagates(t *testing.T) {
 		t.Errorf("the last instance served the renewed certificate %s after the renewal, want within %s", spread, limit)
 	}
 	leaves := f.waitServing(t, func(l string) bool { return l != before }, f.proxies[:]...)
-	if leaves["p1"] != leaves["p2"] || leaves["p1"] != leaves["p3"] {
-		t.Errorf("the instances serve different renewed leaves: %v", leaves)
-	}
-	renewals := 0
-	for _, p := range f.proxies {
-		renewals += f.issued(p, fleetFQDN, t0)
-	}
-	if renewals != 1 {
-		t.Errorf("%d renewals of %s, want 1 for the fleet", renewals, fleetFQDN)
-	}
+	f.expectOneRenewal(t, leaves, t0)
 	time.Sleep(time.Second) // calls across the swap on every instance
 	report := make([]string, 0, 2)
 	for _, l := range []*load{h2, h1} {
@@ -830,16 +821,7 @@ func (f *fleet) storageOutage(t *testing.T) {
 	if len(notReady) > 0 {
 		t.Errorf("readiness was not 200 during the outage: %v", notReady)
 	}
-	if leaves["p1"] != leaves["p2"] || leaves["p1"] != leaves["p3"] {
-		t.Errorf("the instances serve different renewed leaves: %v", leaves)
-	}
-	renewals := 0
-	for _, p := range f.proxies {
-		renewals += f.issued(p, fleetFQDN, t0)
-	}
-	if renewals != 1 {
-		t.Errorf("%d renewals of %s since the outage began, want 1", renewals, fleetFQDN)
-	}
+	f.expectOneRenewal(t, leaves, t0)
 	// The log rate in the outage is bounded: CertMagic makes one renewal
 	// attempt and then backs off a minute (its renewalRetrySchedule), and
 	// checks the stored certificate at most once a renew_interval. Whether
@@ -867,6 +849,22 @@ func (f *fleet) storageOutage(t *testing.T) {
 	}
 	t.Logf("T5: Redis stopped %s across the renewal's moment, then frozen 6 s; renewal attempts in the outage %v, storage warnings of the renewal check %v (one per renew_interval); renewed once, %s after its moment (Pebble: %d finalizes, with %s's); a reload in the outage failed (old config kept serving); p2 restarted in the outage stayed out until Redis was back; p3 started with its certificate unreadable answered ready 503 and stayed out until a reload; %s",
 		outage.Round(100*time.Millisecond), attempts, warnings, renewedAfter.Round(100*time.Millisecond), f.pebble.Finalizes()-finals, ekmFQDN, strings.Join(report, "; "))
+}
+
+// expectOneRenewal: every instance serves the same renewed leaf, and the
+// fleet renewed its certificate exactly once since t0.
+func (f *fleet) expectOneRenewal(t *testing.T, leaves map[string]string, t0 time.Time) {
+	t.Helper()
+	if leaves["p1"] != leaves["p2"] || leaves["p1"] != leaves["p3"] {
+		t.Errorf("the instances serve different renewed leaves: %v", leaves)
+	}
+	renewals := 0
+	for _, p := range f.proxies {
+		renewals += f.issued(p, fleetFQDN, t0)
+	}
+	if renewals != 1 {
+		t.Errorf("%d renewals of %s since %s, want 1 for the fleet", renewals, fleetFQDN, t0.Format(time.TimeOnly))
+	}
 }
 
 // countSince counts the log lines logged at or after since.
