@@ -22,7 +22,8 @@ func OpenStorage(raw json.RawMessage) (storage certmagic.Storage, close func(), 
 		Module string `json:"module"`
 	}
 	if err := json.Unmarshal(raw, &named); err != nil || named.Module == "" {
-		return nil, nil, fmt.Errorf("the config's storage names no module: %s", raw)
+		// Not the JSON itself: it may hold the storage's password.
+		return nil, nil, fmt.Errorf("the config's storage names no module")
 	}
 	info, err := caddy.GetModule("caddy.storage." + named.Module)
 	if err != nil {
