@@ -38,7 +38,7 @@ demo=${XKS_DEMO_DIR:-$root/.demo}
 
 # Ports the kernel picked: Redis, the balancer's HTTPS and HTTP, and each
 # instance's HTTPS, HTTP and readiness.
-mapfile -t ports < <(CGO_ENABLED=0 go run ./internal/freeport 12)
+mapfile -t ports < <(CGO_ENABLED=0 go run ./tools/freeport 12)
 
 # Redis as production runs it: TLS only, the default user off, an ACL user
 # for the proxies with a password, values encrypted by the proxies, and
