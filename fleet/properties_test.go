@@ -874,7 +874,37 @@ func (f *fleet) expectOneRenewal(t *testing.T, leaves map[string]string, t0 time
 	}
 	if renewals != 1 {
 		t.Errorf("%d renewals of %s since %s (%s), want 1 for the fleet", renewals, fleetFQDN, t0.Format(time.TimeOnly), strings.Join(who, ", "))
+		for _, p := range f.proxies {
+			t.Logf("%s, its certificate log since then:\n%s", p.name, strings.Join(certificateLog(p, t0), "\n"))
+		}
 	}
+}
+
+// certificateLog is what an instance logged about the fleet's certificate
+// since t0 (its locks, orders, renewals and their errors), one line each,
+// with the time from t0: what a failed count of renewals needs to be read.
+func certificateLog(p *proxy, t0 time.Time) []string {
+	var out []string
+	for line := range strings.SplitSeq(p.proc.output(), "\n") {
+		if !strings.Contains(line, fleetFQDN) {
+			continue
+		}
+		var m map[string]any
+		if json.Unmarshal([]byte(line), &m) != nil {
+			continue
+		}
+		ts, _ := m["ts"].(float64)
+		at := time.Unix(0, int64(ts*1e9))
+		if at.Before(t0) {
+			continue
+		}
+		entry := fmt.Sprintf("  +%s %v %v", at.Sub(t0).Round(time.Millisecond), m["level"], m["msg"])
+		if e, ok := m["error"]; ok {
+			entry += fmt.Sprintf(": %v", e)
+		}
+		out = append(out, entry)
+	}
+	return out
 }
 
 // countSince counts the log lines logged at or after since.
