@@ -239,8 +239,7 @@ func (f *fleet) holderKilledMidOrder(t *testing.T) {
 	var takeover time.Duration
 	for _, p := range survivors {
 		for _, l := range logLines(p, "lock acquired") {
-			ts, _ := l["ts"].(float64)
-			at := time.Unix(0, int64(ts*1e9))
+			at := logTime(l)
 			if l["identifier"] == fleetFQDN && at.After(killed) && (takeover == 0 || at.Sub(killed) < takeover) {
 				takeover = at.Sub(killed)
 			}
@@ -453,8 +452,7 @@ func (f *fleet) renewalPropagates(t *testing.T) {
 	var renewer string
 	for _, p := range f.proxies {
 		for _, l := range logLines(p, "certificate renewed successfully") {
-			ts, _ := l["ts"].(float64)
-			if at := time.Unix(0, int64(ts*1e9)); at.After(t0) || renewed.IsZero() {
+			if at := logTime(l); at.After(t0) || renewed.IsZero() {
 				renewed, renewer = at, p.name
 			}
 		}
@@ -893,8 +891,7 @@ func certificateLog(p *proxy, t0 time.Time) []string {
 		if json.Unmarshal([]byte(line), &m) != nil {
 			continue
 		}
-		ts, _ := m["ts"].(float64)
-		at := time.Unix(0, int64(ts*1e9))
+		at := logTime(m)
 		if at.Before(t0) {
 			continue
 		}
@@ -907,11 +904,17 @@ func certificateLog(p *proxy, t0 time.Time) []string {
 	return out
 }
 
+// logTime is when a Caddy log line was logged: its ts, in seconds.
+func logTime(l map[string]any) time.Time {
+	ts, _ := l["ts"].(float64)
+	return time.Unix(0, int64(ts*1e9))
+}
+
 // countSince counts the log lines logged at or after since.
 func countSince(lines []map[string]any, since time.Time) int {
 	n := 0
 	for _, l := range lines {
-		if ts, _ := l["ts"].(float64); !time.Unix(0, int64(ts*1e9)).Before(since) {
+		if !logTime(l).Before(since) {
 			n++
 		}
 	}
